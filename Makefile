@@ -1,0 +1,48 @@
+# `make demo`: set up, then run the whole pipeline on the built-in synthetic default (CPU, minutes).
+# `make test`: set up, then lint and run the tests. Both install what they need into .venv themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.merv-installed
+CORES ?= 2
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE := offline
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup demo test lint unit clean help
+
+help:
+	@echo "make demo   - set up and run the pipeline on the built-in default -> results/merv_tiny/eval.json"
+	@echo "make test   - set up, lint (ruff, snakemake --lint) and run the tests"
+	@echo "make setup  - only create .venv with everything installed"
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: pip takes this build from the machine's local disk (see README).
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev,pipeline]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	@start=$$(date +%s); \
+	snakemake --cores $(CORES) results/merv_tiny/eval.json && \
+	echo "pipeline finished in $$(( $$(date +%s) - start )) s" && cat results/merv_tiny/eval.json
+
+lint: setup
+	ruff check .
+	ruff format --check .
+	snakemake --lint
+
+unit: setup
+	pytest -q -m "not slow"
+
+test: lint
+	pytest -q
+
+clean:
+	rm -rf results/merv_tiny data/synth data/shards data/weights .snakemake

@@ -1,0 +1,60 @@
+"""Self-describing checkpoints: a folder with ``model.safetensors``, ``config.json`` and ``meta.json``.
+
+Only the module groups that were ever trained are stored (frozen encoders and an untouched LLM come from the
+weights the config names), so a stage-1 checkpoint of a 7B model holds megabytes, not gigabytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from merv.config import RunConfig, load_run_config
+from merv.models.merv import MERV
+
+WEIGHTS = "model.safetensors"
+
+
+def state_of_groups(model: MERV, groups: list[str]) -> dict:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.split(".")[0] in groups}
+
+
+def save_checkpoint(model: MERV, run: RunConfig, out: Path, meta: dict, extra: dict[str, str] | None = None) -> None:
+    """Write atomically: into ``<out>.tmp`` then rename, so a crash never leaves a half checkpoint at ``out``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state_of_groups(model, meta["trained_groups"]), str(tmp / WEIGHTS))
+    (tmp / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def read_meta(path: Path) -> dict:
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{path}: not a merv checkpoint (no meta.json)")
+    return json.loads(meta.read_text())
+
+
+def load_checkpoint(path: str | Path, model: MERV | None = None) -> tuple[MERV, RunConfig, dict]:
+    """Load a checkpoint folder: build the model from its config (unless given) and apply the stored weights."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    run = load_run_config(path / "config.json")
+    model = model or MERV.from_config(run.model)
+    state = load_file(str(path / WEIGHTS))
+    missing = [k for k in state if k not in model.state_dict()]
+    if missing:
+        raise ValueError(f"{path}: checkpoint has weights the model lacks, e.g. {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+    return model, run, meta

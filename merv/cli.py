@@ -1,0 +1,228 @@
+"""The ``merv`` command line: one subcommand per pipeline stage (what the Snakemake rules call)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("merv")
+
+
+def load_config_spec(spec: str):
+    """A run config from a preset name, a YAML/JSON file, or inline JSON (``{...}``)."""
+    from merv.config import available_presets, resolve_run_config, run_config_from_dict
+
+    if spec.lstrip().startswith("{"):
+        data = json.loads(spec)
+        if "preset" in data:
+            return resolve_run_config(data["preset"], data.get("overrides"))
+        return run_config_from_dict(data, where="--config")
+    path = Path(spec)
+    if path.is_file():
+        return run_config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    if spec in available_presets():
+        return resolve_run_config(spec)
+    raise ValueError(f"--config {spec!r} is neither a file nor a preset; presets: {available_presets()}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def cmd_synth(args):
+    from merv.data.synth import write_dataset
+
+    summary = write_dataset(
+        args.out,
+        seed=args.seed,
+        train_videos=args.train_videos,
+        eval_videos=args.eval_videos,
+        size=args.size,
+        num_frames=args.frames,
+        fps=args.fps,
+    )
+    log.info("wrote synthetic dataset to %s: %s", args.out, summary)
+
+
+def cmd_build_tiny(args):
+    from merv.data.synth import tokenizer_corpus
+    from merv.models.tiny import build_tiny_weights
+
+    run = load_config_spec(args.config)
+    written = build_tiny_weights(run, tokenizer_corpus(), seed=args.seed)
+    if args.manifest:
+        manifest = {"model": run.model.name, "seed": args.seed, "paths": [str(p) for p in written]}
+        Path(args.manifest).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.manifest).write_text(json.dumps(manifest, indent=1))
+    log.info("built tiny weights for %s: %s", run.model.name, ", ".join(map(str, written)))
+
+
+def cmd_shard(args):
+    from merv.data.shards import collect_items, write_shards
+
+    items = collect_items(Path(args.input), Path(args.root) if args.root else None)
+    manifest = write_shards(
+        items, Path(args.out), frame_counts=args.frames, size=args.size, samples_per_shard=args.samples_per_shard
+    )
+    log.info("%s: %d samples in %d shards (%.1fs)", args.out, manifest["samples"], len(manifest["shards"]),
+             manifest["seconds"])
+
+
+def cmd_inspect(args):
+    from merv.data.shards import iter_samples, read_manifest
+
+    manifest = read_manifest(Path(args.dir))
+    if args.sample is None:
+        print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"num_shards": len(manifest["shards"])},
+                         indent=1))
+        return
+    for sample in iter_samples(Path(args.dir)):
+        if sample["meta"]["key"] == args.sample:
+            print(json.dumps(sample["meta"] | {"frames": list(sample["frames"].shape)}, indent=1))
+            return
+    raise ValueError(f"{args.dir}: no sample with key {args.sample!r}")
+
+
+def cmd_train(args):
+    from merv.train.loop import train_stage
+
+    run = load_config_spec(args.config)
+    train_stage(run, args.stage, Path(args.data), Path(args.out), Path(args.init) if args.init else None,
+                progress=not args.no_progress)
+
+
+def cmd_eval(args):
+    from merv.checkpoint import load_checkpoint, read_meta
+    from merv.config import fingerprint
+    from merv.eval.benchmark import evaluate
+
+    model, _, meta = load_checkpoint(args.model)
+    result = evaluate(model, Path(args.data), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    settings = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    result = {"benchmark": args.name or Path(args.data).name, "model_fingerprint": read_meta(args.model)[
+        "config_fingerprint"], "eval_settings": settings, **result}
+    result["config_fingerprint"] = fingerprint([meta["config_fingerprint"], settings])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    log.info("%s: %s = %.3f (n=%d)", result["benchmark"], result["metric"], result["value"], result["n"])
+
+
+def cmd_collect(args):
+    from merv.config import fingerprint
+
+    benchmarks, fingerprints = {}, []
+    for path in args.results:
+        r = json.loads(Path(path).read_text())
+        benchmarks[r["benchmark"]] = {k: r[k] for k in ("metric", "value", "n", "chance") if k in r}
+        fingerprints.append(r["config_fingerprint"])
+    out = {"model": args.model, "config_fingerprint": fingerprint(sorted(fingerprints)), "benchmarks": benchmarks}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+
+
+def cmd_generate(args):
+    from merv.api import load_vid
+
+    model = load_vid(args.model)
+    builder = model.get_prompt_builder()
+    builder.add_turn("human", args.prompt)
+    print(model.generate(args.video, builder.get_prompt(), max_new_tokens=args.max_new_tokens))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="merv", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write the built-in synthetic dataset (videos, training JSON, benchmarks)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-videos", type=int, default=400)
+    s.add_argument("--eval-videos", type=int, default=100)
+    s.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
+    s.add_argument("--frames", type=int, default=16, help="frames per clip")
+    s.add_argument("--fps", type=int, default=8)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("build-tiny", help="build random tiny weights for a config's encoders and LLM (no download)")
+    s.add_argument("--config", required=True, help="preset name, YAML/JSON file, or inline JSON")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--manifest", help="write a JSON listing what was built (the pipeline's marker file)")
+    s.set_defaults(func=cmd_build_tiny)
+
+    s = sub.add_parser("shard", help="decode videos once into WebDataset tars of pre-sampled frames")
+    s.add_argument("input", help="a Video-LLaVA training JSON or an eval_data benchmark folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--root", help="folder that video paths in a training JSON are relative to (default: its folder)")
+    s.add_argument("--frames", type=int, nargs="+", required=True, help="frame counts of the encoders, e.g. 4 8")
+    s.add_argument("--size", type=int, required=True, help="frame size stored (the largest encoder input size)")
+    s.add_argument("--samples-per-shard", type=int, default=256)
+    s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("inspect", help="print a shard folder's manifest summary, or one sample")
+    s.add_argument("dir")
+    s.add_argument("--sample", help="key of a sample to print")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("train", help="train one stage and write a checkpoint folder")
+    s.add_argument("--config", required=True, help="preset name, YAML/JSON file, or inline JSON")
+    s.add_argument("--stage", required=True)
+    s.add_argument("--data", required=True, help="shard folder of the stage's training data")
+    s.add_argument("--out", required=True)
+    s.add_argument("--init", help="checkpoint folder to start from (e.g. the previous stage)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint on one sharded benchmark")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--data", required=True, help="shard folder of the benchmark")
+    s.add_argument("--name", help="benchmark name (default: the shard folder's name)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=int, default=8)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("collect", help="merge per-benchmark results into one eval.json")
+    s.add_argument("results", nargs="+")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_collect)
+
+    s = sub.add_parser("generate", help="answer a prompt about one video")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--video", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from merv.data.shards import DataFormatError
+    from merv.data.video import VideoError
+
+    try:
+        args.func(args)
+    except (VideoError, DataFormatError, FileNotFoundError, ValueError) as e:
+        if args.verbose:
+            raise
+        print(f"merv {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

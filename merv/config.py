@@ -1,0 +1,280 @@
+"""Typed configuration: model architecture and training stages as data.
+
+A model is described by a *preset* (a YAML file in ``merv/presets/``) optionally patched by overrides from the
+pipeline config. Everything is parsed into frozen dataclasses whose ``__post_init__`` checks cross-field rules and
+raises ``ValueError`` with the offending key in the message, so a typo fails at DAG build time, not mid-training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+EncoderKind = Literal["timm_image", "hf_video"]
+PoolingKind = Literal["avgpool3d"]
+HeadKind = Literal["linear", "mlp"]
+FusionKind = Literal["cross_attention"]
+PromptFormat = Literal["vicuna", "base"]
+Trainable = Literal["projectors", "fusion", "llm"]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One frozen visual encoder with its own frame count and input size."""
+
+    id: str
+    kind: EncoderKind
+    weights: str  # local folder (transformers) or file (timm); relative paths resolve against the workdir
+    num_frames: int
+    image_size: int
+    arch: str | None = None  # timm architecture name, required for kind=timm_image
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (tiny models)
+
+    def __post_init__(self):
+        if not self.id.isidentifier():
+            raise ValueError(f"encoder id {self.id!r} must be a Python identifier (it keys a ModuleDict)")
+        if self.num_frames < 1:
+            raise ValueError(f"encoder {self.id!r}: num_frames must be >= 1, got {self.num_frames}")
+        if self.image_size < 8:
+            raise ValueError(f"encoder {self.id!r}: image_size must be >= 8, got {self.image_size}")
+        if self.kind == "timm_image" and not self.arch:
+            raise ValueError(f"encoder {self.id!r}: kind 'timm_image' needs 'arch' (a timm model name)")
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Per-encoder projector: pool features to a fixed token grid, then map to the LLM width."""
+
+    pooling: PoolingKind = "avgpool3d"
+    temporal_tokens: int = 16  # T_out: temporal positions after pooling, the same for every encoder
+    tokens_per_frame: int = 64  # spatial tokens per temporal position; must be a perfect square
+    head: HeadKind = "linear"
+
+    def __post_init__(self):
+        side = math.isqrt(self.tokens_per_frame)
+        if side * side != self.tokens_per_frame or side == 0:
+            raise ValueError(f"projector.tokens_per_frame must be a perfect square, got {self.tokens_per_frame}")
+        if self.temporal_tokens < 1:
+            raise ValueError(f"projector.temporal_tokens must be >= 1, got {self.temporal_tokens}")
+
+    @property
+    def grid_side(self) -> int:
+        return math.isqrt(self.tokens_per_frame)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.temporal_tokens * self.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    kind: FusionKind = "cross_attention"
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    weights: str  # local folder holding an AutoModelForCausalLM checkpoint and its tokenizer
+    prompt_format: PromptFormat = "vicuna"
+    max_length: int = 2048
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    encoders: tuple[EncoderConfig, ...]
+    llm: LLMConfig
+    projector: ProjectorConfig = ProjectorConfig()
+    fusion: FusionConfig = FusionConfig()
+
+    def __post_init__(self):
+        if not self.encoders:
+            raise ValueError(f"model {self.name!r}: at least one encoder is required")
+        ids = [e.id for e in self.encoders]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model {self.name!r}: encoder ids must be unique, got {ids}")
+
+    @property
+    def frame_counts(self) -> dict[str, int]:
+        return {e.id: e.num_frames for e in self.encoders}
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: which modules learn, on which data, with which optimiser settings."""
+
+    name: str
+    data: str  # name of a training split (a shard folder)
+    trainable: tuple[Trainable, ...]
+    epochs: float = 1.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if not self.trainable:
+            raise ValueError(f"stage {self.name!r}: 'trainable' must name at least one module group")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"stage {self.name!r}: global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size {self.micro_batch_size}"
+            )
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ValueError(f"stage {self.name!r}: epochs and lr must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 7
+    stages: tuple[StageConfig, ...] = ()
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ValueError(f"unknown stage {name!r}; this model has stages {[s.name for s in self.stages]}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A model plus its training recipe: what a preset file holds."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.to_dict())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing: dict -> dataclass with type checks and clear errors
+
+
+def _parse(cls, data: Any, where: str):
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        hints = get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+        kwargs = {k: _parse(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {missing}")
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    origin = get_origin(cls)
+    if origin is Literal:
+        if data not in get_args(cls):
+            raise ValueError(f"{where}: {data!r} is not one of {list(get_args(cls))}")
+        return data
+    if origin is tuple:
+        (item_type, _) = get_args(cls)
+        if not isinstance(data, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {type(data).__name__}")
+        return tuple(_parse(item_type, v, f"{where}[{i}]") for i, v in enumerate(data))
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        return dict(data)
+    args = get_args(cls)
+    if args and type(None) in args:  # Optional[X]
+        if data is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(inner, data, where)
+    if cls is float:
+        if isinstance(data, int | float) and not isinstance(data, bool):
+            return float(data)
+        raise ValueError(f"{where}: expected float, got {data!r}")
+    if cls in (int, str, bool) and (not isinstance(data, cls) or (cls is int and isinstance(data, bool))):
+        raise ValueError(f"{where}: expected {cls.__name__}, got {data!r}")
+    return data
+
+
+def deep_merge(base: dict, patch: dict) -> dict:
+    """Recursively merge ``patch`` into a copy of ``base``. Lists are replaced, except lists of
+    mappings with an ``id``/``name`` key, which are merged item by item (so an override can touch one encoder)."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list):
+            out[key] = _merge_keyed_list(out[key], value, key)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _merge_keyed_list(items: list, patch: dict, where: str) -> list:
+    by_key = {(it.get("id") or it.get("name")): i for i, it in enumerate(items)}
+    out = copy.deepcopy(items)
+    for key, value in patch.items():
+        if key not in by_key:
+            raise ValueError(f"override {where}.{key}: no item with that id; known: {sorted(by_key)}")
+        out[by_key[key]] = deep_merge(out[by_key[key]], value)
+    return out
+
+
+def available_presets() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("merv.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_dict(name: str) -> dict:
+    path = resources.files("merv.presets") / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown model preset {name!r}; available: {available_presets()}")
+    return yaml.safe_load(path.read_text())
+
+
+def run_config_from_dict(data: dict, where: str = "config") -> RunConfig:
+    return _parse(RunConfig, data, where)
+
+
+def resolve_run_config(preset: str, overrides: dict | None = None) -> RunConfig:
+    """Build the typed config of a named preset, patched with ``overrides`` (same shape as the preset)."""
+    data = preset_dict(preset)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return run_config_from_dict(data, where=f"preset {preset!r}")
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return run_config_from_dict(json.loads(Path(path).read_text()), where=str(path))
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

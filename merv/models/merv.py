@@ -1,0 +1,138 @@
+"""The MERV model: several frozen encoders -> per-encoder projectors -> fusion -> spliced into an LLM after BOS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from merv.config import ModelConfig
+from merv.models.encoders import VisualEncoder, build_encoder
+from merv.models.fusion import build_fusion
+from merv.models.projector import build_projector
+from merv.models.prompting import IGNORE_INDEX, PromptBuilder, prompt_to_ids
+
+MODULE_GROUPS = ("encoders", "projectors", "fusion", "llm")
+
+
+class MERV(nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, VisualEncoder]):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.encoders = nn.ModuleDict(encoders)
+        self.llm = llm
+        dim = llm.get_input_embeddings().embedding_dim
+        self.projectors = nn.ModuleDict(
+            {name: build_projector(cfg.projector, enc.embed_dim, dim) for name, enc in encoders.items()}
+        )
+        self.fusion = build_fusion(cfg.fusion, dim, len(encoders))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MERV:
+        """Build from the weights the config points to (local folders, ``from_pretrained`` / timm file path)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        llm_path = Path(cfg.llm.weights)
+        if not (llm_path / "config.json").is_file():
+            raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, attn_implementation="sdpa")
+        encoders = {e.id: build_encoder(e) for e in cfg.encoders}
+        return cls(cfg, llm, tokenizer, encoders)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def encode(self, videos: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``{encoder: [B, T_e, 3, S_e, S_e]}`` -> fused visual tokens ``[B, L, D]`` and fusion weights ``[B, E]``."""
+        tokens = []
+        for name, encoder in self.encoders.items():
+            with torch.no_grad():  # encoders are frozen
+                features = encoder(videos[name])  # [B, T', N, C]
+            tokens.append(self.projectors[name](features))  # [B, L, D]
+        return self.fusion(tokens)
+
+    def splice(
+        self, visual: torch.Tensor, input_ids: list[list[int]], labels: list[list[int]] | None, pad_left: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Insert visual tokens after BOS (first for BOS-less models) and pad to a batch.
+
+        Returns ``inputs_embeds [B, S, D]``, ``attention_mask [B, S]`` and ``labels [B, S]`` (visual and padding
+        positions are IGNORE_INDEX).
+        """
+        embed = self.llm.get_input_embeddings()
+        has_bos = self.tokenizer.bos_token_id is not None
+        rows, row_labels = [], []
+        for i, ids in enumerate(input_ids):
+            text = embed(torch.tensor(ids, device=visual.device))  # [S_i, D]
+            cut = 1 if has_bos else 0
+            rows.append(torch.cat([text[:cut], visual[i], text[cut:]]))
+            if labels is not None:
+                lab = labels[i]
+                row_labels.append(lab[:cut] + [IGNORE_INDEX] * visual.shape[1] + lab[cut:])
+        length = max(r.shape[0] for r in rows)
+        dim = rows[0].shape[1]
+        embeds = visual.new_zeros(len(rows), length, dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=visual.device)
+        out_labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=visual.device)
+        for i, row in enumerate(rows):
+            span = slice(length - row.shape[0], length) if pad_left else slice(0, row.shape[0])
+            embeds[i, span] = row
+            mask[i, span] = 1
+            if labels is not None:
+                out_labels[i, span] = torch.tensor(row_labels[i], device=visual.device)
+        return embeds, mask, (out_labels if labels is not None else None)
+
+    def forward(self, videos: dict[str, torch.Tensor], input_ids: list[list[int]], labels: list[list[int]]):
+        """Training forward: returns ``(summed token loss, number of target tokens, fusion weights)``."""
+        visual, weights = self.encode(videos)  # [B, L, D], [B, E]
+        embeds, mask, targets = self.splice(visual, input_ids, labels, pad_left=False)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, S, V]
+        shift_logits, shift_targets = logits[:, :-1], targets[:, 1:]
+        loss_sum = F.cross_entropy(
+            shift_logits.flatten(0, 1).float(), shift_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss_sum, (shift_targets != IGNORE_INDEX).sum(), weights
+
+    # ----------------------------------------------------------------------------------------------------------
+    def get_prompt_builder(self) -> PromptBuilder:
+        return PromptBuilder(self.cfg.llm.prompt_format)
+
+    def transform(self, frames_by_encoder: dict[str, object]) -> dict[str, torch.Tensor]:
+        """uint8 frames per encoder -> normalised tensors ``{encoder: [T, 3, S, S]}``."""
+        return {name: enc.transform(frames_by_encoder[name]) for name, enc in self.encoders.items()}
+
+    @torch.no_grad()
+    def generate_batch(
+        self, videos: dict[str, torch.Tensor], prompts: list[str], max_new_tokens: int = 32, **gen_kwargs
+    ) -> list[str]:
+        """Batched generation (left padded, KV cache) for already-transformed videos ``{enc: [B, T, 3, S, S]}``."""
+        visual, _ = self.encode(videos)
+        ids = [prompt_to_ids(self.tokenizer, p) for p in prompts]
+        embeds, mask, _ = self.splice(visual, ids, None, pad_left=True)
+        gen_kwargs.setdefault("do_sample", False)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **gen_kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def generate(self, video, prompt: str, num_frames: list[int] | None = None, **gen_kwargs) -> str:
+        """The original API: ``generate(video_path_or_frames, prompt_text, num_frames=[...], ...)``."""
+        from merv.data.video import read_frames
+
+        counts = [e.num_frames for e in self.encoders.values()]
+        if num_frames is not None and list(num_frames) != counts:
+            raise ValueError(f"num_frames {list(num_frames)} does not match this model's encoders {counts}")
+        size = max(e.image_size for e in self.encoders.values())
+        frames, positions = read_frames(video, counts, size)
+        per_encoder = {name: frames[positions[enc.num_frames]] for name, enc in self.encoders.items()}
+        device = next(self.projectors.parameters()).device
+        videos = {k: v.unsqueeze(0).to(device) for k, v in self.transform(per_encoder).items()}
+        gen_kwargs.pop("min_length", None)
+        return self.generate_batch(videos, [prompt], **gen_kwargs)[0]

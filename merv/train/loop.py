@@ -1,0 +1,147 @@
+"""One training loop for every stage: the stage's config says which module groups learn, on which data, how fast.
+
+schedule -> micro-steps with accumulation (loss normalised by the step's target tokens) -> clip -> step -> log ->
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merv.checkpoint import load_checkpoint, save_checkpoint
+from merv.config import RunConfig, StageConfig, fingerprint
+from merv.data.batching import batches, training_example
+from merv.data.shards import iter_samples, read_manifest
+from merv.models.merv import MERV
+from merv.models.prompting import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_trainable(model: MERV, groups: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the named module groups; encoders always stay frozen."""
+    if "encoders" in groups:
+        raise ValueError("encoders are frozen in MERV; remove 'encoders' from the stage's trainable list")
+    model.requires_grad_(False)
+    for group in groups:
+        getattr(model, group).requires_grad_(True)
+    model.train()
+    model.encoders.eval()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model: MERV, stage: StageConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999))
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def micro_batches(model: MERV, data_dir: Path, micro_batch: int, seed: int, buffer: int) -> Iterator[dict]:
+    """Endless stream of micro-batches, reshuffled every epoch with a seed derived from the epoch number."""
+    for epoch in itertools.count():
+        samples = iter_samples(data_dir, shuffle_buffer=buffer, seed=seed + epoch)
+        yield from batches((training_example(model, s) for s in samples), micro_batch)
+
+
+def train_stage(
+    run: RunConfig, stage_name: str, data_dir: Path, out: Path, init: Path | None = None, progress: bool = True
+) -> dict:
+    """Train one stage and write a checkpoint folder to ``out``; returns its meta."""
+    stage = run.train.stage(stage_name)
+    seed_everything(run.train.seed)
+    model = MERV.from_config(run.model)
+    trained_groups = set(stage.trainable)
+    init_fingerprint = None
+    if init is not None:
+        model, _, init_meta = load_checkpoint(init, model=model)
+        trained_groups |= set(init_meta["trained_groups"])
+        init_fingerprint = init_meta["config_fingerprint"]
+    set_trainable(model, stage.trainable)
+    optimizer = make_optimizer(model, stage)
+
+    manifest = read_manifest(data_dir)
+    total_steps = max(1, math.ceil(manifest["samples"] * stage.epochs / stage.global_batch_size))
+    warmup = max(1, math.ceil(stage.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
+    accum = stage.global_batch_size // stage.micro_batch_size
+    stream = micro_batches(model, data_dir, stage.micro_batch_size, run.train.seed, min(manifest["samples"], 1000))
+
+    metrics, samples_seen, start = [], 0, time.time()
+    bar = _progress(total_steps, f"train {stage.name}", progress)
+    for step in range(total_steps):
+        micro = [next(stream) for _ in range(accum)]
+        n_tokens = sum(sum(t != IGNORE_INDEX for t in lab) for mb in micro for lab in mb["labels"])
+        step_loss = 0.0
+        for mb in micro:
+            loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"])
+            (loss_sum / n_tokens).backward()
+            step_loss += loss_sum.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], stage.grad_clip
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_seen += sum(len(mb["input_ids"]) for mb in micro)
+        record = {
+            "step": step + 1,
+            "loss": step_loss / n_tokens,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens": int(n_tokens),
+            "samples_per_s": samples_seen / (time.time() - start),
+            "fusion_weights": weights.mean(0).tolist(),
+        }
+        metrics.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+    bar.close()
+
+    meta = {
+        "stage": stage.name,
+        "step": total_steps,
+        "samples_seen": samples_seen,
+        "seed": run.train.seed,
+        "trained_groups": sorted(trained_groups),
+        "init": str(init) if init else None,
+        "data": {"dir": str(data_dir), "fingerprint": manifest["fingerprint"], "samples": manifest["samples"]},
+        "config_fingerprint": fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"]]),
+        "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
+        "seconds": round(time.time() - start, 1),
+    }
+    save_checkpoint(model, run, out, meta, extra={"metrics.jsonl": "\n".join(json.dumps(m) for m in metrics)})
+    log.info("stage %s: %d steps, final loss %.4f, %.0fs", stage.name, total_steps, meta["final_loss"], meta["seconds"])
+    return meta
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, mininterval=5, dynamic_ncols=True)

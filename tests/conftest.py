@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny synthetic dataset and tiny weights built once per session, in a temp folder."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(weights_dir: Path) -> dict:
+    """Point merv-tiny's weight paths into ``weights_dir`` (overrides patch encoders by id)."""
+    return {
+        "model": {
+            "encoders": {
+                "vit": {"weights": str(weights_dir / "vit" / "model.safetensors")},
+                "vivit": {"weights": str(weights_dir / "vivit")},
+            },
+            "llm": {"weights": str(weights_dir / "llm")},
+        }
+    }
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from merv.data.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, seed=1, train_videos=12, eval_videos=6)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The merv-tiny run config with freshly built weights in a temp folder."""
+    from merv.config import resolve_run_config
+    from merv.data.synth import tokenizer_corpus
+    from merv.models.tiny import build_tiny_weights
+
+    weights = tmp_path_factory.mktemp("weights")
+    run = resolve_run_config("merv-tiny", tiny_overrides(weights))
+    build_tiny_weights(run, tokenizer_corpus(), seed=0)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_run):
+    from merv.models.merv import MERV
+
+    torch.manual_seed(0)
+    return MERV.from_config(tiny_run.model)
+
+
+@pytest.fixture(scope="session")
+def shards(synth_dir, tmp_path_factory, tiny_run) -> dict[str, Path]:
+    """Shard folders of the tiny dataset: training splits and benchmarks."""
+    from merv.data.shards import collect_items, write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    counts = [e.num_frames for e in tiny_run.model.encoders]
+    size = max(e.image_size for e in tiny_run.model.encoders)
+    sources = {
+        "align": synth_dir / "train" / "align.json",
+        "finetune": synth_dir / "train" / "finetune.json",
+        "synth_mcq": synth_dir / "eval_data" / "synth_mcq",
+        "synth_open": synth_dir / "eval_data" / "synth_open",
+    }
+    result = {}
+    for name, src in sources.items():
+        write_shards(collect_items(src), out / name, frame_counts=counts, size=size, samples_per_shard=5)
+        result[name] = out / name
+    return result

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+
+from merv.data.synth import QUESTIONS, mcq_prompt, option_letters, render, sample_clip, write_dataset
+from merv.data.video import read_frames
+
+
+def test_dataset_layout(synth_dir):
+    train = json.loads((synth_dir / "train" / "finetune.json").read_text())
+    assert len(train) == 12
+    first = train[0]["conversations"][0]
+    assert first["from"] == "human" and first["value"].startswith("<video>\n")
+    assert all((synth_dir / "train" / s["video"]).is_file() for s in train)
+    for bench in ("synth_mcq", "synth_open"):
+        d = synth_dir / "eval_data" / bench
+        qs = json.loads((d / "test_q.json").read_text())
+        ans = {a["question_id"]: a for a in json.loads((d / "test_a.json").read_text())}
+        assert len(qs) == 6 and set(ans) == {q["question_id"] for q in qs}
+        assert all((d / "videos" / f"{q['video_name']}.mp4").is_file() for q in qs)
+    mcq = json.loads((synth_dir / "eval_data" / "synth_mcq" / "test_q.json").read_text())[0]
+    assert mcq["num_option"] == len(mcq["options"])
+
+
+def test_questions_need_appearance_and_motion():
+    attributes = {attr for _, _, attr in QUESTIONS.values()}
+    assert {"colour", "shape"} <= attributes and {"first", "last"} <= attributes
+
+
+def test_deterministic_from_seed(tmp_path):
+    a = write_dataset(tmp_path / "a", seed=3, train_videos=3, eval_videos=2)
+    b = write_dataset(tmp_path / "b", seed=3, train_videos=3, eval_videos=2)
+    assert a == b
+    for rel in ("train/finetune.json", "eval_data/synth_mcq/test_q.json", "eval_data/synth_open/test_a.json"):
+        assert (tmp_path / "a" / rel).read_text() == (tmp_path / "b" / rel).read_text()
+    fa, _ = read_frames(tmp_path / "a" / "train/videos/train_00000.mp4", [8], 64)
+    fb, _ = read_frames(tmp_path / "b" / "train/videos/train_00000.mp4", [8], 64)
+    assert np.array_equal(fa, fb)
+
+
+def test_motion_is_visible_in_decoded_frames(tmp_path):
+    import random
+
+    clip = sample_clip(random.Random(0), "c", 64, travel=12)
+    frames = render(clip, 64, 16, travel=12)
+
+    def centre(frame):
+        ys, xs = np.nonzero((np.abs(frame.astype(int) - frame[0, 0].astype(int)).sum(-1) > 60))
+        return xs.mean(), ys.mean()
+
+    (x0, y0), (xm, ym) = centre(frames[0]), centre(frames[8])
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[clip.first]
+    assert (xm - x0) * dx + (ym - y0) * dy > 5  # moved at least 5 px in the first direction
+
+
+def test_mcq_prompt_matches_original_wording():
+    prompt = mcq_prompt("What colour?", ["red", "blue", "green"])
+    assert prompt == (
+        "What colour? Select the correct answer from the following options. Write your answer as only one of "
+        "A, B, C and nothing else.\n\nA. red\nB. blue\nC. green"
+    )
+    assert option_letters(3) == ["A", "B", "C"]

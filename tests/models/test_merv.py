@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from merv.checkpoint import load_checkpoint, save_checkpoint
+from merv.data.batching import collate, training_example
+from merv.data.shards import iter_samples
+from merv.models.prompting import IGNORE_INDEX, PromptBuilder, conversation_to_ids
+from merv.train.loop import set_trainable
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model, shards):
+    examples = [training_example(tiny_model, s) for s, _ in zip(iter_samples(shards["finetune"]), range(3), strict=False)]
+    return collate(examples)
+
+
+def test_encoders_declare_their_contract(tiny_model):
+    vit, vivit = tiny_model.encoders["vit"], tiny_model.encoders["vivit"]
+    assert (vit.num_frames, vit.temporal_positions, vit.tokens_per_frame, vit.embed_dim) == (4, 4, 16, 64)
+    assert (vivit.num_frames, vivit.temporal_positions, vivit.tokens_per_frame) == (8, 4, 16)
+    for enc in (vit, vivit):
+        frames = torch.randint(0, 255, (enc.num_frames, 64, 64, 3), dtype=torch.uint8)
+        video = enc.transform(frames.numpy())
+        assert video.shape == (enc.num_frames, 3, enc.image_size, enc.image_size)
+        out = enc(video.unsqueeze(0))
+        assert out.shape == (1, enc.temporal_positions, enc.tokens_per_frame, enc.embed_dim)
+
+
+def test_letters_are_single_tokens(tiny_model):
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        assert len(tiny_model.tokenizer(" " + letter, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_labels_only_on_answers(tiny_model):
+    conv = [
+        {"from": "human", "value": "<video>\nWhat colour is the moving shape?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Which shape is in the video?"},
+        {"from": "gpt", "value": "circle"},
+    ]
+    ids, labels = conversation_to_ids(tiny_model.tokenizer, conv, "base")
+    tok = tiny_model.tokenizer
+    assert ids[0] == tok.bos_token_id and labels[0] == IGNORE_INDEX
+    answer_text = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+    assert answer_text.replace(tok.eos_token, "|") == " red| circle|"
+    assert "<video>" not in tok.decode(ids)
+
+
+def test_prompt_builder_alternates_roles():
+    builder = PromptBuilder("base")
+    builder.add_turn("human", "hi")
+    with pytest.raises(ValueError, match="alternate"):
+        builder.add_turn("human", "again")
+
+
+def test_visual_tokens_follow_bos(tiny_model, batch):
+    visual, weights = tiny_model.encode(batch["videos"])
+    assert visual.shape == (3, 16, 128) and torch.allclose(weights.sum(-1), torch.ones(3))
+    embeds, mask, labels = tiny_model.splice(visual, batch["input_ids"], batch["labels"], pad_left=False)
+    bos = tiny_model.llm.get_input_embeddings()(torch.tensor([tiny_model.tokenizer.bos_token_id]))
+    assert torch.allclose(embeds[0, 0], bos[0])
+    assert torch.allclose(embeds[0, 1:17], visual[0])
+    assert (labels[:, 1:17] == IGNORE_INDEX).all()
+    lengths = [len(ids) + 16 for ids in batch["input_ids"]]
+    assert mask.sum(1).tolist() == lengths
+
+
+def test_gradients_reach_exactly_the_trainable_groups(tiny_model, batch):
+    set_trainable(tiny_model, ("projectors", "fusion"))
+    tiny_model.zero_grad(set_to_none=True)
+    loss, n, _ = tiny_model(batch["videos"], batch["input_ids"], batch["labels"])
+    (loss / n).backward()
+    for name, p in tiny_model.named_parameters():
+        group = name.split(".")[0]
+        if group in ("projectors", "fusion"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    tiny_model.zero_grad(set_to_none=True)
+    tiny_model.eval()
+
+
+def test_save_load_gives_identical_logits(tiny_model, tiny_run, batch, tmp_path):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in tiny_model.projectors.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tiny_model.eval()
+    save_checkpoint(tiny_model, tiny_run, tmp_path / "ckpt", {"trained_groups": ["projectors", "fusion"]})
+    loaded, run, meta = load_checkpoint(tmp_path / "ckpt")
+    loaded.eval()
+    assert run == tiny_run and meta["trained_groups"] == ["projectors", "fusion"]
+    with torch.no_grad():
+        a = tiny_model(batch["videos"], batch["input_ids"], batch["labels"])[0]
+        b = loaded(batch["videos"], batch["input_ids"], batch["labels"])[0]
+    assert torch.equal(a, b)
+
+
+def test_greedy_generation_same_with_and_without_kv_cache(tiny_model, batch):
+    tiny_model.eval()
+    prompts = ["In: What colour is the moving shape?\nOut:", "In: Which way?\nOut:", "In: Hi\nOut:"]
+    with_cache = tiny_model.generate_batch(batch["videos"], prompts, max_new_tokens=6, use_cache=True)
+    without = tiny_model.generate_batch(batch["videos"], prompts, max_new_tokens=6, use_cache=False)
+    assert with_cache == without
+
+
+def test_generate_from_video_file(tiny_model, synth_dir):
+    video = synth_dir / "eval_data" / "synth_open" / "videos" / "eval_00000.mp4"
+    builder = tiny_model.get_prompt_builder()
+    builder.add_turn("human", "What colour is the moving shape?")
+    out = tiny_model.generate(video, builder.get_prompt(), num_frames=[4, 8], max_new_tokens=4)
+    assert isinstance(out, str)
+    with pytest.raises(ValueError, match="does not match"):
+        tiny_model.generate(video, builder.get_prompt(), num_frames=[16, 16])

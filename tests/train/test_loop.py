@@ -1,0 +1,97 @@
+import json
+import math
+
+import pytest
+import torch
+
+from merv.checkpoint import read_meta
+from merv.config import resolve_run_config
+from merv.train.loop import make_optimizer, set_trainable, train_stage, warmup_cosine
+from tests.conftest import tiny_overrides
+
+
+def test_warmup_cosine():
+    total, warm = 10, 2
+    lrs = [warmup_cosine(s, total, warm) for s in range(total)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0
+    assert lrs[2] == pytest.approx(1.0)
+    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)), "monotone decay after warmup"
+
+
+def test_encoders_cannot_be_trained(tiny_model):
+    with pytest.raises(ValueError, match="encoders are frozen"):
+        set_trainable(tiny_model, ("encoders", "projectors"))
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_model, tiny_run):
+    set_trainable(tiny_model, ("projectors", "fusion", "llm"))
+    opt = make_optimizer(tiny_model, tiny_run.train.stage("finetune"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    n_trainable = sum(1 for p in tiny_model.parameters() if p.requires_grad)
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
+    assert not any(p.requires_grad for p in tiny_model.encoders.parameters())
+    tiny_model.requires_grad_(False)
+    tiny_model.eval()
+
+
+@pytest.fixture(scope="module")
+def two_stages(tiny_run, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    align = train_stage(tiny_run, "align", shards["align"], out / "align", progress=False)
+    finetune = train_stage(tiny_run, "finetune", shards["finetune"], out / "finetune", init=out / "align",
+                           progress=False)
+    return out, align, finetune
+
+
+def test_stage_checkpoints_are_self_describing(two_stages):
+    out, align, finetune = two_stages
+    assert align["trained_groups"] == ["fusion", "projectors"]
+    assert finetune["trained_groups"] == ["fusion", "llm", "projectors"]
+    assert finetune["init"] == str(out / "align")
+    assert read_meta(out / "finetune") == finetune
+    assert align["step"] == math.ceil(12 * 1 / 16)  # 12 samples, 1 epoch, global batch 16
+    config = json.loads((out / "finetune" / "config.json").read_text())
+    assert config["model"]["name"] == "merv-tiny"
+    metrics = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == finetune["step"] and all(math.isfinite(m["loss"]) for m in metrics)
+    assert finetune["config_fingerprint"] != align["config_fingerprint"]
+
+
+def test_checkpoint_stores_only_trained_groups(two_stages):
+    from safetensors.torch import load_file
+
+    out, _, _ = two_stages
+    groups = {k.split(".")[0] for k in load_file(str(out / "align" / "model.safetensors"))}
+    assert groups == {"projectors", "fusion"}
+    groups = {k.split(".")[0] for k in load_file(str(out / "finetune" / "model.safetensors"))}
+    assert groups == {"projectors", "fusion", "llm"}
+
+
+def test_training_is_deterministic(tiny_run, shards, two_stages, tmp_path):
+    from safetensors.torch import load_file
+
+    out, align, _ = two_stages
+    again = train_stage(tiny_run, "align", shards["align"], tmp_path / "align", progress=False)
+    assert again["final_loss"] == align["final_loss"]
+    a = load_file(str(out / "align" / "model.safetensors"))
+    b = load_file(str(tmp_path / "align" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_goes_down_when_overfitting(tiny_run, shards, tmp_path):
+    run = resolve_run_config(
+        "merv-tiny",
+        tiny_overrides_from(tiny_run) | {"train": {"stages": {"finetune": {"epochs": 8, "lr": 3e-3}}}},
+    )
+    meta = train_stage(run, "finetune", shards["finetune"], tmp_path / "ft", progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert meta["final_loss"] < 0.6 * losses[0]
+
+
+def tiny_overrides_from(run) -> dict:
+    from pathlib import Path
+
+    return tiny_overrides(Path(run.model.llm.weights).parent)

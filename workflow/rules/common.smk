@@ -1,0 +1,99 @@
+# Input functions and config resolution shared by the rules. No rules here.
+import json
+
+from merv.config import deep_merge, resolve_run_config
+
+MERV_ENV = "../../envs/merv.yaml"
+
+
+def run_config(model):
+    """The typed run config of a model entry (preset + overrides); raises a clear ValueError on bad config."""
+    entry = config["models"][model]
+    return resolve_run_config(entry["preset"], entry.get("overrides") or {})
+
+
+# Resolve every model once at parse time, so a config error stops the DAG before any job runs.
+RUNS = {name: run_config(name) for name in config["models"]}
+for _name, _run in RUNS.items():
+    for _stage in _run.train.stages:
+        if _stage.data not in config["data"]["train"]:
+            raise ValueError(
+                f"model {_name!r} stage {_stage.name!r} trains on data {_stage.data!r}, "
+                f"which config data.train does not define (it has {sorted(config['data']['train'])})"
+            )
+
+
+def shard_settings():
+    """Frame counts and frame size that cover every encoder of every configured model."""
+    encoders = [e for run in RUNS.values() for e in run.model.encoders]
+    return {
+        "frames": " ".join(str(c) for c in sorted({e.num_frames for e in encoders})),
+        "size": max(e.image_size for e in encoders),
+        "samples_per_shard": config["shards"]["samples_per_shard"],
+    }
+
+
+def train_split(wildcards):
+    return config["data"]["train"][wildcards.split]
+
+
+def benchmark_dir(wildcards):
+    return config["data"]["benchmarks"][wildcards.bench]
+
+
+def synth_outputs():
+    return ["data/synth/train/align.json", "data/synth/train/finetune.json"] + [
+        f"data/synth/eval_data/{b}/test_q.json" for b in ("synth_mcq", "synth_open")
+    ]
+
+
+def weights_manifest(model):
+    """The marker of locally built tiny weights, or nothing when the model uses existing weights."""
+    if config["models"][model].get("build_tiny_weights"):
+        return [f"data/weights/{model}.json"]
+    return []
+
+
+def stage_names(model):
+    return [s.name for s in RUNS[model].train.stages]
+
+
+def previous_stage(model, stage):
+    names = stage_names(model)
+    if stage not in names:
+        raise ValueError(f"model {model!r} has no stage {stage!r}; its stages are {names}")
+    i = names.index(stage)
+    return names[i - 1] if i else None
+
+
+def stage_inputs(wildcards):
+    stage = RUNS[wildcards.model].train.stage(wildcards.stage)
+    inputs = {"data": f"data/shards/train/{stage.data}", "weights": weights_manifest(wildcards.model)}
+    prev = previous_stage(wildcards.model, wildcards.stage)
+    if prev:
+        inputs["init"] = f"results/{wildcards.model}/{prev}"
+    return inputs
+
+
+def init_flag(wildcards, input):
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def stage_config_json(wildcards):
+    """The run config a stage trains with, reduced to that stage: editing another stage does not rerun this one."""
+    run = RUNS[wildcards.model].to_dict()
+    run["train"]["stages"] = [s for s in run["train"]["stages"] if s["name"] == wildcards.stage]
+    return json.dumps(run, sort_keys=True)
+
+
+def final_checkpoint(wildcards):
+    return f"results/{wildcards.model}/{stage_names(wildcards.model)[-1]}"
+
+
+def eval_results(wildcards):
+    return [f"results/{wildcards.model}/eval/{b}.json" for b in config["data"]["benchmarks"]]
+
+
+def tiny_config_json(wildcards):
+    entry = config["models"][wildcards.model]
+    return json.dumps({"preset": entry["preset"], "overrides": deep_merge({}, entry.get("overrides") or {})})

@@ -1,0 +1,68 @@
+# Data stage: the built-in synthetic dataset, tiny local weights, and WebDataset sharding.
+
+
+rule synth_dataset:
+    output:
+        synth_outputs(),
+        summary="data/synth/summary.json",
+    params:
+        seed=config["synth"]["seed"],
+        train=config["synth"]["train_videos"],
+        eval=config["synth"]["eval_videos"],
+        size=config["synth"]["size"],
+        frames=config["synth"]["frames"],
+        fps=config["synth"]["fps"],
+    log:
+        "results/logs/synth_dataset.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv synth --out data/synth --seed {params.seed} --train-videos {params.train} --eval-videos {params.eval}"
+        " --size {params.size} --frames {params.frames} --fps {params.fps} > {log} 2>&1"
+
+
+rule build_tiny_weights:
+    output:
+        "data/weights/{model}.json",
+    params:
+        config=tiny_config_json,
+    log:
+        "results/logs/build_tiny_weights_{model}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv build-tiny --config {params.config:q} --manifest {output} > {log} 2>&1"
+
+
+rule shard_train:
+    input:
+        unpack(lambda w: {"json": train_split(w)["json"]}),
+    output:
+        directory("data/shards/train/{split}"),
+    params:
+        root=lambda w: f"--root {train_split(w)['root']}" if "root" in train_split(w) else "",
+        **shard_settings(),
+    log:
+        "results/logs/shard_train_{split}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv shard {input.json} {params.root} --out {output} --frames {params.frames} --size {params.size}"
+        " --samples-per-shard {params.samples_per_shard} > {log} 2>&1"
+
+
+rule shard_benchmark:
+    input:
+        questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
+    output:
+        directory("data/shards/eval/{bench}"),
+    params:
+        bench=benchmark_dir,
+        **shard_settings(),
+    log:
+        "results/logs/shard_benchmark_{bench}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv shard {params.bench} --out {output} --frames {params.frames} --size {params.size}"
+        " --samples-per-shard {params.samples_per_shard} > {log} 2>&1"

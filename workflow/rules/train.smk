@@ -1,0 +1,21 @@
+# Training stage: one generic rule; a model's stages (align, finetune, ...) come from its preset, each starting
+# from the previous stage's checkpoint.
+
+
+rule train_stage:
+    input:
+        unpack(stage_inputs),
+    output:
+        directory("results/{model}/{stage}"),
+    wildcard_constraints:
+        stage="(?!eval$|logs$)[A-Za-z0-9_]+",
+    params:
+        config=stage_config_json,
+        init=init_flag,
+    log:
+        "results/{model}/logs/train_{stage}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv train --config {params.config:q} --stage {wildcards.stage} --data {input.data} {params.init}"
+        " --out {output} --no-progress > {log} 2>&1"
