@@ -65,10 +65,19 @@ def cmd_shard(args):
 
     items = collect_items(Path(args.input), Path(args.root) if args.root else None)
     manifest = write_shards(
-        items, Path(args.out), frame_counts=args.frames, size=args.size, samples_per_shard=args.samples_per_shard
+        items,
+        Path(args.out),
+        frame_counts=args.frames,
+        size=args.size,
+        samples_per_shard=args.samples_per_shard,
     )
-    log.info("%s: %d samples in %d shards (%.1fs)", args.out, manifest["samples"], len(manifest["shards"]),
-             manifest["seconds"])
+    log.info(
+        "%s: %d samples in %d shards (%.1fs)",
+        args.out,
+        manifest["samples"],
+        len(manifest["shards"]),
+        manifest["seconds"],
+    )
 
 
 def cmd_inspect(args):
@@ -76,8 +85,12 @@ def cmd_inspect(args):
 
     manifest = read_manifest(Path(args.dir))
     if args.sample is None:
-        print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"num_shards": len(manifest["shards"])},
-                         indent=1))
+        print(
+            json.dumps(
+                {k: v for k, v in manifest.items() if k != "shards"} | {"num_shards": len(manifest["shards"])},
+                indent=1,
+            )
+        )
         return
     for sample in iter_samples(Path(args.dir)):
         if sample["meta"]["key"] == args.sample:
@@ -90,8 +103,14 @@ def cmd_train(args):
     from merv.train.loop import train_stage
 
     run = load_config_spec(args.config)
-    train_stage(run, args.stage, Path(args.data), Path(args.out), Path(args.init) if args.init else None,
-                progress=not args.no_progress)
+    train_stage(
+        run,
+        args.stage,
+        Path(args.data),
+        Path(args.out),
+        Path(args.init) if args.init else None,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_eval(args):
@@ -102,8 +121,12 @@ def cmd_eval(args):
     model, _, meta = load_checkpoint(args.model)
     result = evaluate(model, Path(args.data), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     settings = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
-    result = {"benchmark": args.name or Path(args.data).name, "model_fingerprint": read_meta(args.model)[
-        "config_fingerprint"], "eval_settings": settings, **result}
+    result = {
+        "benchmark": args.name or Path(args.data).name,
+        "model_fingerprint": read_meta(args.model)["config_fingerprint"],
+        "eval_settings": settings,
+        **result,
+    }
     result["config_fingerprint"] = fingerprint([meta["config_fingerprint"], settings])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -118,7 +141,11 @@ def cmd_collect(args):
         r = json.loads(Path(path).read_text())
         benchmarks[r["benchmark"]] = {k: r[k] for k in ("metric", "value", "n", "chance") if k in r}
         fingerprints.append(r["config_fingerprint"])
-    out = {"model": args.model, "config_fingerprint": fingerprint(sorted(fingerprints)), "benchmarks": benchmarks}
+    out = {
+        "model": args.model,
+        "config_fingerprint": fingerprint(sorted(fingerprints)),
+        "benchmarks": benchmarks,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 

@@ -158,7 +158,7 @@ class RunConfig:
     """A model plus its training recipe: what a preset file holds."""
 
     model: ModelConfig
-    train: TrainConfig
+    train: TrainConfig = TrainConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,9 +184,7 @@ def _parse(cls, data: Any, where: str):
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in kwargs
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
+            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         if missing:
             raise ValueError(f"{where}: missing required key(s) {missing}")
@@ -248,7 +246,9 @@ def _merge_keyed_list(items: list, patch: dict, where: str) -> list:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("merv.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files("merv.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def preset_dict(name: str) -> dict:

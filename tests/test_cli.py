@@ -9,8 +9,13 @@ import pytest
 
 
 def merv(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "merv.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "merv.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(
@@ -34,8 +39,19 @@ def test_shard_stops_on_bad_video_with_a_clear_error(synth_dir, tmp_path, damage
 
 
 def test_shard_and_inspect(synth_dir, tmp_path):
-    res = merv("shard", synth_dir / "eval_data" / "synth_mcq", "--out", tmp_path / "mcq", "--frames", 4, 8,
-               "--size", 64, "--samples-per-shard", 4)
+    res = merv(
+        "shard",
+        synth_dir / "eval_data" / "synth_mcq",
+        "--out",
+        tmp_path / "mcq",
+        "--frames",
+        4,
+        8,
+        "--size",
+        64,
+        "--samples-per-shard",
+        4,
+    )
     assert res.returncode == 0, res.stderr
     res = merv("inspect", tmp_path / "mcq")
     summary = json.loads(res.stdout)
@@ -54,8 +70,17 @@ def test_generate_cli(tiny_model, tiny_run, synth_dir, tmp_path):
 
     save_checkpoint(tiny_model, tiny_run, tmp_path / "ckpt", {"trained_groups": ["projectors", "fusion"]})
     video = synth_dir / "eval_data" / "synth_open" / "videos" / "eval_00001.mp4"
-    res = merv("generate", "--model", tmp_path / "ckpt", "--video", video, "--prompt", "What colour?",
-               "--max-new-tokens", 3)
+    res = merv(
+        "generate",
+        "--model",
+        tmp_path / "ckpt",
+        "--video",
+        video,
+        "--prompt",
+        "What colour?",
+        "--max-new-tokens",
+        3,
+    )
     assert res.returncode == 0, res.stderr
     res = merv("generate", "--model", tmp_path / "ckpt", "--video", tmp_path / "missing.mp4", "--prompt", "x")
     assert res.returncode == 1 and "missing.mp4: file not found" in res.stderr

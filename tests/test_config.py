@@ -49,7 +49,10 @@ def test_unknown_preset_lists_available():
     ("patch", "message"),
     [
         ({"model": {"projector": {"tokens_per_frame": 5}}}, "perfect square"),
-        ({"model": {"fusion": {"kind": "magic"}}}, r"model.fusion.kind: 'magic' is not one of \['cross_attention'\]"),
+        (
+            {"model": {"fusion": {"kind": "magic"}}},
+            r"model.fusion.kind: 'magic' is not one of \['cross_attention'\]",
+        ),
         ({"model": {"llm": {"prompt_fmt": "x"}}}, r"unknown key\(s\) \['prompt_fmt'\]"),
         ({"model": {"encoders": {"vit": {"num_frames": 0}}}}, "num_frames must be >= 1"),
         ({"train": {"stages": {"align": {"micro_batch_size": 5}}}}, "not a multiple of micro_batch_size"),

@@ -55,8 +55,14 @@ def evaluate(model: MERV, shard_dir, batch_size: int = 16, max_new_tokens: int =
         videos = {n: torch.stack([v[n] for _, v in pending]) for n in model.encoders}
         prompts = [question_prompt(model, rec) for rec, _ in pending]
         for (rec, _), pred in zip(pending, model.generate_batch(videos, prompts, max_new_tokens), strict=True):
-            rows.append({"question_id": rec["question_id"], "prediction": pred, "answer": rec["answer"],
-                         "correct": score(rec, pred)})
+            rows.append(
+                {
+                    "question_id": rec["question_id"],
+                    "prediction": pred,
+                    "answer": rec["answer"],
+                    "correct": score(rec, pred),
+                }
+            )
         pending.clear()
 
     kind = None

@@ -66,7 +66,11 @@ class TimmImageEncoder(VisualEncoder):
             raise FileNotFoundError(f"encoder {cfg.id!r}: weights file {path} not found")
         # The same path real checkpoints take: timm's pretrained loader, pointed at a local file.
         self.model = timm.create_model(
-            cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **cfg.model_kwargs
+            cfg.arch,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            num_classes=0,
+            **cfg.model_kwargs,
         )
         data_cfg = self.model.pretrained_cfg
         self.mean = tuple(data_cfg.get("mean", (0.5, 0.5, 0.5)))

@@ -91,7 +91,10 @@ class MERV(nn.Module):
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, S, V]
         shift_logits, shift_targets = logits[:, :-1], targets[:, 1:]
         loss_sum = F.cross_entropy(
-            shift_logits.flatten(0, 1).float(), shift_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            shift_logits.flatten(0, 1).float(),
+            shift_targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         return loss_sum, (shift_targets != IGNORE_INDEX).sum(), weights
 

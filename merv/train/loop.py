@@ -51,7 +51,10 @@ def make_optimizer(model: MERV, stage: StageConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": stage.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999))
 
 
@@ -71,7 +74,12 @@ def micro_batches(model: MERV, data_dir: Path, micro_batch: int, seed: int, buff
 
 
 def train_stage(
-    run: RunConfig, stage_name: str, data_dir: Path, out: Path, init: Path | None = None, progress: bool = True
+    run: RunConfig,
+    stage_name: str,
+    data_dir: Path,
+    out: Path,
+    init: Path | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train one stage and write a checkpoint folder to ``out``; returns its meta."""
     stage = run.train.stage(stage_name)
@@ -103,9 +111,7 @@ def train_stage(
             loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"])
             (loss_sum / n_tokens).backward()
             step_loss += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], stage.grad_clip
-        )
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,6 +128,16 @@ def train_stage(
         metrics.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if not progress and (step + 1) % max(1, total_steps // 10) == 0:
+            log.info(
+                "%s step %d/%d loss %.4f lr %.2e %.1f samples/s",
+                stage.name,
+                step + 1,
+                total_steps,
+                record["loss"],
+                record["lr"],
+                record["samples_per_s"],
+            )
     bar.close()
 
     meta = {
@@ -131,13 +147,23 @@ def train_stage(
         "seed": run.train.seed,
         "trained_groups": sorted(trained_groups),
         "init": str(init) if init else None,
-        "data": {"dir": str(data_dir), "fingerprint": manifest["fingerprint"], "samples": manifest["samples"]},
+        "data": {
+            "dir": str(data_dir),
+            "fingerprint": manifest["fingerprint"],
+            "samples": manifest["samples"],
+        },
         "config_fingerprint": fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"]]),
         "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
         "seconds": round(time.time() - start, 1),
     }
     save_checkpoint(model, run, out, meta, extra={"metrics.jsonl": "\n".join(json.dumps(m) for m in metrics)})
-    log.info("stage %s: %d steps, final loss %.4f, %.0fs", stage.name, total_steps, meta["final_loss"], meta["seconds"])
+    log.info(
+        "stage %s: %d steps, final loss %.4f, %.0fs",
+        stage.name,
+        total_steps,
+        meta["final_loss"],
+        meta["seconds"],
+    )
     return meta
 
 

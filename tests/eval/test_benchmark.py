@@ -5,8 +5,16 @@ from merv.eval.benchmark import evaluate, normalise, parse_letter, question_prom
 
 @pytest.mark.parametrize(
     ("prediction", "n", "letter"),
-    [("B", 4, "B"), ("B.", 4, "B"), ("(C) dog", 4, "C"), (" A red thing", 4, "A"), ("Answer: D", 4, "D"),
-     ("E", 4, None), ("blue", 4, None), ("", 3, None)],
+    [
+        ("B", 4, "B"),
+        ("B.", 4, "B"),
+        ("(C) dog", 4, "C"),
+        (" A red thing", 4, "A"),
+        ("Answer: D", 4, "D"),
+        ("E", 4, None),
+        ("blue", 4, None),
+        ("", 3, None),
+    ],
 )
 def test_parse_letter(prediction, n, letter):
     assert parse_letter(prediction, n) == letter

@@ -10,7 +10,9 @@ from merv.train.loop import set_trainable
 
 @pytest.fixture(scope="module")
 def batch(tiny_model, shards):
-    examples = [training_example(tiny_model, s) for s, _ in zip(iter_samples(shards["finetune"]), range(3), strict=False)]
+    examples = [
+        training_example(tiny_model, s) for s, _ in zip(iter_samples(shards["finetune"]), range(3), strict=False)
+    ]
     return collate(examples)
 
 

@@ -41,8 +41,9 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model, tiny_run):
 def two_stages(tiny_run, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     align = train_stage(tiny_run, "align", shards["align"], out / "align", progress=False)
-    finetune = train_stage(tiny_run, "finetune", shards["finetune"], out / "finetune", init=out / "align",
-                           progress=False)
+    finetune = train_stage(
+        tiny_run, "finetune", shards["finetune"], out / "finetune", init=out / "align", progress=False
+    )
     return out, align, finetune
 
 

@@ -1,7 +1,7 @@
 # Input functions and config resolution shared by the rules. No rules here.
 import json
 
-from merv.config import deep_merge, resolve_run_config
+from merv.config import resolve_run_config
 
 MERV_ENV = "../../envs/merv.yaml"
 
@@ -95,5 +95,5 @@ def eval_results(wildcards):
 
 
 def tiny_config_json(wildcards):
-    entry = config["models"][wildcards.model]
-    return json.dumps({"preset": entry["preset"], "overrides": deep_merge({}, entry.get("overrides") or {})})
+    """Only the architecture: editing a training stage must not rebuild the weights."""
+    return json.dumps({"model": RUNS[wildcards.model].to_dict()["model"]}, sort_keys=True)

@@ -1,0 +1,141 @@
+"""Integration: the real Snakemake pipeline on a few synthetic clips, in a temp working directory."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def small_config() -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["synth"].update(train_videos=8, eval_videos=4)
+    cfg["shards"]["samples_per_shard"] = 4
+    cfg["models"]["merv_tiny"]["overrides"] = {"train": {"stages": {"finetune": {"epochs": 2}}}}
+    cfg["eval"]["batch_size"] = 4
+    return cfg
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    (workdir / "config").mkdir(exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def planned_jobs(dry_run_output: str) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a dry run."""
+    table = dry_run_output.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    cfg = small_config()
+    write_config(workdir, cfg)
+    res = snakemake(workdir, "results/merv_tiny/eval.json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return workdir, cfg
+
+
+def test_eval_json_has_the_promised_shape(pipeline):
+    workdir, _ = pipeline
+    result = json.loads((workdir / "results" / "merv_tiny" / "eval.json").read_text())
+    assert result["model"] == "merv_tiny" and re.fullmatch(r"[0-9a-f]{16}", result["config_fingerprint"])
+    mcq, open_ended = result["benchmarks"]["synth_mcq"], result["benchmarks"]["synth_open"]
+    assert mcq["metric"] == "accuracy" and mcq["n"] == 4 and 0 <= mcq["value"] <= 1
+    assert 0.25 <= mcq["chance"] <= 1 / 3
+    assert open_ended["metric"] == "exact_match" and open_ended["n"] == 4 and "chance" not in open_ended
+    for stage in ("align", "finetune"):
+        meta = json.loads((workdir / "results" / "merv_tiny" / stage / "meta.json").read_text())
+        assert meta["stage"] == stage and meta["step"] >= 1
+    assert (workdir / "results" / "merv_tiny" / "logs" / "train_finetune.log").is_file()
+
+
+def test_rerun_has_nothing_to_do(pipeline):
+    workdir, _ = pipeline
+    res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
+    workdir, cfg = pipeline
+    changed = json.loads(json.dumps(cfg))
+    changed["eval"]["max_new_tokens"] = 5
+    write_config(workdir, changed)
+    try:
+        res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+        assert res.returncode == 0, res.stderr
+        assert planned_jobs(res.stdout + res.stderr) == {"eval_benchmark": 2, "collect_eval": 1}
+        # and a training change reruns that stage and what follows, not the data stages
+        changed["models"]["merv_tiny"]["overrides"]["train"]["stages"]["finetune"]["lr"] = 1e-3
+        write_config(workdir, changed)
+        res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+        assert planned_jobs(res.stdout + res.stderr) == {
+            "train_stage": 1,
+            "eval_benchmark": 2,
+            "collect_eval": 1,
+        }
+    finally:
+        write_config(workdir, cfg)
+
+
+def test_bad_video_stops_the_pipeline_naming_the_file(pipeline):
+    workdir, cfg = pipeline
+    user = workdir / "user_data"
+    (user / "videos").mkdir(parents=True)
+    (user / "videos" / "broken.mp4").write_bytes(b"not an mp4" * 100)
+    sample = {
+        "id": "u1",
+        "video": "videos/broken.mp4",
+        "conversations": [{"from": "human", "value": "<video>\nHi"}, {"from": "gpt", "value": "Hello"}],
+    }
+    (user / "train.json").write_text(json.dumps([sample]))
+    bad = json.loads(json.dumps(cfg))
+    bad["data"]["train"]["mine"] = {"json": "user_data/train.json"}
+    write_config(workdir, bad)
+    try:
+        res = snakemake(workdir, "data/shards/train/mine")
+        assert res.returncode != 0
+        log = (workdir / "results" / "logs" / "shard_train_mine.log").read_text()
+        assert "cannot read video user_data/videos/broken.mp4: not a decodable video" in log
+        assert "Traceback" not in log
+        assert not (workdir / "data" / "shards" / "train" / "mine").exists()
+        assert (workdir / "data" / "shards" / "train" / "finetune" / "manifest.json").is_file(), "other data kept"
+    finally:
+        write_config(workdir, cfg)
+
+
+def test_config_error_stops_before_any_job(pipeline):
+    workdir, cfg = pipeline
+    bad = json.loads(json.dumps(cfg))
+    bad["models"]["merv_tiny"]["overrides"] = {"model": {"projector": {"tokens_per_frame": 3}}}
+    write_config(workdir, bad)
+    try:
+        res = snakemake(workdir, "-n")
+        assert res.returncode != 0 and "tokens_per_frame must be a perfect square" in res.stdout + res.stderr
+    finally:
+        write_config(workdir, cfg)
