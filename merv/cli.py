@@ -114,7 +114,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from merv.checkpoint import load_checkpoint, read_meta
+    from merv.checkpoint import load_checkpoint
     from merv.config import fingerprint
     from merv.eval.benchmark import evaluate
 
@@ -123,11 +123,11 @@ def cmd_eval(args):
     settings = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
     result = {
         "benchmark": args.name or Path(args.data).name,
-        "model_fingerprint": read_meta(args.model)["config_fingerprint"],
+        "model_fingerprint": meta["config_fingerprint"],
         "eval_settings": settings,
+        "config_fingerprint": fingerprint([meta["config_fingerprint"], settings]),
         **result,
     }
-    result["config_fingerprint"] = fingerprint([meta["config_fingerprint"], settings])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     log.info("%s: %s = %.3f (n=%d)", result["benchmark"], result["metric"], result["value"], result["n"])

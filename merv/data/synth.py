@@ -21,6 +21,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from merv.models.prompting import mcq_prompt, option_letters
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -32,7 +34,6 @@ QUESTIONS = {
     "first_direction": ("Which way does the shape move first?", tuple(DIRECTIONS), "first"),
     "last_direction": ("Which way does the shape move at the end?", tuple(DIRECTIONS), "last"),
 }
-MCQ_INSTRUCTION = "Select the correct answer from the following options. Write your answer as only one of {} and nothing else."
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,6 @@ class Clip:
     @property
     def caption(self) -> str:
         return f"A {self.colour} {self.shape} moves {self.first}, then {self.last}."
-
-
-def option_letters(n: int) -> list[str]:
-    return [chr(ord("A") + i) for i in range(n)]
-
-
-def mcq_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
-    """The multiple-choice prompt of the original MERV evaluation."""
-    letters = option_letters(len(options))
-    listed = ", ".join(letters)
-    lines = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options, strict=True))
-    return f"{question} {MCQ_INSTRUCTION.format(listed)}\n\n{lines}"
 
 
 def sample_clip(rng: random.Random, name: str, size: int, travel: int) -> Clip:

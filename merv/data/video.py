@@ -1,18 +1,28 @@
-"""Video decoding behind one small interface, with errors that name the file.
+"""Media decoding behind one interface: videos (decord or PyAV), folders of frames, and still images.
 
-Decoders raise whatever their C++ core raises (decord: ``DECORDError`` with a stack dump; PyAV: ``InvalidDataError``);
-here every failure becomes a :class:`VideoError` carrying the path and a one-line reason.
+Every source gives RGB uint8 frames ``[N, H, W, 3]`` with display rotation applied and per-frame timestamps (so clip
+windows are right for variable frame rate), and fails with a :class:`VideoError` that names the file and gives a
+one-line reason instead of a decoder's stack dump.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+BACKENDS = ("decord", "pyav")
+DEFAULT_BACKEND = "decord"  # faster than PyAV on sampled frames: benchmarks/ingest.py measures both
+FOLDER_FPS = 1.0  # frame folders carry no timing; their frames are taken to be 1 s apart
+SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
+
 
 class VideoError(Exception):
-    """A video that cannot be used: missing, empty, corrupt, or without frames."""
+    """A media item that cannot be used: missing, empty, corrupt, without video, or without frames."""
 
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
@@ -35,55 +45,269 @@ def sample_frame_indices(total: int, count: int, start: int = 0, end: int | None
     return [start + min(span - 1, int((i + 0.5) * span / count)) for i in range(count)]
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise VideoError(path, "file not found")
-    if not path.is_file():
-        raise VideoError(path, "not a regular file")
-    if path.stat().st_size == 0:
-        raise VideoError(path, "file is empty (0 bytes)")
-
-
-def read_frames(path: str | Path, frame_counts: list[int], size: int) -> tuple[np.ndarray, dict[int, list[int]]]:
-    """Decode the union of uniform samples for every count in ``frame_counts``, resized to ``size`` x ``size``.
-
-    Returns ``(frames [F, size, size, 3] uint8, {count: positions into frames})`` so that each encoder can pick
-    exactly its own frames from one decoded stack.
-    """
-    path = Path(path)
-    _check_file(path)
-    import decord  # local import: decord starts a thread pool on import
-
-    try:
-        # decode at the native size: decord's own resizing breaks on some size pairs
-        reader = decord.VideoReader(str(path), num_threads=1)
-        total = len(reader)
-    except Exception as e:  # decord raises DECORDError (a RuntimeError) with a multi-line C++ trace
-        raise VideoError(path, f"not a decodable video ({_first_line(e)})") from None
-    if total == 0:
-        raise VideoError(path, "video has no frames")
-    per_count = {c: sample_frame_indices(total, c) for c in sorted(set(frame_counts))}
-    union = sorted({i for idx in per_count.values() for i in idx})
-    try:
-        frames = reader.get_batch(union).asnumpy()
-    except Exception as e:
-        raise VideoError(path, f"decoding failed ({_first_line(e)})") from None
-    position = {frame: pos for pos, frame in enumerate(union)}
-    return resize_frames(frames, size), {c: [position[i] for i in idx] for c, idx in per_count.items()}
+def clip_window(
+    timestamps: np.ndarray, time: tuple[float, float] | None = None, end_frame: int | None = None
+) -> tuple[int, int]:
+    """Frame range ``[lo, hi)`` of a clip: a ``time`` window in seconds (by frame timestamps, so variable frame rate
+    is exact) and/or an ``end_frame`` limit; the whole video when neither is given. An empty window falls back to
+    the frame nearest its start, so a valid window never yields zero frames."""
+    n = len(timestamps)
+    lo, hi = 0, n
+    if time is not None:
+        start, stop = float(time[0]), float(time[1])
+        if stop < start:
+            raise ValueError(f"time window [{start}, {stop}] ends before it starts")
+        lo = int(np.searchsorted(timestamps, start, side="left"))
+        hi = int(np.searchsorted(timestamps, stop, side="right"))
+    if end_frame is not None:
+        hi = min(hi, int(end_frame))
+    lo = min(lo, n - 1)
+    return lo, max(hi, lo + 1)
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """``[F, H, W, 3]`` uint8 -> ``[F, size, size, 3]`` uint8 (bilinear, antialiased)."""
+    """``[F, H, W, 3]`` uint8 -> ``[F, size, size, 3]`` uint8 (bilinear, antialiased; aspect ratio not kept, as the
+    encoders' own square resize would do)."""
     if frames.shape[1] == size and frames.shape[2] == size:
         return frames
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+# ------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+class Media(ABC):
+    """An opened media item with ``timestamps`` (seconds, one per frame, sorted)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.timestamps = np.zeros(0)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.timestamps)
+
+    @abstractmethod
+    def frames(self, indices: list[int]) -> np.ndarray:
+        """RGB uint8 ``[len(indices), H, W, 3]`` for sorted frame indices (repeats allowed)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _rgb(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim == 3:  # [N, H, W] grayscale
+        frames = frames[..., None]
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    return frames[..., :3]
+
+
+def _rotate(frames: np.ndarray, degrees: int) -> np.ndarray:
+    """Apply a display rotation given, as FFmpeg reports it, in degrees counter-clockwise."""
+    turns = round(degrees / 90) % 4
+    return np.ascontiguousarray(np.rot90(frames, k=turns, axes=(1, 2))) if turns else frames
+
+
+def _open_container(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except Exception as e:
+        raise VideoError(path, f"not a decodable video ({_first_line(e)})") from None
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        container.close()
+        raise VideoError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    return container
+
+
+def _display_rotation(path: Path) -> int:
+    """Rotation of the first frame's display matrix (0 when absent or unreadable)."""
+    try:
+        with _open_container(path) as container:
+            for frame in container.decode(video=0):
+                return int(getattr(frame, "rotation", 0) or 0)
+    except Exception:
+        return 0
+    return 0
+
+
+class DecordVideo(Media):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        import decord
+
+        try:
+            self.reader = decord.VideoReader(str(path), num_threads=1)
+            n = len(self.reader)
+        except Exception as e:
+            # decord's messages are C++ traces; PyAV tells what is wrong (no video stream, not a media file)
+            _open_container(path).close()
+            raise VideoError(path, f"not a decodable video ({_first_line(e)})") from None
+        if n == 0:
+            raise VideoError(path, "video has no frames")
+        self.timestamps = np.asarray(self.reader.get_frame_timestamp(list(range(n))))[:, 0]
+        self.rotation = _display_rotation(path)
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        try:
+            frames = self.reader.get_batch(list(indices)).asnumpy()
+        except Exception as e:
+            raise VideoError(self.path, f"decoding failed ({_first_line(e)})") from None
+        return _rotate(_rgb(frames), self.rotation)
+
+
+class PyAVVideo(Media):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        with _open_container(path) as container:
+            stream = container.streams.video[0]
+            try:
+                pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+            except Exception as e:
+                raise VideoError(path, f"not a decodable video ({_first_line(e)})") from None
+            self.time_base = float(stream.time_base) if stream.time_base else 1.0
+        if not pts:
+            raise VideoError(path, "video has no frames")
+        self.pts = np.asarray(pts, dtype=np.int64)
+        self.timestamps = (self.pts - self.pts[0]) * self.time_base
+        self.rotation = 0
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        wanted = sorted(set(indices))
+        got: dict[int, np.ndarray] = {}
+        try:
+            with _open_container(self.path) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                current, decoder = -1, container.decode(stream)
+                for target in wanted:
+                    if target in got:
+                        continue
+                    if target - current > SEEK_GAP:
+                        container.seek(int(self.pts[target]), stream=stream, backward=True, any_frame=False)
+                        decoder = container.decode(stream)
+                    for frame in decoder:
+                        current = self._index(frame, current)
+                        if current in wanted:
+                            got[current] = frame.to_ndarray(format="rgb24")
+                            self.rotation = int(getattr(frame, "rotation", 0) or 0)
+                        if current >= target:
+                            break
+        except VideoError:
+            raise
+        except Exception as e:
+            raise VideoError(self.path, f"decoding failed ({_first_line(e)})") from None
+        missing = [i for i in wanted if i not in got]
+        if missing:
+            raise VideoError(self.path, f"decoding failed (frames {missing[:3]} of {self.num_frames} not decodable)")
+        return _rotate(np.stack([got[i] for i in indices]), self.rotation)
+
+    def _index(self, frame, previous: int) -> int:
+        if frame.pts is None:
+            return previous + 1
+        i = int(np.searchsorted(self.pts, frame.pts))
+        return i if i < len(self.pts) and self.pts[i] == frame.pts else previous + 1
+
+
+class StillImage(Media):
+    """An image: a one-frame clip."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(path) as img:
+                self.image = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        except Exception as e:
+            raise VideoError(path, f"not a decodable image ({_first_line(e)})") from None
+        self.timestamps = np.zeros(1)
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        return np.stack([self.image for _ in indices])
+
+
+class FrameFolder(Media):
+    """A folder of frame images, in natural order of their names (``frame_2`` before ``frame_10``)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise VideoError(path, "folder has no image frames")
+        natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
+        self.files = sorted(files, key=natural)
+        self.timestamps = np.arange(len(self.files)) / FOLDER_FPS
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        images = {i: StillImage(self.files[i]).image for i in sorted(set(indices))}
+        shapes = {im.shape for im in images.values()}
+        if len(shapes) > 1:
+            raise VideoError(self.path, f"frames differ in size ({sorted(shapes)[:2]})")
+        return np.stack([images[i] for i in indices])
+
+
+def open_media(path: str | Path, backend: str = DEFAULT_BACKEND) -> Media:
+    """Open a video file, a folder of frames, or an image."""
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(path, "file not found")
+    if path.is_dir():
+        return FrameFolder(path)
+    if not path.is_file():
+        raise VideoError(path, "not a regular file")
+    if not os.access(path, os.R_OK):
+        raise VideoError(path, "unreadable (permission denied)")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "file is empty (0 bytes)")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return StillImage(path)
+    if backend == "decord":
+        return DecordVideo(path)
+    if backend == "pyav":
+        return PyAVVideo(path)
+    raise ValueError(f"unknown decoding backend {backend!r}; available: {list(BACKENDS)}")
+
+
+def read_frames(
+    path: str | Path,
+    frame_counts: list[int],
+    size: int,
+    *,
+    time: tuple[float, float] | None = None,
+    end_frame: int | None = None,
+    backend: str = DEFAULT_BACKEND,
+) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized to
+    ``size`` x ``size``.
+
+    Returns ``(frames [F, size, size, 3] uint8, {count: positions into frames})`` so that each encoder can pick
+    exactly its own frames from one decoded stack.
+    """
+    with open_media(path, backend) as media:
+        lo, hi = clip_window(media.timestamps, time, end_frame)
+        per_count = {c: sample_frame_indices(media.num_frames, c, lo, hi) for c in sorted(set(frame_counts))}
+        union = sorted({i for idx in per_count.values() for i in idx})
+        frames = media.frames(union)
+    position = {frame: pos for pos, frame in enumerate(union)}
+    return resize_frames(frames, size), {c: [position[i] for i in idx] for c, idx in per_count.items()}

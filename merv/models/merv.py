@@ -137,5 +137,4 @@ class MERV(nn.Module):
         per_encoder = {name: frames[positions[enc.num_frames]] for name, enc in self.encoders.items()}
         device = next(self.projectors.parameters()).device
         videos = {k: v.unsqueeze(0).to(device) for k, v in self.transform(per_encoder).items()}
-        gen_kwargs.pop("min_length", None)
         return self.generate_batch(videos, [prompt], **gen_kwargs)[0]

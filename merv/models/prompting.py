@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 IGNORE_INDEX = -100
 VIDEO_PLACEHOLDERS = ("<video>", "<image>")
 
+MCQ_INSTRUCTION = (
+    "Select the correct answer from the following options. Write your answer as only one of {} and nothing else."
+)
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -99,3 +103,16 @@ def prompt_to_ids(tokenizer, prompt: str) -> list[int]:
     """A prompt string from :class:`PromptBuilder` -> input ids (with BOS when the tokenizer has one)."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def option_letters(n: int) -> list[str]:
+    if not 1 <= n <= 26:
+        raise ValueError(f"a multiple-choice question needs 1 to 26 options, got {n}")
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def mcq_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
+    """The multiple-choice prompt of the original MERV evaluation (answer: one option letter)."""
+    letters = option_letters(len(options))
+    lines = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options, strict=True))
+    return f"{question} {MCQ_INSTRUCTION.format(', '.join(letters))}\n\n{lines}"

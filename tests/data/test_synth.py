@@ -2,8 +2,9 @@ import json
 
 import numpy as np
 
-from merv.data.synth import QUESTIONS, mcq_prompt, option_letters, render, sample_clip, write_dataset
+from merv.data.synth import QUESTIONS, render, sample_clip, write_dataset
 from merv.data.video import read_frames
+from merv.models.prompting import mcq_prompt, option_letters
 
 
 def test_dataset_layout(synth_dir):

@@ -9,6 +9,7 @@ rule train_stage:
         directory("results/{model}/{stage}"),
     wildcard_constraints:
         stage="(?!eval$|logs$)[A-Za-z0-9_]+",
+    threads: workflow.cores  # one training job uses the whole machine
     params:
         config=stage_config_json,
         init=init_flag,
