@@ -38,8 +38,10 @@ def main() -> int:
     mcq = result["benchmarks"]["synth_mcq"]
     margin = 100 * (mcq["value"] - mcq["chance"])
     print(f"make demo (fresh clone, venv install included): {wall:.0f} s = {wall / BUDGET_S:.2f} of the 15-min budget")
-    print(f"synth_mcq accuracy {mcq['value']:.3f} vs chance {mcq['chance']:.3f} (n={mcq['n']}): "
-          f"{margin:+.1f} points (goal >= +15), ratio to chance {mcq['value'] / mcq['chance']:.2f}")
+    print(
+        f"synth_mcq accuracy {mcq['value']:.3f} vs chance {mcq['chance']:.3f} (n={mcq['n']}): "
+        f"{margin:+.1f} points (goal >= +15), ratio to chance {mcq['value'] / mcq['chance']:.2f}"
+    )
     for name, bench in result["benchmarks"].items():
         if name != "synth_mcq":
             print(f"{name}: {bench['metric']} {bench['value']:.3f} (n={bench['n']})")

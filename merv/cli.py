@@ -6,10 +6,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import yaml
+
+from merv.data.video import BACKENDS, DEFAULT_BACKEND
 
 log = logging.getLogger("merv")
 
@@ -60,24 +63,32 @@ def cmd_build_tiny(args):
     log.info("built tiny weights for %s: %s", run.model.name, ", ".join(map(str, written)))
 
 
-def cmd_shard(args):
-    from merv.data.shards import collect_items, write_shards
+def parse_size(text: str) -> int:
+    """``'200MB'``, ``'1GiB'``, ``'65536'`` -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match[2].upper() not in units:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200MB, 1GiB, 65536)")
+    return int(float(match[1]) * units[match[2].upper()])
 
-    items = collect_items(Path(args.input), Path(args.root) if args.root else None)
-    manifest = write_shards(
-        items,
-        Path(args.out),
-        frame_counts=args.frames,
+
+def cmd_shard(args):
+    from merv.data.shards import ShardSettings, collect_items, write_shards
+
+    items = collect_items([Path(p) for p in args.inputs], Path(args.root) if args.root else None)
+    settings = ShardSettings(
+        frame_counts=tuple(args.frames),
         size=args.size,
-        samples_per_shard=args.samples_per_shard,
+        target_bytes=args.shard_size,
+        frame_format=args.frame_format,
+        backend=args.backend,
     )
-    log.info(
-        "%s: %d samples in %d shards (%.1fs)",
-        args.out,
-        manifest["samples"],
-        len(manifest["shards"]),
-        manifest["seconds"],
+    summary = write_shards(
+        items, Path(args.out), settings, workers=args.workers, strict=args.strict, progress=not args.no_progress
     )
+    log.info("%s: %s", args.out, summary.line())
+    if summary.bad:
+        log.info("bad items are listed in %s", Path(args.out) / "quarantine.jsonl")
 
 
 def cmd_inspect(args):
@@ -181,13 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", help="write a JSON listing what was built (the pipeline's marker file)")
     s.set_defaults(func=cmd_build_tiny)
 
-    s = sub.add_parser("shard", help="decode videos once into WebDataset tars of pre-sampled frames")
-    s.add_argument("input", help="a Video-LLaVA training JSON or an eval_data benchmark folder")
+    s = sub.add_parser("shard", help="decode media once into WebDataset tars of pre-sampled frames")
+    s.add_argument("inputs", nargs="+", help="training JSON files, eval_data benchmark folders or folders of videos")
     s.add_argument("--out", required=True)
-    s.add_argument("--root", help="folder that video paths in a training JSON are relative to (default: its folder)")
-    s.add_argument("--frames", type=int, nargs="+", required=True, help="frame counts of the encoders, e.g. 4 8")
+    s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
+    s.add_argument("--frames", type=int, nargs="+", required=True, help="frame counts of the encoders, e.g. 16 32")
     s.add_argument("--size", type=int, required=True, help="frame size stored (the largest encoder input size)")
-    s.add_argument("--samples-per-shard", type=int, default=256)
+    s.add_argument("--shard-size", type=parse_size, default="200MB", help="target size of a tar (default 200MB)")
+    s.add_argument("--frame-format", choices=["jpg", "npy"], default="jpg", help="jpg (default) or lossless npy")
+    s.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND, help="video decoder")
+    s.add_argument("--workers", type=int, default=1, help="decoding processes")
+    s.add_argument("--strict", action="store_true", help="fail on the first bad item instead of quarantining it")
+    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("inspect", help="print a shard folder's manifest summary, or one sample")

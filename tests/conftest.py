@@ -62,12 +62,16 @@ def tiny_model(tiny_run):
 
 @pytest.fixture(scope="session")
 def shards(synth_dir, tmp_path_factory, tiny_run) -> dict[str, Path]:
-    """Shard folders of the tiny dataset: training splits and benchmarks."""
-    from merv.data.shards import collect_items, write_shards
+    """Shard folders of the tiny dataset (lossless frames, ~4 samples a shard): training splits and benchmarks."""
+    from merv.data.shards import ShardSettings, collect_items, write_shards
 
     out = tmp_path_factory.mktemp("shards")
-    counts = [e.num_frames for e in tiny_run.model.encoders]
-    size = max(e.image_size for e in tiny_run.model.encoders)
+    settings = ShardSettings(
+        frame_counts=tuple(e.num_frames for e in tiny_run.model.encoders),
+        size=max(e.image_size for e in tiny_run.model.encoders),
+        target_bytes=500_000,
+        frame_format="npy",
+    )
     sources = {
         "align": synth_dir / "train" / "align.json",
         "finetune": synth_dir / "train" / "finetune.json",
@@ -76,6 +80,6 @@ def shards(synth_dir, tmp_path_factory, tiny_run) -> dict[str, Path]:
     }
     result = {}
     for name, src in sources.items():
-        write_shards(collect_items(src), out / name, frame_counts=counts, size=size, samples_per_shard=5)
+        write_shards(collect_items(src), out / name, settings, strict=True)
         result[name] = out / name
     return result

@@ -22,7 +22,7 @@ def merv(*args, cwd=None):
     ("damage", "reason"),
     [("delete", "file not found"), ("empty", "empty"), ("garbage", "not a decodable video")],
 )
-def test_shard_stops_on_bad_video_with_a_clear_error(synth_dir, tmp_path, damage, reason):
+def test_strict_shard_stops_on_bad_video_with_a_clear_error(synth_dir, tmp_path, damage, reason):
     data = tmp_path / "data"
     shutil.copytree(synth_dir / "train", data)
     victim = data / "videos" / "train_00003.mp4"
@@ -32,32 +32,32 @@ def test_shard_stops_on_bad_video_with_a_clear_error(synth_dir, tmp_path, damage
         victim.write_bytes(b"")
     else:
         victim.write_bytes(b"\x00\x00\x00\x18ftypmp42 but then nothing sensible" * 20)
-    res = merv("shard", data / "finetune.json", "--out", tmp_path / "out", "--frames", 4, "--size", 32)
+    args = ["shard", data / "finetune.json", "--out", tmp_path / "out", "--frames", 4, "--size", 32, "--no-progress"]
+    res = merv(*args, "--strict")
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert f"cannot read video {victim}: " in res.stderr and reason in res.stderr
+    # without --strict the bad video is quarantined and the run succeeds with a summary
+    res = merv(*args)
+    assert res.returncode == 0, res.stderr
+    assert "12 items: 11 good, 1 bad" in res.stderr
+    (line,) = (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()
+    assert json.loads(line)["source"] == str(victim)
 
 
 def test_shard_and_inspect(synth_dir, tmp_path):
     res = merv(
-        "shard",
-        synth_dir / "eval_data" / "synth_mcq",
-        "--out",
-        tmp_path / "mcq",
-        "--frames",
-        4,
-        8,
-        "--size",
-        64,
-        "--samples-per-shard",
-        4,
-    )
+        "shard", synth_dir / "eval_data" / "synth_mcq", "--out", tmp_path / "mcq", "--frames", 4, 8, "--size", 64,
+        "--shard-size", "20KB", "--workers", 2,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     res = merv("inspect", tmp_path / "mcq")
     summary = json.loads(res.stdout)
-    assert summary["samples"] == 6 and summary["num_shards"] == 2
+    assert summary["samples"] == 6 and summary["num_shards"] > 1
     res = merv("inspect", tmp_path / "mcq", "--sample", "nope")
     assert res.returncode == 1 and "no sample with key 'nope'" in res.stderr
+    res = merv("shard", synth_dir, "--out", tmp_path / "x", "--frames", 4, "--size", 32, "--shard-size", "lots")
+    assert res.returncode == 2 and "not a size: 'lots'" in res.stderr
 
 
 def test_bad_config_is_a_clear_error(tmp_path):

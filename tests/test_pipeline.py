@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def small_config() -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["synth"].update(train_videos=8, eval_videos=4)
-    cfg["shards"]["samples_per_shard"] = 4
+    cfg["shards"]["target_size"] = "200KB"
     cfg["models"]["merv_tiny"]["overrides"] = {"train": {"stages": {"finetune": {"epochs": 2}}}}
     cfg["eval"]["batch_size"] = 4
     return cfg

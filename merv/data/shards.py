@@ -1,8 +1,11 @@
-"""Sharding: training JSON or an eval_data benchmark -> WebDataset tars of pre-sampled frames + ``manifest.json``.
+"""Sharding: training JSON, eval_data benchmarks or folders of videos -> WebDataset tars of pre-sampled frames.
 
-Each sample stores, once, the union of every configured frame count's uniform samples at the largest encoder size
-(``frames.npy``, uint8 ``[F, S, S, 3]``) and a ``json`` record with its key, source path, the positions of each
-frame count inside that stack, and its conversation or question. Training then never touches an mp4 again.
+Each sample is decoded once: the union of every configured frame count's uniform samples inside its clip window,
+at the largest encoder size, stored as JPEG (or lossless ``.npy``) members next to a ``json`` record (key, source,
+frame positions per count, conversation or question). Shards are filled to a target size, written under a temporary
+name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit marker, so an interrupted or extended
+run redoes only the missing work and ends with the same bytes as an uninterrupted one. Bad items are skipped and
+listed in ``quarantine.jsonl``; ``manifest.json`` sums it all up.
 """
 
 from __future__ import annotations
@@ -10,42 +13,80 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
+import logging
 import re
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from merv.config import fingerprint
-from merv.data.video import read_frames
+from merv.data.video import DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".gif"}
+SHARD_PATTERN = "shard-{:06d}"
 
 
 @dataclass(frozen=True)
 class Item:
-    """One thing to shard: a video and the text that goes with it."""
+    """One thing to shard: a media path (video, image or frame folder) and the text that goes with it."""
 
     key: str
-    video: Path
-    record: dict  # conversation (training) or question + answer (evaluation)
+    media: Path
+    record: dict = field(default_factory=dict)  # conversation (training) or question + answer (evaluation)
+    time: tuple[float, float] | None = None  # clip window in seconds
+    end_frame: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything that determines the bytes of the shards (its fingerprint tags each shard)."""
+
+    frame_counts: tuple[int, ...]
+    size: int
+    target_bytes: int = 200 * 2**20
+    frame_format: Literal["jpg", "npy"] = "jpg"
+    jpeg_quality: int = 95
+    backend: str = DEFAULT_BACKEND
+
+    def __post_init__(self):
+        if not self.frame_counts or min(self.frame_counts) < 1:
+            raise ValueError(f"frame counts must be positive, got {list(self.frame_counts)}")
+        if self.frame_format not in ("jpg", "npy"):
+            raise ValueError(f"frame_format must be 'jpg' or 'npy', got {self.frame_format!r}")
+        object.__setattr__(self, "frame_counts", tuple(sorted(set(self.frame_counts))))
+
+    def fingerprint(self) -> str:
+        return fingerprint(asdict(self))
 
 
 class DataFormatError(ValueError):
     """An input file that is not in the format it claims to be."""
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
 def _safe_key(text: str) -> str:
-    # WebDataset splits keys on the first dot of the member name: keep keys dot-free and path-safe.
+    # WebDataset splits member names at the first dot: keys stay dot-free and path-safe.
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def _load_json_list(path: Path) -> list:
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataFormatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a JSON list, got {type(data).__name__}")
@@ -53,96 +94,131 @@ def _load_json_list(path: Path) -> list:
 
 
 def training_items(json_path: Path, root: Path | None = None) -> list[Item]:
-    """Items of a Video-LLaVA training JSON; video paths resolve against ``root`` (default: the JSON's folder)."""
+    """Items of a Video-LLaVA training JSON (video and image samples); media paths resolve against ``root``
+    (default: the JSON's folder)."""
     root = root or json_path.parent
     items = []
     for i, sample in enumerate(_load_json_list(json_path)):
         where = f"{json_path} sample {i}"
-        if not isinstance(sample, dict) or "conversations" not in sample:
-            raise DataFormatError(f"{where}: expected an object with 'conversations'")
+        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            raise DataFormatError(f"{where}: expected an object with a 'conversations' list")
         media = sample.get("video") or sample.get("image")
         if not media:
             raise DataFormatError(f"{where} (id {sample.get('id')!r}): no 'video' or 'image' path")
         key = _safe_key(str(sample.get("id", i)))
-        items.append(Item(key, root / media, {"id": sample.get("id", i), "conversations": sample["conversations"]}))
+        record = {"id": sample.get("id", i), "conversations": sample["conversations"]}
+        items.append(Item(key, root / media, record))
     return items
 
 
 def benchmark_items(bench_dir: Path) -> list[Item]:
-    """Items of a MERV ``eval_data/<benchmark>`` folder: ``test_q.json`` joined with ``test_a.json``."""
+    """Items of a MERV ``eval_data/<benchmark>`` folder: ``test_q.json`` joined with ``test_a.json`` on
+    ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``."""
     questions = _load_json_list(bench_dir / "test_q.json")
     answers = {a["question_id"]: a for a in _load_json_list(bench_dir / "test_a.json")}
-    videos = {p.stem: p for p in (bench_dir / "videos").iterdir()} if (bench_dir / "videos").is_dir() else {}
+    video_dir = bench_dir / "videos"
+    videos = {p.stem if p.is_file() else p.name: p for p in video_dir.iterdir()} if video_dir.is_dir() else {}
     items = []
-    for q in questions:
-        qid = q.get("question_id")
+    for i, q in enumerate(questions):
+        qid = q.get("question_id") if isinstance(q, dict) else None
+        if qid is None or "video_name" not in q or "question" not in q:
+            raise DataFormatError(f"{bench_dir}/test_q.json entry {i}: needs question_id, video_name and question")
         if qid not in answers:
             raise DataFormatError(f"{bench_dir}/test_q.json: question {qid!r} has no answer in test_a.json")
         name = str(q["video_name"])
-        video = videos.get(name, bench_dir / "videos" / f"{name}.mp4")
         record = {**q, "answer": answers[qid]["answer"], "kind": "mcq" if "options" in q else "open"}
         if "answer_id" in answers[qid]:
             record["answer_id"] = answers[qid]["answer_id"]
-        items.append(Item(_safe_key(str(qid)), video, record))
+        window = tuple(q["time"]) if q.get("time") is not None else None
+        end_frame = q.get("end_frame")
+        items.append(Item(_safe_key(str(qid)), videos.get(name, video_dir / f"{name}.mp4"), record, window, end_frame))
     return items
 
 
-def collect_items(source: Path, root: Path | None = None) -> list[Item]:
-    if source.is_file() and source.suffix == ".json":
-        return training_items(source, root)
-    if source.is_dir() and (source / "test_q.json").is_file():
-        return benchmark_items(source)
-    raise DataFormatError(f"{source}: neither a training JSON file nor an eval_data benchmark folder (test_q.json)")
+def folder_items(folder: Path) -> list[Item]:
+    """Every video or image below ``folder`` (sorted by relative path), with no text."""
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+    )
+    if not paths:
+        raise DataFormatError(f"{folder}: no video or image files found")
+    return [Item(_safe_key(str(p.relative_to(folder).with_suffix(""))), p, {"source": str(p)}) for p in paths]
 
 
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0  # deterministic tars: same input and settings, same bytes
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(payload))
+def collect_items(sources: Path | list[Path], root: Path | None = None) -> list[Item]:
+    """Items of one or more inputs (training JSON, benchmark folder, folder of videos), keys checked unique."""
+    items = []
+    for source in [sources] if isinstance(sources, Path) else sources:
+        source = Path(source)
+        if source.suffix == ".json" and not source.is_dir():
+            items += training_items(source, root)
+        elif source.is_dir() and (source / "test_q.json").is_file():
+            items += benchmark_items(source)
+        elif source.is_dir():
+            items += folder_items(source)
+        else:
+            raise DataFormatError(f"{source}: not a training JSON, an eval_data benchmark folder or a folder of videos")
+    duplicates = [k for k, n in Counter(it.key for it in items).items() if n > 1]
+    if duplicates:
+        raise DataFormatError(f"duplicate sample keys (ids) across the inputs, e.g. {duplicates[:5]}")
+    return items
 
 
-def _encode_sample(item: Item, frame_counts: list[int], size: int) -> dict[str, bytes]:
-    frames, positions = read_frames(item.video, frame_counts, size)
-    buf = io.BytesIO()
-    np.save(buf, frames)
+# ------------------------------------------------------------------------------------------------------------------
+# Encoding (runs in worker processes)
+
+
+def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] | None, str | None]:
+    """``(tar members, None)`` for a good item, ``(None, reason)`` for a bad one."""
+    try:
+        frames, positions = read_frames(
+            item.media,
+            list(settings.frame_counts),
+            settings.size,
+            time=item.time,
+            end_frame=item.end_frame,
+            backend=settings.backend,
+        )
+    except VideoError as e:
+        return None, e.reason
+    except ValueError as e:  # e.g. an impossible clip window
+        return None, f"bad clip window ({e})"
     meta = {
         "key": item.key,
-        "source": str(item.video),
+        "source": str(item.media),
         "frame_positions": {str(c): p for c, p in positions.items()},
         **item.record,
     }
-    return {"frames.npy": buf.getvalue(), "json": json.dumps(meta).encode()}
+    members = {"json": json.dumps(meta, sort_keys=True).encode()}
+    if settings.frame_format == "npy":
+        buf = io.BytesIO()
+        np.save(buf, frames)
+        members["frames.npy"] = buf.getvalue()
+    else:
+        from PIL import Image
+
+        for i, frame in enumerate(frames):
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, format="JPEG", quality=settings.jpeg_quality)
+            members[f"{i:03d}.jpg"] = buf.getvalue()
+    return members, None
 
 
-def write_shards(
-    items: list[Item], out: Path, *, frame_counts: list[int], size: int, samples_per_shard: int = 256
-) -> dict:
-    """Write ``items`` into ``out/shard-NNNNNN.tar`` (each written to a temp name, then renamed) + manifest."""
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"frame_counts": sorted(set(frame_counts)), "size": size, "samples_per_shard": samples_per_shard}
-    shards = []
-    start = time.time()
-    for first in range(0, len(items), samples_per_shard):
-        chunk = items[first : first + samples_per_shard]
-        name = f"shard-{len(shards):06d}.tar"
-        tmp = out / (name + ".tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for item in chunk:
-                for ext, payload in _encode_sample(item, frame_counts, size).items():
-                    _add_member(tar, f"{item.key}.{ext}", payload)
-        tmp.replace(out / name)
-        shards.append({"name": name, "samples": len(chunk), "sha256": _sha256(out / name)})
-    manifest = {
-        "samples": len(items),
-        "shards": shards,
-        "settings": settings,
-        "fingerprint": fingerprint(settings),
-        "seconds": round(time.time() - start, 2),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+def decode_sample(raw: dict) -> dict:
+    """Raw tar members of one sample -> ``{"frames": uint8 [F, S, S, 3], "meta": dict}``."""
+    meta = raw["json"] if isinstance(raw["json"], dict) else json.loads(raw["json"])
+    if "frames.npy" in raw:
+        frames = np.load(io.BytesIO(raw["frames.npy"]))
+    else:
+        from PIL import Image
+
+        names = sorted(k for k in raw if k.endswith(".jpg"))
+        frames = np.stack([np.asarray(Image.open(io.BytesIO(raw[n])).convert("RGB")) for n in names])
+    return {"frames": frames, "meta": meta}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing
 
 
 def _sha256(path: Path) -> str:
@@ -153,6 +229,207 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # same input and settings -> same bytes
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+class _Shard:
+    """The shard being filled; ``commit`` renames the tar into place, then writes its index (the commit marker)."""
+
+    def __init__(self, out: Path, number: int, fingerprint_: str):
+        self.out, self.name, self.fingerprint = out, SHARD_PATTERN.format(number), fingerprint_
+        self.tmp = out / f"{self.name}.tar.tmp"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.keys: list[str] = []
+        self.bad: list[dict] = []
+        self.samples = 0
+
+    def add(self, item: Item, members: dict[str, bytes] | None, reason: str | None) -> None:
+        self.keys.append(item.key)
+        if members is None:
+            self.bad.append({"key": item.key, "source": str(item.media), "reason": reason})
+            return
+        for ext, payload in members.items():
+            _add_member(self.tar, f"{item.key}.{ext}", payload)
+        self.samples += 1
+
+    @property
+    def bytes(self) -> int:
+        return self.tar.fileobj.tell()
+
+    def commit(self) -> dict:
+        self.tar.close()
+        final = self.out / f"{self.name}.tar"
+        self.tmp.replace(final)
+        index = {
+            "name": final.name,
+            "fingerprint": self.fingerprint,
+            "keys": self.keys,
+            "samples": self.samples,
+            "bad": self.bad,
+            "bytes": final.stat().st_size,
+            "sha256": _sha256(final),
+        }
+        tmp = self.out / f"{self.name}.json.tmp"
+        tmp.write_text(json.dumps(index))
+        tmp.replace(self.out / f"{self.name}.json")
+        return index
+
+
+def _completed_shards(out: Path, items: list[Item], fingerprint_: str) -> list[dict]:
+    """Indexes of the shards already written for exactly these leading items and settings; others are removed."""
+    done, pos = [], 0
+    while True:
+        name = SHARD_PATTERN.format(len(done))
+        index_path, tar_path = out / f"{name}.json", out / f"{name}.tar"
+        if not (index_path.is_file() and tar_path.is_file()):
+            break
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError:
+            break
+        expected = [it.key for it in items[pos : pos + len(index["keys"])]]
+        if index.get("fingerprint") != fingerprint_ or index["keys"] != expected or not index["keys"]:
+            break
+        if tar_path.stat().st_size != index["bytes"]:
+            break
+        done.append(index)
+        pos += len(index["keys"])
+    keep = {f"{d['name'][:-4]}{ext}" for d in done for ext in (".tar", ".json")}
+    for stale in list(out.glob("shard-*")):
+        if stale.name not in keep:
+            stale.unlink()
+    return done
+
+
+@dataclass
+class ShardSummary:
+    input: int
+    good: int
+    bad: int
+    by_reason: dict[str, int]
+    shards: int
+    resumed_items: int
+    seconds: float
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.by_reason.items())) or "none"
+        return (
+            f"{self.input} items: {self.good} good, {self.bad} bad ({reasons}) in {self.shards} shards; "
+            f"{self.resumed_items} items were already sharded; {self.seconds:.1f}s"
+        )
+
+
+def reason_kind(reason: str) -> str:
+    """The short class of a quarantine reason (``'decoding failed (...)'`` -> ``'decoding failed'``)."""
+    return reason.split(" (")[0]
+
+
+def write_shards(
+    items: list[Item],
+    out: Path,
+    settings: ShardSettings,
+    *,
+    workers: int = 1,
+    strict: bool = False,
+    progress: bool = False,
+) -> ShardSummary:
+    """Shard ``items`` into ``out`` (resuming what a previous run with the same settings left), write
+    ``quarantine.jsonl`` and ``manifest.json``. With ``strict`` the first bad item raises :class:`VideoError`."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    fp = settings.fingerprint()
+    indexes = _completed_shards(out, items, fp)
+    pos = sum(len(ix["keys"]) for ix in indexes)
+    if pos:
+        log.info("%s: resuming after %d items already in %d shards", out, pos, len(indexes))
+    if strict:
+        for ix in indexes:
+            if ix["bad"]:
+                b = ix["bad"][0]
+                raise VideoError(b["source"], b["reason"])
+
+    todo = items[pos:]
+    bar = tqdm(total=len(items), initial=pos, desc=f"shard {out.name}", disable=not progress, mininterval=2)
+    shard = None
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for item, (members, reason) in zip(todo, _encoded(todo, settings, pool, workers), strict=True):
+            if members is None and strict:
+                raise VideoError(item.media, reason)
+            if shard is None:
+                shard = _Shard(out, len(indexes), fp)
+            shard.add(item, members, reason)
+            bar.update(1)
+            if shard.bytes >= settings.target_bytes:
+                indexes.append(shard.commit())
+                shard = None
+        if shard is not None:
+            indexes.append(shard.commit())
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if shard is not None and not shard.tar.closed:
+            shard.tar.close()
+            shard.tmp.unlink(missing_ok=True)
+
+    bad = [b for ix in indexes for b in ix["bad"]]
+    with open(out / "quarantine.jsonl.tmp", "w") as f:
+        for b in bad:
+            f.write(json.dumps(b) + "\n")
+    (out / "quarantine.jsonl.tmp").replace(out / "quarantine.jsonl")
+    summary = ShardSummary(
+        input=len(items),
+        good=sum(ix["samples"] for ix in indexes),
+        bad=len(bad),
+        by_reason=dict(Counter(reason_kind(b["reason"]) for b in bad)),
+        shards=len(indexes),
+        resumed_items=pos,
+        seconds=round(time.time() - start, 2),
+    )
+    assert summary.good + summary.bad == summary.input, "every input item is either sharded or quarantined"
+    manifest = {
+        "samples": summary.good,
+        "input": summary.input,
+        "bad": summary.bad,
+        "by_reason": summary.by_reason,
+        "shards": [{k: ix[k] for k in ("name", "samples", "bytes", "sha256")} for ix in indexes],
+        "settings": asdict(settings),
+        "fingerprint": fp,
+    }
+    (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
+    (out / "manifest.json.tmp").replace(out / "manifest.json")
+    return summary
+
+
+def _encoded(items: list[Item], settings: ShardSettings, pool, workers: int) -> Iterator[tuple]:
+    """Encoded items in input order; a bounded window of work in flight keeps memory flat."""
+    if pool is None:
+        for item in items:
+            yield encode_item(item, settings)
+        return
+    window = workers * 4
+    futures = []
+    for item in items:
+        futures.append(pool.submit(encode_item, item, settings))
+        if len(futures) >= window:
+            yield futures.pop(0).result()
+    for fut in futures:
+        yield fut.result()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
 def read_manifest(shard_dir: Path) -> dict:
     path = Path(shard_dir) / "manifest.json"
     if not path.is_file():
@@ -160,14 +437,18 @@ def read_manifest(shard_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def shard_urls(shard_dir: Path) -> list[str]:
+    return [str(Path(shard_dir) / s["name"]) for s in read_manifest(shard_dir)["shards"]]
+
+
 def iter_samples(shard_dir: Path, shuffle_buffer: int = 0, seed: int = 0) -> Iterator[dict]:
     """Decoded samples ``{"frames": uint8 [F, S, S, 3], "meta": {...}}`` in shard order (or buffer-shuffled)."""
+    import random
+
     import webdataset as wds
 
-    manifest = read_manifest(shard_dir)
-    urls = [str(Path(shard_dir) / s["name"]) for s in manifest["shards"]]
-    pipeline = [wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.decode()]
+    pipeline = [wds.SimpleShardList(shard_urls(shard_dir)), wds.tarfile_to_samples()]
     if shuffle_buffer:
         pipeline.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
-    for sample in wds.DataPipeline(*pipeline):
-        yield {"frames": sample["frames.npy"], "meta": sample["json"]}
+    for raw in wds.DataPipeline(*pipeline):
+        yield decode_sample(raw)

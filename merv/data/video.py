@@ -166,14 +166,13 @@ class DecordVideo(Media):
         if n == 0:
             raise VideoError(path, "video has no frames")
         self.timestamps = np.asarray(self.reader.get_frame_timestamp(list(range(n))))[:, 0]
-        self.rotation = _display_rotation(path)
 
     def frames(self, indices: list[int]) -> np.ndarray:
         try:
             frames = self.reader.get_batch(list(indices)).asnumpy()
         except Exception as e:
             raise VideoError(self.path, f"decoding failed ({_first_line(e)})") from None
-        return _rotate(_rgb(frames), self.rotation)
+        return _rgb(frames)
 
 
 class PyAVVideo(Media):
@@ -283,7 +282,8 @@ def open_media(path: str | Path, backend: str = DEFAULT_BACKEND) -> Media:
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return StillImage(path)
     if backend == "decord":
-        return DecordVideo(path)
+        # decord ignores display rotation and fails on some rotated files: those go to PyAV
+        return DecordVideo(path) if _display_rotation(path) == 0 else PyAVVideo(path)
     if backend == "pyav":
         return PyAVVideo(path)
     raise ValueError(f"unknown decoding backend {backend!r}; available: {list(BACKENDS)}")
@@ -308,6 +308,12 @@ def read_frames(
         lo, hi = clip_window(media.timestamps, time, end_frame)
         per_count = {c: sample_frame_indices(media.num_frames, c, lo, hi) for c in sorted(set(frame_counts))}
         union = sorted({i for idx in per_count.values() for i in idx})
-        frames = media.frames(union)
+        try:
+            frames = media.frames(union)
+        except VideoError:
+            if not isinstance(media, DecordVideo):
+                raise
+            # decord rejects some streams that FFmpeg decodes (odd layouts): give PyAV the last word
+            frames = PyAVVideo(Path(path)).frames(union)
     position = {frame: pos for pos, frame in enumerate(union)}
     return resize_frames(frames, size), {c: [position[i] for i in idx] for c, idx in per_count.items()}

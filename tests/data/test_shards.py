@@ -1,24 +1,49 @@
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from merv.data.shards import DataFormatError, collect_items, iter_samples, read_manifest, write_shards
+from merv.data.shards import (
+    DataFormatError,
+    Item,
+    ShardSettings,
+    collect_items,
+    iter_samples,
+    read_manifest,
+    write_shards,
+)
 from merv.data.video import VideoError, read_frames
+from tests.media import gradient_frames, make_bad_inputs, write_video
+
+NPY = dict(frame_counts=(4, 8), size=64, frame_format="npy")
 
 
-def test_training_shards_roundtrip(shards, synth_dir):
+def test_training_shards_roundtrip(shards):
     manifest = read_manifest(shards["finetune"])
-    assert manifest["samples"] == 12
-    assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]
-    assert manifest["settings"]["frame_counts"] == [4, 8]
+    assert manifest["samples"] == manifest["input"] == 12 and manifest["bad"] == 0
+    assert [s["samples"] for s in manifest["shards"]] == [4, 4, 4]  # 4 x 147 kB frames reach the 500 kB target
     samples = list(iter_samples(shards["finetune"]))
     assert len(samples) == 12 and len({s["meta"]["key"] for s in samples}) == 12
     first = samples[0]
     direct, positions = read_frames(first["meta"]["source"], [4, 8], 64)
-    assert np.array_equal(first["frames"], direct), "shard holds exactly the decoded frames"
+    assert np.array_equal(first["frames"], direct), "npy shards hold exactly the decoded frames"
     assert first["meta"]["frame_positions"] == {str(c): p for c, p in positions.items()}
     assert first["meta"]["conversations"][0]["from"] == "human"
+
+
+def test_jpeg_frames_are_close_to_the_decoded_ones(synth_dir, tmp_path):
+    items = collect_items(synth_dir / "train" / "align.json")[:2]
+    write_shards(items, tmp_path / "jpg", ShardSettings(frame_counts=(4, 8), size=64))
+    for sample in iter_samples(tmp_path / "jpg"):
+        direct, _ = read_frames(sample["meta"]["source"], [4, 8], 64)
+        assert sample["frames"].shape == direct.shape
+        assert np.abs(sample["frames"].astype(int) - direct).mean() < 3
 
 
 def test_benchmark_shards_join_questions_and_answers(shards):
@@ -26,31 +51,172 @@ def test_benchmark_shards_join_questions_and_answers(shards):
     assert len(records) == 6
     for r in records:
         assert r["kind"] == "mcq" and r["options"][r["answer_id"]] == r["answer"]
-    assert {r["kind"] for r in (s["meta"] for s in iter_samples(shards["synth_open"]))} == {"open"}
+    assert {s["meta"]["kind"] for s in iter_samples(shards["synth_open"])} == {"open"}
 
 
 def test_shuffle_is_seeded_and_complete(shards):
-    keys = lambda seed: [s["meta"]["key"] for s in iter_samples(shards["finetune"], shuffle_buffer=8, seed=seed)]  # noqa: E731
+    def keys(seed):
+        return [s["meta"]["key"] for s in iter_samples(shards["finetune"], shuffle_buffer=8, seed=seed)]
+
     assert keys(1) == keys(1)
     assert sorted(keys(1)) == sorted(keys(2)) and keys(1) != keys(2)
 
 
-def test_sharding_is_deterministic(synth_dir, tmp_path):
-    items = collect_items(synth_dir / "train" / "align.json")[:4]
-    a = write_shards(items, tmp_path / "a", frame_counts=[4], size=32, samples_per_shard=3)
-    b = write_shards(items, tmp_path / "b", frame_counts=[4], size=32, samples_per_shard=3)
-    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
-    assert a["fingerprint"] == b["fingerprint"]
-    assert not list((tmp_path / "a").glob("*.tmp")), "no temp files left behind"
+def _benchmark(tmp_path):
+    """An eval_data folder with a clip window, an end_frame, and a video given as a folder of frames."""
+    from PIL import Image
+
+    bench = tmp_path / "bench"
+    frames = gradient_frames(40, 32, 48)  # 4 s at 10 fps; the bright bar's x position tells the frame index
+    write_video(bench / "videos" / "clip.mp4", frames, fps=10, pix_fmt="yuv444p")
+    (bench / "videos" / "framed").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(frames[i]).save(bench / "videos" / "framed" / f"img_{i + 1}.png")
+    questions = [
+        {"video_name": "clip", "question_id": "q_time", "question": "?", "time": [2.0, 3.0]},
+        {"video_name": "clip", "question_id": "q_end", "question": "?", "end_frame": 10},
+        {"video_name": "framed", "question_id": "q_frames", "question": "?"},
+    ]
+    (bench / "test_q.json").write_text(json.dumps(questions))
+    (bench / "test_a.json").write_text(json.dumps([{"question_id": q["question_id"], "answer": "a"} for q in questions]))
+    return bench, frames
 
 
-def test_corrupt_video_names_the_file(synth_dir, tmp_path):
-    items = collect_items(synth_dir / "train" / "align.json")[:2]
-    bad = tmp_path / "broken.mp4"
-    bad.write_bytes(b"\x00\x01garbage" * 50)
-    items[1] = type(items[1])(items[1].key, bad, items[1].record)
-    with pytest.raises(VideoError, match="broken.mp4"):
-        write_shards(items, tmp_path / "out", frame_counts=[4], size=32)
+def _bar_position(frame):
+    return int(np.argmax(frame[frame.shape[0] // 2, :, 0] > 180))
+
+
+def test_clip_windows_and_frame_folders(tmp_path):
+    bench, frames = _benchmark(tmp_path)
+    write_shards(collect_items(bench), tmp_path / "out", ShardSettings(frame_counts=(4,), size=48, frame_format="npy"))
+    by_key = {s["meta"]["key"]: s for s in iter_samples(tmp_path / "out")}
+    expected_bar = [_bar_position(frames[i]) for i in range(40)]
+
+    def indices(key):  # the source frame index of each stored frame, read back from the bar position
+        sample = by_key[key]
+        pos = sample["meta"]["frame_positions"]["4"]
+        return [expected_bar.index(_bar_position(sample["frames"][p])) for p in pos]
+
+    assert all(20 <= i <= 30 for i in indices("q_time")), indices("q_time")  # 2.0 s - 3.0 s at 10 fps
+    assert all(i < 10 for i in indices("q_end")), indices("q_end")
+    assert indices("q_frames") == [1, 4, 7, 10]  # 12 frames in natural order (img_2 before img_10)
+
+
+def test_images_become_one_frame_clips(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(gradient_frames(1, 40, 30)[0]).save(tmp_path / "pic.jpg")
+    sample = {"id": "img1", "image": "pic.jpg", "conversations": [{"from": "human", "value": "<image>\nHi"}]}
+    (tmp_path / "train.json").write_text(json.dumps([sample]))
+    write_shards(collect_items(tmp_path / "train.json"), tmp_path / "out", ShardSettings(**NPY))
+    (s,) = list(iter_samples(tmp_path / "out"))
+    assert s["frames"].shape == (1, 64, 64, 3) and s["meta"]["frame_positions"] == {"4": [0] * 4, "8": [0] * 8}
+
+
+def test_folder_of_videos_input(tmp_path):
+    for name in ("b", "a", "sub/c"):
+        write_video(tmp_path / "vids" / f"{name}.mp4", gradient_frames(8, 32, 32))
+    items = collect_items([tmp_path / "vids"])
+    assert [it.key for it in items] == ["a", "b", "sub_c"]
+    summary = write_shards(items, tmp_path / "out", ShardSettings(frame_counts=(4,), size=32))
+    assert summary.good == 3
+
+
+@pytest.fixture
+def with_bad_items(synth_dir, tmp_path):
+    good = collect_items(synth_dir / "train" / "align.json")[:4]
+    bad = make_bad_inputs(tmp_path / "bad", good[0].media)
+    items = good[:2] + [Item(f"bad_{k}", p, {"conversations": []}) for k, p in bad.items()] + good[2:]
+    return items, bad
+
+
+def test_bad_items_are_quarantined_not_fatal(with_bad_items, tmp_path):
+    items, bad = with_bad_items
+    summary = write_shards(items, tmp_path / "out", ShardSettings(**NPY))
+    assert (summary.input, summary.good, summary.bad) == (len(items), 4, len(bad))
+    assert summary.good + summary.bad == summary.input
+    lines = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    reasons = {line["source"]: line["reason"] for line in lines}
+    assert set(reasons) == {str(p) for p in bad.values()}
+    assert reasons[str(bad["missing"])] == "file not found"
+    assert reasons[str(bad["zero_byte"])] == "file is empty (0 bytes)"
+    assert reasons[str(bad["audio_only"])] == "no video stream (streams: audio)"
+    assert reasons[str(bad["unreadable"])] == "not a regular file"
+    for kind in ("corrupt", "truncated", "not_a_video"):
+        assert reasons[str(bad[kind])].startswith(("not a decodable video", "decoding failed")), kind
+    assert reasons[str(bad["zero_frames"])].startswith(("no video stream", "video has no frames"))
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["bad"] == len(bad) and sum(manifest["by_reason"].values()) == len(bad)
+    assert {s["meta"]["key"] for s in iter_samples(tmp_path / "out")} == {it.key for it in items if "bad" not in it.key}
+
+
+def test_strict_fails_on_the_first_bad_item(with_bad_items, tmp_path):
+    items, bad = with_bad_items
+    with pytest.raises(VideoError, match="corrupt.mp4"):
+        write_shards(items, tmp_path / "out", ShardSettings(**NPY), strict=True)
+    assert not list((tmp_path / "out").glob("*.tmp")), "no half-written shard is left"
+
+
+def test_parallel_workers_write_the_same_bytes(with_bad_items, tmp_path):
+    items, _ = with_bad_items
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=60_000)
+    write_shards(items, tmp_path / "one", settings, workers=1)
+    write_shards(items, tmp_path / "two", settings, workers=2)
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert len(one["shards"]) > 1 and one["shards"] == two["shards"]
+    assert (tmp_path / "one" / "quarantine.jsonl").read_text() == (tmp_path / "two" / "quarantine.jsonl").read_text()
+
+
+def _many_items(synth_dir, tmp_path, n):
+    """``n`` training samples that reuse the synthetic videos."""
+    base = json.loads((synth_dir / "train" / "finetune.json").read_text())
+    samples = [dict(base[i % len(base)], id=f"s{i:04d}") for i in range(n)]
+    shutil.copytree(synth_dir / "train" / "videos", tmp_path / "videos", dirs_exist_ok=True)
+    (tmp_path / "train.json").write_text(json.dumps(samples))
+    return tmp_path / "train.json"
+
+
+def _shard_cmd(src, out):
+    cmd = [sys.executable, "-m", "merv.cli", "shard", str(src), "--out", str(out), "--frames", "4", "8"]
+    return cmd + ["--size", "64", "--shard-size", "100KB", "--frame-format", "npy", "--no-progress"]
+
+
+def test_killed_run_resumes_to_identical_shards(synth_dir, tmp_path):
+    src = _many_items(synth_dir, tmp_path, 60)
+    assert subprocess.run(_shard_cmd(src, tmp_path / "full"), capture_output=True).returncode == 0
+    proc = subprocess.Popen(_shard_cmd(src, tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "cut" / "shard-000005.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "manifest.json").exists(), "the run was killed before it finished"
+    res = subprocess.run(_shard_cmd(src, tmp_path / "cut"), capture_output=True, text=True)
+    assert res.returncode == 0 and "already sharded" in res.stderr
+    resumed = int(res.stderr.split("; ")[1].split()[0])
+    assert 0 < resumed < 60
+    full, cut = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "cut")
+    assert cut["shards"] == full["shards"]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(p.name for p in (tmp_path / "full").iterdir())
+
+
+def test_new_videos_only_add_shards(synth_dir, tmp_path):
+    items = collect_items(synth_dir / "train" / "align.json")
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=100_000, frame_format="npy")
+    first = write_shards(items[:8], tmp_path / "out", settings)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.tar")}
+    second = write_shards(items, tmp_path / "out", settings)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.tar")}
+    assert second.resumed_items == 8 and second.good == 12 and second.shards > first.shards
+    assert all(after[name] == mtime for name, mtime in before.items()), "existing shards are not rewritten"
+
+
+def test_changed_settings_start_over(synth_dir, tmp_path):
+    items = collect_items(synth_dir / "train" / "align.json")[:3]
+    write_shards(items, tmp_path / "out", ShardSettings(frame_counts=(4,), size=32))
+    summary = write_shards(items, tmp_path / "out", ShardSettings(frame_counts=(4,), size=48))
+    assert summary.resumed_items == 0
+    assert read_manifest(tmp_path / "out")["settings"]["size"] == 48
 
 
 @pytest.mark.parametrize(
@@ -58,7 +224,7 @@ def test_corrupt_video_names_the_file(synth_dir, tmp_path):
     [
         ("{not json", "not valid JSON"),
         ('{"a": 1}', "expected a JSON list"),
-        ('[{"id": "x", "video": "a.mp4"}]', "sample 0: expected an object with 'conversations'"),
+        ('[{"id": "x", "video": "a.mp4"}]', "sample 0: expected an object with a 'conversations' list"),
         ('[{"id": "x", "conversations": []}]', "no 'video' or 'image' path"),
     ],
 )
@@ -76,6 +242,14 @@ def test_question_without_answer(tmp_path):
         collect_items(tmp_path)
 
 
+def test_duplicate_keys_across_inputs(synth_dir):
+    src = synth_dir / "train" / "align.json"
+    with pytest.raises(DataFormatError, match="duplicate sample keys"):
+        collect_items([src, src])
+
+
 def test_unknown_input_kind(tmp_path):
-    with pytest.raises(DataFormatError, match="neither a training JSON"):
+    with pytest.raises(DataFormatError, match="no video or image files"):
         collect_items(tmp_path)
+    with pytest.raises(DataFormatError, match="not a training JSON"):
+        collect_items(tmp_path / "nothing.txt")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from merv.data.synth import render, sample_clip, write_mp4
-from merv.data.video import VideoError, read_frames, sample_frame_indices
+from merv.data.video import BACKENDS, VideoError, clip_window, open_media, read_frames, sample_frame_indices
+from tests.media import gradient_frames, make_bad_inputs, write_video
 
 
 def test_uniform_indices_are_segment_centres():
@@ -21,47 +21,78 @@ def test_bad_frame_window():
         sample_frame_indices(10, 4, start=10)
 
 
-@pytest.fixture
-def video(tmp_path):
-    import random
-
-    frames = render(sample_clip(random.Random(0), "v", 64, 12), 64, 16, 12)
-    path = tmp_path / "v.mp4"
-    write_mp4(path, frames, fps=8)
-    return path, frames
-
-
-def test_read_frames_union_and_positions(video):
-    path, original = video
-    frames, positions = read_frames(path, [4, 8], 64)
-    assert frames.shape == (12, 64, 64, 3) and frames.dtype == np.uint8
-    for count, pos in positions.items():
-        chosen = frames[pos]
-        expected = original[sample_frame_indices(16, count)]
-        # H.264 at crf 12 + yuv420p: colours survive within a few levels on average
-        assert np.abs(chosen.astype(int) - expected.astype(int)).mean() < 6
+def test_clip_window_uses_timestamps():
+    ts = np.array([0.0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 2.0])  # variable frame rate
+    assert clip_window(ts, time=(1.0, 1.2)) == (4, 7)
+    assert clip_window(ts, end_frame=3) == (0, 3)
+    assert clip_window(ts, time=(0.5, 0.6)) == (4, 5), "an empty window keeps the nearest frame"
+    assert clip_window(ts, time=(9.0, 10.0)) == (7, 8), "a window past the end keeps the last frame"
+    with pytest.raises(ValueError, match="ends before it starts"):
+        clip_window(ts, time=(2.0, 1.0))
 
 
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        (lambda p: None, "file not found"),
-        (lambda p: p.write_bytes(b""), "empty"),
-        (lambda p: p.write_bytes(b"this is not a video at all" * 100), "not a decodable video"),
-    ],
-)
-def test_bad_videos_raise_video_error_naming_the_file(tmp_path, make, reason):
-    path = tmp_path / "bad.mp4"
-    make(path)
-    with pytest.raises(VideoError, match=reason) as info:
-        read_frames(path, [4], 32)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    return {
+        "plain": write_video(d / "plain.mp4", gradient_frames(20, 48, 64)),
+        "rotated": write_video(d / "rotated.mp4", gradient_frames(10, 48, 64), rotation=90),
+        "vfr": write_video(d / "vfr.mp4", gradient_frames(8, 32, 32), times=[0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 2.0]),
+        "gray": write_video(d / "gray.mp4", gradient_frames(6, 30, 42), pix_fmt="gray"),
+        "odd": write_video(d / "odd.mp4", gradient_frames(6, 45, 67), pix_fmt="yuv444p"),
+        "long": write_video(d / "long.mp4", gradient_frames(900, 32, 32), fps=30, pix_fmt="yuv444p"),
+        "short": write_video(d / "short.mp4", gradient_frames(3, 32, 32), pix_fmt="yuv444p"),
+    }
 
 
-def test_truncated_video(video, tmp_path):
-    path, _ = video
-    cut = tmp_path / "cut.mp4"
-    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-    with pytest.raises(VideoError) as info:
-        read_frames(cut, [4], 32)
-    assert str(cut) in str(info.value)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_on_plain_video(media, backend):
+    frames, positions = read_frames(media["plain"], [4, 8], 64, backend=backend)
+    reference, _ = read_frames(media["plain"], [4, 8], 64, backend="pyav")
+    assert frames.shape == (12, 64, 64, 3) and sorted(positions) == [4, 8]
+    assert np.abs(frames.astype(int) - reference).mean() < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotation_metadata_is_applied(media, backend):
+    with open_media(media["rotated"], backend) as m:
+        frame = m.frames([0])[0]
+    assert frame.shape == (64, 48, 3), "a 90-degree display rotation swaps width and height"
+    # the red mark drawn top-left ends bottom-left after a counter-clockwise quarter turn
+    assert frame[-4:, :4, 0].mean() > 200 and frame[-4:, :4, 1].mean() < 60
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variable_frame_rate_timestamps(media, backend):
+    with open_media(media["vfr"], backend) as m:
+        assert np.allclose(m.timestamps, [0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 2.0], atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grayscale_and_odd_sizes_give_rgb(media, backend):
+    frames, _ = read_frames(media["gray"], [3], 32, backend=backend)
+    assert frames.shape == (3, 32, 32, 3)
+    assert np.abs(frames[..., 0].astype(int) - frames[..., 2]).max() <= 2, "gray stays gray"
+    with open_media(media["odd"], backend) as m:
+        assert m.frames([0, 5]).shape == (2, 45, 67, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_video_samples_the_right_frames(media, backend):
+    frames, positions = read_frames(media["long"], [4], 32, backend=backend)
+    expected = gradient_frames(900, 32, 32)[sample_frame_indices(900, 4)]
+    assert np.abs(frames[positions[4]].astype(int) - expected).mean() < 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_frames_than_requested(media, backend):
+    frames, positions = read_frames(media["short"], [8], 32, backend=backend)
+    assert len(positions[8]) == 8 and frames.shape[0] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_raise_video_error_naming_the_file(media, tmp_path, backend):
+    for kind, path in make_bad_inputs(tmp_path / backend, media["plain"]).items():
+        with pytest.raises(VideoError) as info:
+            read_frames(path, [4], 32, backend=backend)
+        assert str(path) in str(info.value) and "\n" not in str(info.value), kind

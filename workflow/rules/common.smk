@@ -26,10 +26,12 @@ for _name, _run in RUNS.items():
 def shard_settings():
     """Frame counts and frame size that cover every encoder of every configured model."""
     encoders = [e for run in RUNS.values() for e in run.model.encoders]
+    shards = config["shards"]
     return {
         "frames": " ".join(str(c) for c in sorted({e.num_frames for e in encoders})),
         "size": max(e.image_size for e in encoders),
-        "samples_per_shard": config["shards"]["samples_per_shard"],
+        "options": f"--shard-size {shards['target_size']} --frame-format {shards['frame_format']}"
+        f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else ""),
     }
 
 

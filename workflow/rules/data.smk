@@ -39,6 +39,7 @@ rule shard_train:
         unpack(lambda w: {"json": train_split(w)["json"]}),
     output:
         directory("data/shards/train/{split}"),
+    threads: config["shards"]["workers"]
     params:
         root=lambda w: f"--root {train_split(w)['root']}" if "root" in train_split(w) else "",
         **shard_settings(),
@@ -48,7 +49,7 @@ rule shard_train:
         MERV_ENV
     shell:
         "merv shard {input.json} {params.root} --out {output} --frames {params.frames} --size {params.size}"
-        " --samples-per-shard {params.samples_per_shard} > {log} 2>&1"
+        " {params.options} --workers {threads} --no-progress > {log} 2>&1"
 
 
 rule shard_benchmark:
@@ -56,6 +57,7 @@ rule shard_benchmark:
         questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
     output:
         directory("data/shards/eval/{bench}"),
+    threads: config["shards"]["workers"]
     params:
         bench=benchmark_dir,
         **shard_settings(),
@@ -65,4 +67,4 @@ rule shard_benchmark:
         MERV_ENV
     shell:
         "merv shard {params.bench} --out {output} --frames {params.frames} --size {params.size}"
-        " --samples-per-shard {params.samples_per_shard} > {log} 2>&1"
+        " {params.options} --workers {threads} --no-progress > {log} 2>&1"
