@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import torch
 
-from merv.models.prompting import conversation_to_ids
+from merv.data.loader import pad_sequences
+from merv.models.prompting import IGNORE_INDEX, conversation_to_ids
 
 
 def encoder_frames(model, sample: dict) -> dict[str, torch.Tensor]:
@@ -31,21 +30,13 @@ def training_example(model, sample: dict) -> dict:
 
 
 def collate(examples: list[dict]) -> dict:
+    """Stack each encoder's frames and right-pad the text: ``input_ids``/``labels`` ``[B, L]``, ``lengths [B]``."""
     names = examples[0]["videos"].keys()
+    input_ids, lengths = pad_sequences([ex["input_ids"] for ex in examples], value=0)
+    labels, _ = pad_sequences([ex["labels"] for ex in examples], value=IGNORE_INDEX)
     return {
         "videos": {n: torch.stack([ex["videos"][n] for ex in examples]) for n in names},  # [B, T, 3, S, S]
-        "input_ids": [ex["input_ids"] for ex in examples],
-        "labels": [ex["labels"] for ex in examples],
+        "input_ids": input_ids,
+        "labels": labels,
+        "lengths": lengths,
     }
-
-
-def batches(examples: Iterable[dict], batch_size: int) -> Iterator[dict]:
-    """Group examples into collated batches; the last partial batch is kept."""
-    buf = []
-    for ex in examples:
-        buf.append(ex)
-        if len(buf) == batch_size:
-            yield collate(buf)
-            buf = []
-    if buf:
-        yield collate(buf)

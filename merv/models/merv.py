@@ -54,47 +54,48 @@ class MERV(nn.Module):
         return self.fusion(tokens)
 
     def splice(
-        self, visual: torch.Tensor, input_ids: list[list[int]], labels: list[list[int]] | None, pad_left: bool
+        self,
+        visual: torch.Tensor,
+        input_ids: list[torch.Tensor | list[int]],
+        labels: list[torch.Tensor | list[int]] | None,
+        pad_left: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Insert visual tokens after BOS (first for BOS-less models) and pad to a batch.
 
-        Returns ``inputs_embeds [B, S, D]``, ``attention_mask [B, S]`` and ``labels [B, S]`` (visual and padding
-        positions are IGNORE_INDEX).
+        Takes unpadded token id sequences; returns ``inputs_embeds [B, S, D]``, ``attention_mask [B, S]`` and
+        ``labels [B, S]`` (visual and padding positions are IGNORE_INDEX).
         """
         embed = self.llm.get_input_embeddings()
-        has_bos = self.tokenizer.bos_token_id is not None
-        rows, row_labels = [], []
-        for i, ids in enumerate(input_ids):
-            text = embed(torch.tensor(ids, device=visual.device))  # [S_i, D]
-            cut = 1 if has_bos else 0
-            rows.append(torch.cat([text[:cut], visual[i], text[cut:]]))
-            if labels is not None:
-                lab = labels[i]
-                row_labels.append(lab[:cut] + [IGNORE_INDEX] * visual.shape[1] + lab[cut:])
-        length = max(r.shape[0] for r in rows)
-        dim = rows[0].shape[1]
-        embeds = visual.new_zeros(len(rows), length, dim)
-        mask = torch.zeros(len(rows), length, dtype=torch.long, device=visual.device)
-        out_labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=visual.device)
-        for i, row in enumerate(rows):
-            span = slice(length - row.shape[0], length) if pad_left else slice(0, row.shape[0])
-            embeds[i, span] = row
+        cut = 1 if self.tokenizer.bos_token_id is not None else 0
+        b, v, dim = visual.shape
+        ids = [torch.as_tensor(x, dtype=torch.long, device=visual.device) for x in input_ids]
+        length = max(len(x) for x in ids) + v
+        embeds = visual.new_zeros(b, length, dim)
+        mask = torch.zeros(b, length, dtype=torch.long, device=visual.device)
+        out_labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long, device=visual.device)
+        for i, x in enumerate(ids):
+            n = len(x) + v
+            span = slice(length - n, length) if pad_left else slice(0, n)
+            text = embed(x)  # [S_i, D]
+            embeds[i, span] = torch.cat([text[:cut], visual[i], text[cut:]])
             mask[i, span] = 1
             if labels is not None:
-                out_labels[i, span] = torch.tensor(row_labels[i], device=visual.device)
+                lab = torch.as_tensor(labels[i], dtype=torch.long, device=visual.device)
+                out_labels[i, span] = torch.cat([lab[:cut], out_labels.new_full((v,), IGNORE_INDEX), lab[cut:]])
         return embeds, mask, (out_labels if labels is not None else None)
 
-    def forward(self, videos: dict[str, torch.Tensor], input_ids: list[list[int]], labels: list[list[int]]):
-        """Training forward: returns ``(summed token loss, number of target tokens, fusion weights)``."""
-        visual, weights = self.encode(videos)  # [B, L, D], [B, E]
-        embeds, mask, targets = self.splice(visual, input_ids, labels, pad_left=False)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, S, V]
+    def forward(self, videos: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor, lengths):
+        """Training forward on a padded batch (``input_ids``/``labels`` ``[B, L]``, ``lengths [B]``).
+
+        Returns ``(summed token loss, number of target tokens, fusion weights)``.
+        """
+        visual, weights = self.encode(videos)  # [B, V, D], [B, E]
+        unpadded = [(input_ids[i, :n], labels[i, :n]) for i, n in enumerate(lengths.tolist())]
+        embeds, mask, targets = self.splice(visual, [x for x, _ in unpadded], [y for _, y in unpadded], pad_left=False)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, S, vocab]
         shift_logits, shift_targets = logits[:, :-1], targets[:, 1:]
         loss_sum = F.cross_entropy(
-            shift_logits.flatten(0, 1).float(),
-            shift_targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            shift_logits.flatten(0, 1).float(), shift_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
         return loss_sum, (shift_targets != IGNORE_INDEX).sum(), weights
 

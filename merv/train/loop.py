@@ -6,13 +6,11 @@ checkpoint.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,9 @@ import torch
 
 from merv.checkpoint import load_checkpoint, save_checkpoint
 from merv.config import RunConfig, StageConfig, fingerprint
-from merv.data.batching import batches, training_example
-from merv.data.shards import iter_samples, read_manifest
+from merv.data.batching import collate, training_example
+from merv.data.loader import Position, ShardLoader
+from merv.data.shards import read_manifest
 from merv.models.merv import MERV
 from merv.models.prompting import IGNORE_INDEX
 
@@ -66,13 +65,6 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def micro_batches(model: MERV, data_dir: Path, micro_batch: int, seed: int, buffer: int) -> Iterator[dict]:
-    """Endless stream of micro-batches, reshuffled every epoch with a seed derived from the epoch number."""
-    for epoch in itertools.count():
-        samples = iter_samples(data_dir, shuffle_buffer=buffer, seed=seed + epoch)
-        yield from batches((training_example(model, s) for s in samples), micro_batch)
-
-
 def train_stage(
     run: RunConfig,
     stage_name: str,
@@ -99,23 +91,35 @@ def train_stage(
     warmup = max(1, math.ceil(stage.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
     accum = stage.global_batch_size // stage.micro_batch_size
-    stream = micro_batches(model, data_dir, stage.micro_batch_size, run.train.seed, min(manifest["samples"], 1000))
+    loader = ShardLoader(
+        data_dir,
+        transform=lambda sample: training_example(model, sample),
+        collate=collate,
+        batch_size=stage.micro_batch_size,
+        shuffle_buffer=min(manifest["samples"], 1000),
+        seed=run.train.seed,
+    )
+    stream = loader(Position())
+    position = Position()
 
     metrics, samples_seen, start = [], 0, time.time()
     bar = _progress(total_steps, f"train {stage.name}", progress)
     for step in range(total_steps):
-        micro = [next(stream) for _ in range(accum)]
-        n_tokens = sum(sum(t != IGNORE_INDEX for t in lab) for mb in micro for lab in mb["labels"])
+        micro = []
+        for _ in range(accum):
+            position, batch = next(stream)
+            micro.append(batch)
+        n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)  # the step's target tokens
         step_loss = 0.0
         for mb in micro:
-            loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"])
+            loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"])
             (loss_sum / n_tokens).backward()
             step_loss += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += sum(len(mb["input_ids"]) for mb in micro)
+        samples_seen += sum(len(mb["lengths"]) for mb in micro)
         record = {
             "step": step + 1,
             "loss": step_loss / n_tokens,
@@ -144,6 +148,7 @@ def train_stage(
         "stage": stage.name,
         "step": total_steps,
         "samples_seen": samples_seen,
+        "data_position": {"epoch": position.epoch, "batches": position.batches},
         "seed": run.train.seed,
         "trained_groups": sorted(trained_groups),
         "init": str(init) if init else None,

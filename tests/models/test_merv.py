@@ -58,19 +58,23 @@ def test_prompt_builder_alternates_roles():
 def test_visual_tokens_follow_bos(tiny_model, batch):
     visual, weights = tiny_model.encode(batch["videos"])
     assert visual.shape == (3, 16, 128) and torch.allclose(weights.sum(-1), torch.ones(3))
-    embeds, mask, labels = tiny_model.splice(visual, batch["input_ids"], batch["labels"], pad_left=False)
+    ids = [row[:n] for row, n in zip(batch["input_ids"], batch["lengths"], strict=True)]
+    embeds, mask, labels = tiny_model.splice(visual, ids, None, pad_left=False)
     bos = tiny_model.llm.get_input_embeddings()(torch.tensor([tiny_model.tokenizer.bos_token_id]))
     assert torch.allclose(embeds[0, 0], bos[0])
     assert torch.allclose(embeds[0, 1:17], visual[0])
+    assert labels is None
+    assert mask.sum(1).tolist() == [n + 16 for n in batch["lengths"].tolist()]
+    labs = [row[:n] for row, n in zip(batch["labels"], batch["lengths"], strict=True)]
+    _, _, labels = tiny_model.splice(visual, ids, labs, pad_left=False)
     assert (labels[:, 1:17] == IGNORE_INDEX).all()
-    lengths = [len(ids) + 16 for ids in batch["input_ids"]]
-    assert mask.sum(1).tolist() == lengths
+    assert torch.equal(labels[0, 17 : 17 + int(batch["lengths"][0]) - 1], batch["labels"][0, 1 : batch["lengths"][0]])
 
 
 def test_gradients_reach_exactly_the_trainable_groups(tiny_model, batch):
     set_trainable(tiny_model, ("projectors", "fusion"))
     tiny_model.zero_grad(set_to_none=True)
-    loss, n, _ = tiny_model(batch["videos"], batch["input_ids"], batch["labels"])
+    loss, n, _ = tiny_model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])
     (loss / n).backward()
     for name, p in tiny_model.named_parameters():
         group = name.split(".")[0]
@@ -93,8 +97,8 @@ def test_save_load_gives_identical_logits(tiny_model, tiny_run, batch, tmp_path)
     loaded.eval()
     assert run == tiny_run and meta["trained_groups"] == ["projectors", "fusion"]
     with torch.no_grad():
-        a = tiny_model(batch["videos"], batch["input_ids"], batch["labels"])[0]
-        b = loaded(batch["videos"], batch["input_ids"], batch["labels"])[0]
+        a = tiny_model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])[0]
+        b = loaded(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])[0]
     assert torch.equal(a, b)
 
 

@@ -1,0 +1,140 @@
+"""The training loader: WebDataset shards -> padded batches, split by rank and worker, resumable mid-epoch.
+
+Per epoch the shard list is shuffled with ``seed + epoch``, dealt round-robin to ranks (``rank::world_size``) and then
+to DataLoader workers, and each worker shuffles samples in a buffer seeded by (seed, epoch, rank, worker). A position
+is ``(epoch, batches consumed in it)``: resuming there skips each worker's consumed samples as raw tar bytes, before
+any JPEG decoding, and yields exactly the batches an uninterrupted run would have yielded next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from merv.data.shards import decode_sample, read_manifest
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a loader is: ``batches`` batches of ``epoch`` have been consumed."""
+
+    epoch: int = 0
+    batches: int = 0
+
+
+def worker_order(per_worker: list[int]) -> list[int]:
+    """The worker of each batch of an epoch, in the order of an uninterrupted run: one batch per worker in turn,
+    a worker leaving the cycle once it is exhausted (what a DataLoader does)."""
+    order = []
+    for turn in range(max(per_worker, default=0)):
+        order += [w for w, n in enumerate(per_worker) if n > turn]
+    return order
+
+
+class ShardLoader:
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        transform: Callable[[dict], dict],
+        collate: Callable[[list[dict]], dict],
+        batch_size: int,
+        *,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.shard_dir = Path(shard_dir)
+        self.manifest = read_manifest(self.shard_dir)
+        self.transform, self.collate = transform, collate
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        if len(self.manifest["shards"]) < world_size * max(1, num_workers):
+            raise ValueError(
+                f"{shard_dir}: {len(self.manifest['shards'])} shards cannot feed {world_size} ranks x "
+                f"{max(1, num_workers)} workers; reshard with a smaller --shard-size"
+            )
+
+    # -- the deal -------------------------------------------------------------------------------------------------
+    def shards_for(self, epoch: int, worker: int) -> list[dict]:
+        shards = list(self.manifest["shards"])
+        random.Random(self.seed + epoch).shuffle(shards)
+        mine = shards[self.rank :: self.world_size]
+        return mine[worker :: max(1, self.num_workers)]
+
+    def batches_per_worker(self, epoch: int) -> list[int]:
+        return [
+            -(-sum(s["samples"] for s in self.shards_for(epoch, w)) // self.batch_size)
+            for w in range(max(1, self.num_workers))
+        ]
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return sum(self.batches_per_worker(epoch))
+
+    # -- iteration ------------------------------------------------------------------------------------------------
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        """Batches of ``epoch`` from batch number ``start_batch`` on."""
+        order = worker_order(self.batches_per_worker(epoch))
+        skips = [order[:start_batch].count(w) for w in range(max(1, self.num_workers))]
+        dataset = _EpochDataset(self, epoch, skips)
+        tagged = iter(dataset) if self.num_workers == 0 else iter(
+            DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        )
+        # A resumed DataLoader starts its cycle at worker 0 whoever's turn it is: re-emit in the uninterrupted order.
+        waiting: dict[int, deque] = defaultdict(deque)
+        for w in order[start_batch:]:
+            while not waiting[w]:
+                worker, batch = next(tagged)
+                waiting[worker].append(batch)
+            yield waiting[w].popleft()
+
+    def __call__(self, position: Position = Position()) -> Iterator[tuple[Position, dict]]:
+        """Endless batches from ``position``, each with the position after it."""
+        for epoch in itertools.count(position.epoch):
+            start = position.batches if epoch == position.epoch else 0
+            for i, batch in enumerate(self.epoch(epoch, start), start=start + 1):
+                yield Position(epoch, i), batch
+
+
+class _EpochDataset(IterableDataset):
+    def __init__(self, loader: ShardLoader, epoch: int, skips: list[int]):
+        super().__init__()
+        self.loader, self.epoch, self.skips = loader, epoch, skips
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        ld = self.loader
+        urls = [str(ld.shard_dir / s["name"]) for s in ld.shards_for(self.epoch, worker)]
+        raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        if ld.shuffle_buffer:
+            rng = random.Random(f"{ld.seed}-{self.epoch}-{ld.rank}-{worker}")
+            raw = wds.DataPipeline(raw, wds.shuffle(ld.shuffle_buffer, initial=ld.shuffle_buffer, rng=rng))
+        samples = itertools.islice(raw, self.skips[worker] * ld.batch_size, None)  # skipped: never decoded
+        batch = []
+        for sample in samples:
+            batch.append(ld.transform(decode_sample(sample)))
+            if len(batch) == ld.batch_size:
+                yield worker, ld.collate(batch)
+                batch = []
+        if batch:
+            yield worker, ld.collate(batch)
+
+
+def pad_sequences(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to ``[B, L]``; returns the padded tensor and the lengths ``[B]``."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths

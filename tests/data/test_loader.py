@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+import merv.data.loader as loader_module
+from merv.data.loader import Position, ShardLoader, pad_sequences, worker_order
+from merv.data.shards import ShardSettings, collect_items, write_shards
+
+
+def key_of(sample):
+    return sample["meta"]["key"]
+
+
+def keys_of(batch):
+    return list(batch)
+
+
+@pytest.fixture(scope="module")
+def many_shards(synth_dir, tmp_path_factory):
+    """12 samples in 6 shards of 2."""
+    out = tmp_path_factory.mktemp("loader") / "shards"
+    settings = ShardSettings(frame_counts=(4,), size=32, target_bytes=20_000, frame_format="npy")
+    write_shards(collect_items(synth_dir / "train" / "align.json"), out, settings)
+    return out
+
+
+def make(shards, **kw):
+    kw.setdefault("shuffle_buffer", 4)
+    return ShardLoader(shards, transform=key_of, collate=keys_of, batch_size=kw.pop("batch_size", 3), **kw)
+
+
+def test_worker_order():
+    assert worker_order([3, 3]) == [0, 1, 0, 1, 0, 1]
+    assert worker_order([1, 3]) == [0, 1, 1, 1], "an exhausted worker drops out of the cycle"
+    assert worker_order([2, 0, 1]) == [0, 2, 0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_covers_every_sample_once(many_shards, workers):
+    ld = make(many_shards, num_workers=workers)
+    keys = [k for batch in ld.epoch(0) for k in batch]
+    assert len(keys) == 12 and len(set(keys)) == 12
+    assert ld.batches_per_epoch(0) == len(list(ld.epoch(0)))
+
+
+def test_ranks_get_disjoint_parts(many_shards):
+    parts = [{k for b in make(many_shards, rank=r, world_size=2).epoch(0) for k in b} for r in range(2)]
+    assert not parts[0] & parts[1] and len(parts[0] | parts[1]) == 12
+
+
+def test_epochs_are_reshuffled_deterministically(many_shards):
+    def order(epoch, seed=0):
+        return [k for b in make(many_shards, seed=seed).epoch(epoch) for k in b]
+
+    assert order(0) == order(0) and order(0) != order(1) and order(0, seed=1) != order(0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_same_batches(many_shards, workers):
+    ld = make(many_shards, num_workers=workers, batch_size=2)
+    full = list(ld.epoch(1))
+    for start in (1, 3, len(full) - 1):
+        assert list(ld.epoch(1, start_batch=start)) == full[start:]
+    stream = ld(Position(1, 3))
+    position, batch = next(stream)
+    assert position == Position(1, 4) and batch == full[3]
+
+
+def test_skipped_samples_are_not_decoded(many_shards, monkeypatch):
+    decoded = []
+    real = loader_module.decode_sample
+    monkeypatch.setattr(loader_module, "decode_sample", lambda raw: decoded.append(1) or real(raw))
+    ld = make(many_shards, batch_size=2)
+    list(ld.epoch(0, start_batch=4))
+    assert len(decoded) == 12 - 4 * 2
+
+
+def test_too_few_shards_is_a_clear_error(many_shards):
+    with pytest.raises(ValueError, match="6 shards cannot feed 4 ranks x 2 workers"):
+        make(many_shards, world_size=4, num_workers=2)
+
+
+def test_padding():
+    ids, lengths = pad_sequences([[5, 6, 7], [8]], value=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
+
+
+def test_real_training_batches(tiny_model, shards):
+    from merv.data.batching import collate, training_example
+
+    ld = ShardLoader(shards["finetune"], lambda s: training_example(tiny_model, s), collate, batch_size=5)
+    batch = next(iter(ld.epoch(0)))
+    assert batch["videos"]["vit"].shape == (5, 4, 3, 64, 64) and batch["videos"]["vivit"].shape == (5, 8, 3, 32, 32)
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["lengths"].max() == batch["input_ids"].shape[1]
+    assert (batch["labels"][0, batch["lengths"][0] :] == -100).all()
+    assert batch["input_ids"].dtype == torch.long
