@@ -161,6 +161,13 @@ def cmd_collect(args):
     print(json.dumps(out, indent=1))
 
 
+def cmd_import_original(args):
+    from merv.convert import import_original
+
+    out = import_original(Path(args.checkpoint), load_config_spec(args.config), Path(args.out))
+    log.info("imported %s into %s", args.checkpoint, out)
+
+
 def cmd_generate(args):
     from merv.api import load_vid
 
@@ -234,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_collect)
+
+    s = sub.add_parser("import-original", help="convert a checkpoint of the original MERV code into a merv folder")
+    s.add_argument("checkpoint", help="the original's .pt file (read with weights_only=True)")
+    s.add_argument("--config", required=True, help="the matching model: preset name, YAML/JSON file or inline JSON")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_import_original)
 
     s = sub.add_parser("generate", help="answer a prompt about one video")
     s.add_argument("--model", required=True, help="checkpoint folder")

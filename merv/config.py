@@ -19,11 +19,11 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-EncoderKind = Literal["timm_image", "hf_video"]
-PoolingKind = Literal["avgpool3d"]
+EncoderKind = Literal["timm_image", "hf_image", "hf_video", "languagebind_video"]
+PoolingKind = Literal["avgpool3d", "avgpool2d", "conv3d", "attentive"]
 HeadKind = Literal["linear", "mlp"]
-FusionKind = Literal["cross_attention"]
-PromptFormat = Literal["vicuna", "base"]
+FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "sequence_concat", "single"]
+PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
 Trainable = Literal["projectors", "fusion", "llm"]
 
 
@@ -36,7 +36,7 @@ class EncoderConfig:
     weights: str  # local folder (transformers) or file (timm); relative paths resolve against the workdir
     num_frames: int
     image_size: int
-    arch: str | None = None  # timm architecture name, required for kind=timm_image
+    arch: str | None = None  # timm model name (required for timm_image); for hf_* the transformers model_type
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (tiny models)
 
     def __post_init__(self):
@@ -78,11 +78,13 @@ class ProjectorConfig:
 @dataclass(frozen=True)
 class FusionConfig:
     kind: FusionKind = "cross_attention"
+    attn_dim: int | None = None  # cross_attention: width of the query/key space (default: the LLM width)
 
 
 @dataclass(frozen=True)
 class LLMConfig:
     weights: str  # local folder holding an AutoModelForCausalLM checkpoint and its tokenizer
+    arch: str | None = None  # transformers model_type (llama, qwen2, ...): documents the family, builds stand-ins
     prompt_format: PromptFormat = "vicuna"
     max_length: int = 2048
 
@@ -101,6 +103,17 @@ class ModelConfig:
         ids = [e.id for e in self.encoders]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model {self.name!r}: encoder ids must be unique, got {ids}")
+        if (self.fusion.kind == "single") != (len(self.encoders) == 1):
+            raise ValueError(
+                f"model {self.name!r}: fusion 'single' goes with exactly one encoder "
+                f"(fusion {self.fusion.kind!r}, {len(self.encoders)} encoders)"
+            )
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens the LLM sees: the projector grid, times the encoder count for sequence concatenation."""
+        per_encoder = self.projector.visual_tokens
+        return per_encoder * len(self.encoders) if self.fusion.kind == "sequence_concat" else per_encoder
 
     @property
     def frame_counts(self) -> dict[str, int]:
@@ -251,11 +264,16 @@ def available_presets() -> list[str]:
     )
 
 
-def preset_dict(name: str) -> dict:
+def preset_dict(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """The raw data of a preset; ``base: other`` makes it a patch of another preset."""
     path = resources.files("merv.presets") / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown model preset {name!r}; available: {available_presets()}")
-    return yaml.safe_load(path.read_text())
+    if name in _seen:
+        raise ValueError(f"preset {name!r} is its own base (chain: {' -> '.join(_seen + (name,))})")
+    data = yaml.safe_load(path.read_text())
+    base = data.pop("base", None)
+    return deep_merge(preset_dict(base, _seen + (name,)), data) if base else data
 
 
 def run_config_from_dict(data: dict, where: str = "config") -> RunConfig:

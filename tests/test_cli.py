@@ -62,7 +62,7 @@ def test_shard_and_inspect(synth_dir, tmp_path):
 
 def test_bad_config_is_a_clear_error(tmp_path):
     res = merv("train", "--config", "merv-huge", "--stage", "align", "--data", tmp_path, "--out", tmp_path / "o")
-    assert res.returncode == 1 and "Traceback" not in res.stderr and "presets: ['merv-tiny']" in res.stderr
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "presets: ['dinov2-single'" in res.stderr
 
 
 def test_generate_cli(tiny_model, tiny_run, synth_dir, tmp_path):

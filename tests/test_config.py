@@ -51,7 +51,7 @@ def test_unknown_preset_lists_available():
         ({"model": {"projector": {"tokens_per_frame": 5}}}, "perfect square"),
         (
             {"model": {"fusion": {"kind": "magic"}}},
-            r"model.fusion.kind: 'magic' is not one of \['cross_attention'\]",
+            r"model.fusion.kind: 'magic' is not one of \['cross_attention', 'learnable_scalar'",
         ),
         ({"model": {"llm": {"prompt_fmt": "x"}}}, r"unknown key\(s\) \['prompt_fmt'\]"),
         ({"model": {"encoders": {"vit": {"num_frames": 0}}}}, "num_frames must be >= 1"),

@@ -25,7 +25,7 @@ def encoder_frames(model, sample: dict) -> dict[str, torch.Tensor]:
 
 def training_example(model, sample: dict) -> dict:
     ids, labels = conversation_to_ids(model.tokenizer, sample["meta"]["conversations"], model.cfg.llm.prompt_format)
-    limit = model.cfg.llm.max_length - model.cfg.projector.visual_tokens
+    limit = model.cfg.llm.max_length - model.cfg.visual_tokens
     return {"videos": encoder_frames(model, sample), "input_ids": ids[:limit], "labels": labels[:limit]}
 
 

@@ -87,6 +87,51 @@ class TimmImageEncoder(VisualEncoder):
         return tokens.unflatten(0, (b, t))  # [B, T, N, C]
 
 
+def _hf_stats(path: Path) -> tuple[tuple, tuple]:
+    """Normalisation mean/std from a transformers folder's ``preprocessor_config.json`` (0.5/0.5 when absent)."""
+    processor = path / "preprocessor_config.json"
+    stats = json.loads(processor.read_text()) if processor.is_file() else {}
+    return tuple(stats.get("image_mean", (0.5, 0.5, 0.5))), tuple(stats.get("image_std", (0.5, 0.5, 0.5)))
+
+
+def _hf_config_dir(cfg: EncoderConfig) -> Path:
+    path = Path(cfg.weights)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"encoder {cfg.id!r}: no transformers checkpoint (config.json) in {path}")
+    return path
+
+
+class HFImageEncoder(VisualEncoder):
+    """A transformers image model applied per frame: SigLIP (vision tower), DINOv2 (with or without registers).
+
+    CLS and register tokens are dropped; a full SigLIP/CLIP checkpoint contributes its vision tower only.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__(cfg)
+        from transformers import AutoModel
+
+        path = _hf_config_dir(cfg)
+        model = AutoModel.from_pretrained(path)
+        self.model = getattr(model, "vision_model", model)  # SiglipModel / CLIPModel -> vision tower
+        vcfg = getattr(model.config, "vision_config", model.config)
+        if vcfg.image_size != cfg.image_size:
+            raise ValueError(
+                f"encoder {cfg.id!r}: config asks for {cfg.image_size}px but {path} is built for {vcfg.image_size}px"
+            )
+        has_cls = vcfg.model_type.startswith("dinov2") or vcfg.model_type.startswith("clip")
+        self.prefix_tokens = int(has_cls) + int(getattr(vcfg, "num_register_tokens", 0) or 0)
+        self.embed_dim = vcfg.hidden_size
+        self.tokens_per_frame = (cfg.image_size // vcfg.patch_size) ** 2
+        self.temporal_positions = cfg.num_frames
+        self.mean, self.std = _hf_stats(path)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        b, t = video.shape[:2]
+        tokens = self.model(pixel_values=video.flatten(0, 1)).last_hidden_state  # [B*T, prefix + N, C]
+        return tokens[:, self.prefix_tokens :].unflatten(0, (b, t))  # [B, T, N, C]
+
+
 class HFVideoEncoder(VisualEncoder):
     """A transformers video model with tubelet embeddings (ViViT, VideoMAE) loaded with ``from_pretrained``."""
 
@@ -94,9 +139,7 @@ class HFVideoEncoder(VisualEncoder):
         super().__init__(cfg)
         from transformers import AutoConfig, AutoModel
 
-        path = Path(cfg.weights)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"encoder {cfg.id!r}: no transformers checkpoint (config.json) in {path}")
+        path = _hf_config_dir(cfg)
         hf_cfg = AutoConfig.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path)
         tubelet = hf_cfg.tubelet_size
@@ -110,10 +153,7 @@ class HFVideoEncoder(VisualEncoder):
         self.embed_dim = hf_cfg.hidden_size
         self.temporal_positions = cfg.num_frames // t_step
         self.tokens_per_frame = (cfg.image_size // patch) ** 2
-        processor = path / "preprocessor_config.json"
-        stats = json.loads(processor.read_text()) if processor.is_file() else {}
-        self.mean = tuple(stats.get("image_mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(stats.get("image_std", (0.5, 0.5, 0.5)))
+        self.mean, self.std = _hf_stats(path)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         tokens = self.model(pixel_values=video).last_hidden_state  # [B, (CLS) + T'*N, C], time-major
@@ -122,10 +162,25 @@ class HFVideoEncoder(VisualEncoder):
         return tokens.unflatten(1, (self.temporal_positions, self.tokens_per_frame))  # [B, T', N, C]
 
 
-ENCODERS: dict[str, type[VisualEncoder]] = {"timm_image": TimmImageEncoder, "hf_video": HFVideoEncoder}
+ENCODERS: dict[str, type[VisualEncoder]] = {
+    "timm_image": TimmImageEncoder,
+    "hf_image": HFImageEncoder,
+    "hf_video": HFVideoEncoder,
+}
+
+
+LANGUAGEBIND_UNSUPPORTED = (
+    "LanguageBind-Video is not supported yet: its checkpoint is a CLIP ViT-L/14 whose every encoder layer carries an "
+    "extra temporal self-attention block and temporal position embeddings, defined by LanguageBind's own "
+    "`LanguageBindVideo` classes. transformers has no such class, and loading the folder as a plain CLIPVisionModel "
+    "silently drops the temporal layers, which is a different model. Supporting it means re-implementing that "
+    "architecture and checking it against the real weights, which cannot be downloaded on this project's machines."
+)
 
 
 def build_encoder(cfg: EncoderConfig) -> VisualEncoder:
+    if cfg.kind == "languagebind_video":
+        raise ValueError(f"encoder {cfg.id!r}: {LANGUAGEBIND_UNSUPPORTED}")
     try:
         cls = ENCODERS[cfg.kind]
     except KeyError:

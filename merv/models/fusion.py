@@ -1,4 +1,8 @@
-"""Fusion of the per-encoder visual token sequences (all ``[B, L, D]``, spatio-temporally aligned)."""
+"""Fusion of the per-encoder visual token sequences (each ``[B, L, D]``, spatio-temporally aligned).
+
+Every fusion returns ``(tokens [B, L', D], weights [B, E] or None)``; weights are the per-encoder mixing weights
+where the fusion has them (they sum to 1).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +17,19 @@ from merv.config import FusionConfig
 class CrossAttentionFusion(nn.Module):
     """MERV's default: one learnable query attends over one summary vector per encoder.
 
-    ``w = softmax(q . K(mean_L x_e) / sqrt(D))`` over encoders e, per sample; output ``sum_e w_e x_e``.
+    ``w = softmax_e(q . K(mean_L x_e) / sqrt(H))`` per sample (H = ``attn_dim``); output ``sum_e w_e x_e``.
     """
 
-    def __init__(self, dim: int, num_encoders: int):
+    def __init__(self, dim: int, num_encoders: int, attn_dim: int | None = None):
         super().__init__()
+        attn_dim = attn_dim or dim
         # a zero query would give the key projection no gradient at the first step
-        self.query = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
-        self.key = nn.Linear(dim, dim)
-        self.num_encoders = num_encoders
+        self.query = nn.Parameter(torch.randn(attn_dim) / math.sqrt(attn_dim))
+        self.key = nn.Linear(dim, attn_dim)
 
     def weights(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         summary = torch.stack([x.mean(dim=1) for x in tokens], dim=1)  # [B, E, D]
-        scores = self.key(summary) @ self.query / math.sqrt(summary.shape[-1])  # [B, E]
+        scores = self.key(summary) @ self.query / math.sqrt(self.query.shape[0])  # [B, E]
         return scores.softmax(dim=-1)
 
     def forward(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,11 +38,65 @@ class CrossAttentionFusion(nn.Module):
         return fused, w
 
 
-FUSIONS = {"cross_attention": CrossAttentionFusion}
+class LearnableScalarFusion(nn.Module):
+    """One learned weight per encoder, the same for every sample: ``sum_e softmax(a)_e x_e``."""
+
+    def __init__(self, dim: int, num_encoders: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_encoders))
+
+    def forward(self, tokens):
+        w = self.logits.softmax(dim=0).expand(tokens[0].shape[0], -1)  # [B, E]
+        return torch.einsum("be,beld->bld", w, torch.stack(tokens, dim=1)), w
+
+
+class ChannelConcatFusion(nn.Module):
+    """Concatenate the encoders' tokens along channels, then a linear map back to D: ``W [x_1; ...; x_E] + b``."""
+
+    def __init__(self, dim: int, num_encoders: int):
+        super().__init__()
+        self.proj = nn.Linear(num_encoders * dim, dim)
+
+    def forward(self, tokens):
+        return self.proj(torch.cat(tokens, dim=-1)), None  # [B, L, D]
+
+
+class SequenceConcatFusion(nn.Module):
+    """Concatenate the encoders' token sequences: ``E * L`` visual tokens (no parameters)."""
+
+    def __init__(self, dim: int, num_encoders: int):
+        super().__init__()
+
+    def forward(self, tokens):
+        return torch.cat(tokens, dim=1), None  # [B, E*L, D]
+
+
+class SingleEncoderFusion(nn.Module):
+    """A single-encoder baseline: its tokens pass through."""
+
+    def __init__(self, dim: int, num_encoders: int):
+        super().__init__()
+        if num_encoders != 1:
+            raise ValueError(f"fusion 'single' takes exactly one encoder, got {num_encoders}")
+
+    def forward(self, tokens):
+        return tokens[0], torch.ones(tokens[0].shape[0], 1, device=tokens[0].device)
+
+
+FUSIONS: dict[str, type[nn.Module]] = {
+    "cross_attention": CrossAttentionFusion,
+    "learnable_scalar": LearnableScalarFusion,
+    "channel_concat": ChannelConcatFusion,
+    "sequence_concat": SequenceConcatFusion,
+    "single": SingleEncoderFusion,
+}
 
 
 def build_fusion(cfg: FusionConfig, dim: int, num_encoders: int) -> nn.Module:
     try:
-        return FUSIONS[cfg.kind](dim, num_encoders)
+        cls = FUSIONS[cfg.kind]
     except KeyError:
         raise ValueError(f"unknown fusion kind {cfg.kind!r}; available: {sorted(FUSIONS)}") from None
+    if cfg.kind == "cross_attention":
+        return cls(dim, num_encoders, cfg.attn_dim)
+    return cls(dim, num_encoders)

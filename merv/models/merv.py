@@ -12,14 +12,24 @@ from merv.config import ModelConfig
 from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.fusion import build_fusion
 from merv.models.projector import build_projector
-from merv.models.prompting import IGNORE_INDEX, PromptBuilder, prompt_to_ids
+from merv.models.prompting import IGNORE_INDEX, PromptBuilder, check_option_letters, prompt_to_ids
 
 MODULE_GROUPS = ("encoders", "projectors", "fusion", "llm")
+
+
+def attention_implementation() -> str:
+    """flash-attn 2 when it is installed and a GPU is present (the optional ``gpu`` extra), else PyTorch SDPA."""
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 class MERV(nn.Module):
     def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, VisualEncoder]):
         super().__init__()
+        check_option_letters(tokenizer, cfg.llm.prompt_format)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.encoders = nn.ModuleDict(encoders)
@@ -39,7 +49,7 @@ class MERV(nn.Module):
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, attn_implementation="sdpa")
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, attn_implementation=attention_implementation())
         encoders = {e.id: build_encoder(e) for e in cfg.encoders}
         return cls(cfg, llm, tokenizer, encoders)
 
@@ -101,7 +111,7 @@ class MERV(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     def get_prompt_builder(self) -> PromptBuilder:
-        return PromptBuilder(self.cfg.llm.prompt_format)
+        return PromptBuilder(self.cfg.llm.prompt_format, self.tokenizer)
 
     def transform(self, frames_by_encoder: dict[str, object]) -> dict[str, torch.Tensor]:
         """uint8 frames per encoder -> normalised tensors ``{encoder: [T, 3, S, S]}``."""

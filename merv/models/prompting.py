@@ -15,6 +15,10 @@ MCQ_INSTRUCTION = (
     "Select the correct answer from the following options. Write your answer as only one of {} and nothing else."
 )
 
+LLAMA2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -23,24 +27,29 @@ VICUNA_SYSTEM = (
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How user turns and answers are laid out as text."""
+    """How user turns and answers are laid out as text (EOS after an answer is a token, not text)."""
 
-    system: str  # text before the first user turn ('' for none)
     user: str  # template with {message}; ends where the answer starts
-    answer: str  # template with {message}; EOS is appended as a token, not text
+    answer: str = " {message}"
+    first_user: str | None = None  # template of the first user turn (system prompt inside), default ``user``
 
 
 FORMATS = {
-    "vicuna": PromptFormat(system=VICUNA_SYSTEM + " ", user="USER: {message} ASSISTANT:", answer=" {message}"),
-    "base": PromptFormat(system="", user="In: {message}\nOut:", answer=" {message}"),
+    "vicuna": PromptFormat(user="USER: {message} ASSISTANT:", first_user=VICUNA_SYSTEM + " USER: {message} ASSISTANT:"),
+    "llama2-chat": PromptFormat(
+        user="<s>[INST] {message} [/INST]",
+        first_user="[INST] <<SYS>>\n" + LLAMA2_SYSTEM + "\n<</SYS>>\n\n{message} [/INST]",
+    ),
+    "base": PromptFormat(user="In: {message}\nOut:"),
 }
+CHAT_TEMPLATE = "chat-template"  # the tokenizer's own chat template (Qwen2.5, Llama-3 instruct, ...)
 
 
 def get_format(name: str) -> PromptFormat:
     try:
         return FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown prompt format {name!r}; available: {sorted(FORMATS)}") from None
+        raise ValueError(f"unknown prompt format {name!r}; available: {sorted(FORMATS) + [CHAT_TEMPLATE]}") from None
 
 
 def clean_message(text: str) -> str:
@@ -52,9 +61,13 @@ def clean_message(text: str) -> str:
 
 @dataclass
 class PromptBuilder:
-    """The original MERV API: ``add_turn(role, message)`` then ``get_prompt()`` (ends ready for the answer)."""
+    """The original MERV API: ``add_turn(role, message)`` then ``get_prompt()`` (ends ready for the answer).
+
+    ``format`` is a built-in format name or ``"chat-template"``, which renders through ``tokenizer``.
+    """
 
     format: str = "vicuna"
+    tokenizer: object = None
     turns: list[tuple[str, str]] = field(default_factory=list)
 
     def add_turn(self, role: str, message: str) -> str:
@@ -67,42 +80,82 @@ class PromptBuilder:
         self.turns.append((role, message))
         return self.get_prompt()
 
+    @property
+    def eos_after_answer(self) -> bool:
+        """Built-in formats end an answer with the EOS token; chat templates write their own end-of-turn text."""
+        return self.format != CHAT_TEMPLATE
+
     def pieces(self) -> list[tuple[str, bool]]:
         """Text pieces with a flag 'is an answer' (answers get EOS and, in training, labels)."""
+        if self.format == CHAT_TEMPLATE:
+            return self._template_pieces()
         fmt = get_format(self.format)
         out: list[tuple[str, bool]] = []
         for i, (role, message) in enumerate(self.turns):
             if role == "human":
-                text = fmt.user.format(message=clean_message(message))
-                out.append(((fmt.system if i == 0 else "") + text, False))
+                template = fmt.first_user if i == 0 and fmt.first_user else fmt.user
+                out.append((template.format(message=clean_message(message)), False))
             else:
                 out.append((fmt.answer.format(message=message.strip()), True))
+        return out
+
+    def _template_pieces(self) -> list[tuple[str, bool]]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("prompt format 'chat-template' needs a tokenizer that has a chat template")
+        messages, out, rendered = [], [], ""
+        for role, message in self.turns:
+            is_answer = role == "gpt"
+            content = message.strip() if is_answer else clean_message(message)
+            messages.append({"role": "assistant" if is_answer else "user", "content": content})
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not is_answer)
+            if not text.startswith(rendered):
+                raise ValueError("the tokenizer's chat template does not render conversations incrementally")
+            out.append((text[len(rendered) :], is_answer))
+            rendered = text
         return out
 
     def get_prompt(self) -> str:
         return "".join(text for text, _ in self.pieces())
 
 
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """Prefix BOS when the tokenizer has one and the text did not already start with it (Llama-3 templates do)."""
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
+
+def check_option_letters(tokenizer, prompt_format: str) -> None:
+    """Multiple-choice answers are option letters: each of A-Z must be one token where an answer starts."""
+    answer = "{message}" if prompt_format == CHAT_TEMPLATE else get_format(prompt_format).answer
+    bad = [
+        letter
+        for letter in (chr(ord("A") + i) for i in range(26))
+        if len(tokenizer(answer.format(message=letter), add_special_tokens=False)["input_ids"]) != 1
+    ]
+    if bad:
+        raise ValueError(f"option letters {bad} are not single tokens for prompt format {prompt_format!r}")
+
+
 def conversation_to_ids(tokenizer, conversation: list[dict], prompt_format: str) -> tuple[list[int], list[int]]:
-    """Video-LLaVA conversation -> ``(input_ids, labels)``; labels are IGNORE_INDEX except on answers + EOS."""
-    builder = PromptBuilder(prompt_format)
+    """Video-LLaVA conversation -> ``(input_ids, labels)``; labels are IGNORE_INDEX except on answers (+ EOS)."""
+    builder = PromptBuilder(prompt_format, tokenizer)
     for turn in conversation:
         builder.add_turn(turn["from"], turn["value"])
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [IGNORE_INDEX] * len(ids)
+    ids: list[int] = []
+    labels: list[int] = []
     for text, is_answer in builder.pieces():
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if is_answer:
+        if is_answer and builder.eos_after_answer:
             piece = piece + [tokenizer.eos_token_id]
         ids += piece
         labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
-    return ids, labels
+    full = _with_bos(tokenizer, ids)
+    return full, [IGNORE_INDEX] * (len(full) - len(ids)) + labels
 
 
 def prompt_to_ids(tokenizer, prompt: str) -> list[int]:
     """A prompt string from :class:`PromptBuilder` -> input ids (with BOS when the tokenizer has one)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return _with_bos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 def option_letters(n: int) -> list[str]:

@@ -127,7 +127,7 @@ def train_stage(
             "grad_norm": float(grad_norm),
             "tokens": int(n_tokens),
             "samples_per_s": samples_seen / (time.time() - start),
-            "fusion_weights": weights.mean(0).tolist(),
+            "fusion_weights": weights.mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
         bar.update(1)

@@ -56,19 +56,21 @@ def test_prompt_builder_alternates_roles():
 
 
 def test_visual_tokens_follow_bos(tiny_model, batch):
+    v = tiny_model.cfg.visual_tokens
     visual, weights = tiny_model.encode(batch["videos"])
-    assert visual.shape == (3, 16, 128) and torch.allclose(weights.sum(-1), torch.ones(3))
+    assert visual.shape == (3, v, 128) and torch.allclose(weights.sum(-1), torch.ones(3))
     ids = [row[:n] for row, n in zip(batch["input_ids"], batch["lengths"], strict=True)]
     embeds, mask, labels = tiny_model.splice(visual, ids, None, pad_left=False)
     bos = tiny_model.llm.get_input_embeddings()(torch.tensor([tiny_model.tokenizer.bos_token_id]))
     assert torch.allclose(embeds[0, 0], bos[0])
-    assert torch.allclose(embeds[0, 1:17], visual[0])
+    assert torch.allclose(embeds[0, 1 : v + 1], visual[0])
     assert labels is None
-    assert mask.sum(1).tolist() == [n + 16 for n in batch["lengths"].tolist()]
+    assert mask.sum(1).tolist() == [n + v for n in batch["lengths"].tolist()]
     labs = [row[:n] for row, n in zip(batch["labels"], batch["lengths"], strict=True)]
     _, _, labels = tiny_model.splice(visual, ids, labs, pad_left=False)
-    assert (labels[:, 1:17] == IGNORE_INDEX).all()
-    assert torch.equal(labels[0, 17 : 17 + int(batch["lengths"][0]) - 1], batch["labels"][0, 1 : batch["lengths"][0]])
+    assert (labels[:, 1 : v + 1] == IGNORE_INDEX).all()
+    n0 = int(batch["lengths"][0])
+    assert torch.equal(labels[0, v + 1 : v + n0], batch["labels"][0, 1:n0])
 
 
 def test_gradients_reach_exactly_the_trainable_groups(tiny_model, batch):

@@ -97,5 +97,6 @@ def eval_results(wildcards):
 
 
 def tiny_config_json(wildcards):
-    """Only the architecture: editing a training stage must not rebuild the weights."""
-    return json.dumps({"model": RUNS[wildcards.model].to_dict()["model"]}, sort_keys=True)
+    """Only what the built weights depend on (encoders, LLM): editing a stage or the projector keeps them."""
+    model = RUNS[wildcards.model].to_dict()["model"]
+    return json.dumps({"model": {k: model[k] for k in ("name", "encoders", "llm")}}, sort_keys=True)
