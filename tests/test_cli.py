@@ -84,3 +84,19 @@ def test_generate_cli(tiny_model, tiny_run, synth_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     res = merv("generate", "--model", tmp_path / "ckpt", "--video", tmp_path / "missing.mp4", "--prompt", "x")
     assert res.returncode == 1 and "missing.mp4: file not found" in res.stderr
+
+
+def test_generate_on_awkward_videos(tiny_model, tiny_run, tmp_path):
+    """Rotated, odd-sized, 4:4:4, variable frame rate, very short or long: merv generate answers on each."""
+    from merv.checkpoint import save_checkpoint
+    from tests.media import gradient_frames, write_video
+
+    save_checkpoint(tiny_model, tiny_run, tmp_path / "ckpt", {"trained_groups": ["projectors", "fusion"]})
+    videos = [
+        write_video(tmp_path / "rotated_odd.mp4", gradient_frames(12, 45, 67), pix_fmt="yuv444p", rotation=90),
+        write_video(tmp_path / "vfr.mp4", gradient_frames(5, 40, 40), times=[0, 0.1, 0.5, 2.0, 2.1]),
+        write_video(tmp_path / "long.mp4", gradient_frames(600, 36, 64), fps=30),
+    ]
+    for video in videos:
+        res = merv("generate", "--model", tmp_path / "ckpt", "--video", video, "--prompt", "Hi", "--max-new-tokens", 2)
+        assert res.returncode == 0, (video.name, res.stderr[-2000:])

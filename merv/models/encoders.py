@@ -169,18 +169,11 @@ ENCODERS: dict[str, type[VisualEncoder]] = {
 }
 
 
-LANGUAGEBIND_UNSUPPORTED = (
-    "LanguageBind-Video is not supported yet: its checkpoint is a CLIP ViT-L/14 whose every encoder layer carries an "
-    "extra temporal self-attention block and temporal position embeddings, defined by LanguageBind's own "
-    "`LanguageBindVideo` classes. transformers has no such class, and loading the folder as a plain CLIPVisionModel "
-    "silently drops the temporal layers, which is a different model. Supporting it means re-implementing that "
-    "architecture and checking it against the real weights, which cannot be downloaded on this project's machines."
-)
-
-
 def build_encoder(cfg: EncoderConfig) -> VisualEncoder:
     if cfg.kind == "languagebind_video":
-        raise ValueError(f"encoder {cfg.id!r}: {LANGUAGEBIND_UNSUPPORTED}")
+        from merv.models.languagebind import LanguageBindVideoEncoder
+
+        return LanguageBindVideoEncoder(cfg)
     try:
         cls = ENCODERS[cfg.kind]
     except KeyError:

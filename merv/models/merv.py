@@ -14,8 +14,6 @@ from merv.models.fusion import build_fusion
 from merv.models.projector import build_projector
 from merv.models.prompting import IGNORE_INDEX, PromptBuilder, check_option_letters, prompt_to_ids
 
-MODULE_GROUPS = ("encoders", "projectors", "fusion", "llm")
-
 
 def attention_implementation() -> str:
     """flash-attn 2 when it is installed and a GPU is present (the optional ``gpu`` extra), else PyTorch SDPA."""
@@ -27,6 +25,8 @@ def attention_implementation() -> str:
 
 
 class MERV(nn.Module):
+    """encode (frozen encoders) -> project (per encoder) -> fuse -> splice after BOS -> LLM."""
+
     def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, VisualEncoder]):
         super().__init__()
         check_option_letters(tokenizer, cfg.llm.prompt_format)
@@ -55,7 +55,8 @@ class MERV(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
     def encode(self, videos: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``{encoder: [B, T_e, 3, S_e, S_e]}`` -> fused visual tokens ``[B, L, D]`` and fusion weights ``[B, E]``."""
+        """``{encoder: [B, T_e, 3, S_e, S_e]}`` -> fused visual tokens ``[B, L, D]`` and the fusion's per-encoder
+        weights ``[B, E]`` (None for the concatenating fusions)."""
         tokens = []
         for name, encoder in self.encoders.items():
             with torch.no_grad():  # encoders are frozen

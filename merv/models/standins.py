@@ -13,6 +13,7 @@ import torch
 
 from merv.config import RunConfig, run_config_from_dict
 from merv.data.synth import tokenizer_corpus
+from merv.models.languagebind import write_standin
 from merv.models.tiny import train_tokenizer
 
 TOY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
@@ -54,7 +55,9 @@ def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> Run
                 folder
             )
             enc["weights"] = str(folder)
-        # languagebind_video has no stand-in: building the model explains why it is unsupported
+        elif enc["kind"] == "languagebind_video":
+            write_standin(folder, enc["image_size"], enc["num_frames"])
+            enc["weights"] = str(folder)
 
     llm = data["model"]["llm"]
     if not llm["arch"]:

@@ -1,0 +1,153 @@
+"""LanguageBind-Video as a merv encoder: a CLIP ViT whose every layer first attends over time.
+
+LanguageBind's video tower is transformers' CLIP vision transformer with, in each encoder layer and before the usual
+spatial block, a temporal block: a learned per-frame position embedding is added to every token, then each token
+attends to itself across the frames (its own pre-norm and CLIP attention, residual). This module builds that from a
+LanguageBind folder (``config.json`` with ``vision_config.add_time_attn`` and ``num_frames``; weights in
+``model.safetensors`` or ``pytorch_model.bin``), reusing transformers' CLIP layers for the spatial part. Every vision
+weight of the checkpoint must be consumed: a folder that does not fit fails loudly instead of silently dropping the
+temporal layers. The text tower and projections of the checkpoint are not needed and are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from merv.config import EncoderConfig
+from merv.models.encoders import VisualEncoder
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_TEMPORAL = re.compile(
+    r"^vision_model\.encoder\.layers\.(\d+)\.(temporal_embedding|temporal_attn|temporal_layer_norm1)(.*)$"
+)
+_OURS = {"temporal_embedding": "embedding", "temporal_attn": "attn", "temporal_layer_norm1": "norm"}
+_THEIRS = {v: k for k, v in _OURS.items()}
+
+
+class TemporalBlock(nn.Module):
+    """x + pos_t, then x + Attention_over_time(LayerNorm(x)) for every token position."""
+
+    def __init__(self, vision_config, num_frames: int):
+        super().__init__()
+        from transformers.models.clip.modeling_clip import CLIPAttention
+
+        self.embedding = nn.Parameter(torch.zeros(1, num_frames, vision_config.hidden_size))
+        nn.init.normal_(self.embedding, std=vision_config.hidden_size**-0.5)
+        self.norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.attn = CLIPAttention(vision_config)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        bt, n, d = x.shape
+        x = x.view(bt // frames, frames, n, d).transpose(1, 2) + self.embedding[:, :frames]  # [B, N, T, D]
+        seq = x.reshape(-1, frames, d)  # every token position attends over time
+        seq = seq + self.attn(hidden_states=self.norm(seq))[0]
+        return seq.view(bt // frames, n, frames, d).transpose(1, 2).reshape(bt, n, d)
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LanguageBind key names -> this module's (``vision.*`` spatial CLIP, ``temporal.<i>.*``); text side dropped."""
+    out = {}
+    for key, value in state.items():
+        m = _TEMPORAL.match(key)
+        if m:
+            out[f"temporal.{m[1]}.{_OURS[m[2]]}{m[3]}"] = value
+        elif key.startswith("vision_model."):
+            out["vision." + key[len("vision_model.") :]] = value
+    return out
+
+
+def to_theirs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_ours` (used to write stand-in checkpoints in LanguageBind's layout)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("temporal."):
+            _, index, part, rest = re.match(r"^(temporal)\.(\d+)\.(embedding|attn|norm)(.*)$", key).groups()
+            out[f"vision_model.encoder.layers.{index}.{_THEIRS[part]}{rest}"] = value
+        elif key.startswith("vision."):
+            out["vision_model." + key[len("vision.") :]] = value
+    return out
+
+
+class LanguageBindVideoEncoder(VisualEncoder):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__(cfg)
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        path = Path(cfg.weights)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"encoder {cfg.id!r}: no LanguageBind config.json in {path}")
+        raw = json.loads((path / "config.json").read_text())
+        vision = raw.get("vision_config", raw)
+        if not vision.get("add_time_attn"):
+            raise ValueError(f"encoder {cfg.id!r}: {path} is not a LanguageBind-Video folder (no add_time_attn)")
+        if vision.get("num_frames") != cfg.num_frames or vision.get("image_size") != cfg.image_size:
+            raise ValueError(
+                f"encoder {cfg.id!r}: config asks for {cfg.num_frames} frames at {cfg.image_size}px but {path} is "
+                f"built for {vision.get('num_frames')} frames at {vision.get('image_size')}px"
+            )
+        known = CLIPVisionConfig().to_dict()
+        vcfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k in known and k != "model_type"})
+        self.vision = CLIPVisionModel(vcfg)
+        self.temporal = nn.ModuleList(TemporalBlock(vcfg, cfg.num_frames) for _ in range(vcfg.num_hidden_layers))
+        state = to_ours(read_checkpoint(path))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(
+                f"encoder {cfg.id!r}: {path} does not fit a LanguageBind-Video tower: missing {missing[:4]}, "
+                f"unexpected {unexpected[:4]}"
+            )
+        self.embed_dim = vcfg.hidden_size
+        self.temporal_positions = cfg.num_frames
+        self.tokens_per_frame = (cfg.image_size // vcfg.patch_size) ** 2
+        self.mean, self.std = CLIP_MEAN, CLIP_STD
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        b, t = video.shape[:2]
+        x = self.vision.pre_layrnorm(self.vision.embeddings(video.flatten(0, 1)))  # [B*T, 1 + N, D]
+        for layer, temporal in zip(self.vision.encoder.layers, self.temporal, strict=True):
+            x = temporal(x, t)
+            x = x + layer.self_attn(hidden_states=layer.layer_norm1(x))[0]
+            x = x + layer.mlp(layer.layer_norm2(x))
+        return x[:, 1:].unflatten(0, (b, t))  # CLS dropped: [B, T, N, D]
+
+
+def write_standin(folder: Path, image_size: int, num_frames: int, patch_size: int = 14) -> None:
+    """A toy LanguageBind-Video folder in LanguageBind's own layout (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "num_frames": num_frames,
+        "add_time_attn": True,
+    }
+    vcfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k not in ("num_frames", "add_time_attn")})
+    parts = nn.Module()
+    parts.vision = CLIPVisionModel(vcfg)
+    parts.temporal = nn.ModuleList(TemporalBlock(vcfg, num_frames) for _ in range(vcfg.num_hidden_layers))
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in to_theirs(parts.state_dict()).items() if not k.endswith("position_ids")}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "LanguageBindVideo", "vision_config": vision}))
