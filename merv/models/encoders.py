@@ -24,7 +24,8 @@ class VisualEncoder(nn.Module, ABC):
 
     embed_dim: int
     temporal_positions: int  # T' in the output
-    tokens_per_frame: int  # N in the output
+    tokens_per_frame: int  # N in the output: patch tokens only
+    prefix_tokens: int = 0  # CLS / register tokens the model produces and the encoder drops
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -78,12 +79,13 @@ class TimmImageEncoder(VisualEncoder):
         self.embed_dim = self.model.num_features
         grid = self.model.patch_embed.grid_size
         self.tokens_per_frame = grid[0] * grid[1]
+        self.prefix_tokens = self.model.num_prefix_tokens
         self.temporal_positions = cfg.num_frames
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         b, t = video.shape[:2]
         tokens = self.model.forward_features(video.flatten(0, 1))  # [B*T, prefix + N, C]
-        tokens = tokens[:, self.model.num_prefix_tokens :]  # drop CLS / registers
+        tokens = tokens[:, self.prefix_tokens :]  # drop CLS / registers
         return tokens.unflatten(0, (b, t))  # [B, T, N, C]
 
 
@@ -149,7 +151,7 @@ class HFVideoEncoder(VisualEncoder):
                 f"encoder {cfg.id!r}: config asks for {cfg.num_frames} frames at {cfg.image_size}px but the "
                 f"checkpoint in {path} is built for {hf_cfg.num_frames} frames at {hf_cfg.image_size}px"
             )
-        self.has_cls = hf_cfg.model_type == "vivit"
+        self.prefix_tokens = int(hf_cfg.model_type == "vivit")  # ViViT has a CLS token, VideoMAE none
         self.embed_dim = hf_cfg.hidden_size
         self.temporal_positions = cfg.num_frames // t_step
         self.tokens_per_frame = (cfg.image_size // patch) ** 2
@@ -157,8 +159,7 @@ class HFVideoEncoder(VisualEncoder):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         tokens = self.model(pixel_values=video).last_hidden_state  # [B, (CLS) + T'*N, C], time-major
-        if self.has_cls:
-            tokens = tokens[:, 1:]
+        tokens = tokens[:, self.prefix_tokens :]
         return tokens.unflatten(1, (self.temporal_positions, self.tokens_per_frame))  # [B, T', N, C]
 
 

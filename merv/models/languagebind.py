@@ -114,6 +114,7 @@ class LanguageBindVideoEncoder(VisualEncoder):
                 f"unexpected {unexpected[:4]}"
             )
         self.embed_dim = vcfg.hidden_size
+        self.prefix_tokens = 1  # CLS
         self.temporal_positions = cfg.num_frames
         self.tokens_per_frame = (cfg.image_size // vcfg.patch_size) ** 2
         self.mean, self.std = CLIP_MEAN, CLIP_STD
@@ -125,7 +126,7 @@ class LanguageBindVideoEncoder(VisualEncoder):
             x = temporal(x, t)
             x = x + layer.self_attn(hidden_states=layer.layer_norm1(x))[0]
             x = x + layer.mlp(layer.layer_norm2(x))
-        return x[:, 1:].unflatten(0, (b, t))  # CLS dropped: [B, T, N, D]
+        return x[:, self.prefix_tokens :].unflatten(0, (b, t))  # CLS dropped: [B, T, N, D]
 
 
 def write_standin(folder: Path, image_size: int, num_frames: int, patch_size: int = 14) -> None:

@@ -16,6 +16,10 @@ from merv.data.synth import tokenizer_corpus
 from merv.models.languagebind import write_standin
 from merv.models.tiny import train_tokenizer
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TOY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 
 
@@ -25,8 +29,8 @@ def _hf_vision_config(model_type: str, image_size: int, num_frames: int):
     extra = {"image_size": image_size}
     if model_type in ("vivit", "videomae"):
         extra["num_frames"] = num_frames
-    if model_type.startswith("dinov2"):
-        extra = {**extra, "mlp_ratio": 2}
+    if model_type.startswith("dinov2"):  # DINOv2 checkpoints use 14-pixel patches
+        extra = {**extra, "mlp_ratio": 2, "patch_size": 14}
         return AutoConfig.for_model(model_type, **{k: v for k, v in TOY.items() if k != "intermediate_size"}, **extra)
     return AutoConfig.for_model(model_type, **TOY, **extra)
 
@@ -65,6 +69,8 @@ def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> Run
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=512)
     if llm["arch"] == "qwen2":  # like Qwen2.5: no BOS token, a ChatML template
         tokenizer.bos_token = None
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tokenizer.chat_template = CHATML
     config = AutoConfig.for_model(
         llm["arch"],
         vocab_size=len(tokenizer),

@@ -30,3 +30,50 @@ def test_preset_builds_with_standins(preset, tmp_path):
     assert visual.shape == (1, run.model.visual_tokens, model.llm.get_input_embeddings().embedding_dim)
     # the stand-ins are the real families: a timm SigLIP/DINOv2 ViT, a transformers ViViT, a Llama LLM
     assert type(model.llm).__name__ == "LlamaForCausalLM"
+    dropped = {n: e.prefix_tokens for n, e in model.encoders.items()}
+    expected = {"languagebind": 1, "dinov2": 5, "vivit": 1, "siglip": 0}  # CLS; CLS + 4 registers; CLS; none
+    assert dropped == {n: expected[n] for n in dropped}
+
+
+def test_qwen_style_llm_without_bos(tmp_path):
+    """A Qwen2 LLM (no BOS, ChatML chat template): visual tokens go first and generation works."""
+    run = resolve_run_config(
+        "siglip-single", {"model": {"llm": {"arch": "qwen2", "prompt_format": "chat-template", "max_length": 2048}}}
+    )
+    run = build_standin_weights(run, tmp_path)
+    model = MERV.from_config(run.model).eval()
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM" and model.tokenizer.bos_token_id is None
+    builder = model.get_prompt_builder()
+    builder.add_turn("human", "<video>\nWhat colour is the moving shape?")
+    assert builder.get_prompt().startswith("<|im_start|>user\nWhat colour")
+    videos = {"siglip": torch.randn(2, 16, 3, 224, 224)}
+    answers = model.generate_batch(videos, [builder.get_prompt()] * 2, max_new_tokens=3)
+    assert len(answers) == 2
+
+
+def test_videomae_encoder(tmp_path):
+    """hf_video also takes VideoMAE (no CLS, integer tubelet size)."""
+    run = resolve_run_config("vivit-single", {"model": {"encoders": {"vivit": {"arch": "videomae", "num_frames": 16}}}})
+    run = build_standin_weights(run, tmp_path)
+    model = MERV.from_config(run.model)
+    enc = model.encoders["vivit"]
+    assert type(enc.model).__name__ == "VideoMAEModel" and (enc.temporal_positions, enc.tokens_per_frame) == (8, 196)
+    with torch.no_grad():
+        visual, _ = model.encode({"vivit": torch.randn(1, 16, 3, 224, 224)})
+    assert visual.shape == (1, 1024, 64)
+
+
+@pytest.mark.parametrize(
+    ("preset", "encoder", "arch", "prefix"),
+    [("siglip-single", "siglip", "siglip_vision_model", 0), ("dinov2-single", "dinov2", "dinov2_with_registers", 5)],
+)
+def test_transformers_image_encoders(tmp_path, preset, encoder, arch, prefix):
+    """hf_image: the same encoders through transformers instead of timm (CLS and registers dropped)."""
+    patch = {"kind": "hf_image", "arch": arch, "model_kwargs": {}}
+    run = build_standin_weights(resolve_run_config(preset, {"model": {"encoders": {encoder: patch}}}), tmp_path)
+    model = MERV.from_config(run.model)
+    enc = model.encoders[encoder]
+    assert enc.prefix_tokens == prefix and enc.tokens_per_frame == (224 // (16 if "siglip" in arch else 14)) ** 2
+    with torch.no_grad():
+        out = enc(torch.randn(1, 2, 3, 224, 224))
+    assert out.shape == (1, 2, enc.tokens_per_frame, enc.embed_dim)
