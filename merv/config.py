@@ -134,6 +134,8 @@ class StageConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 8
     grad_clip: float = 1.0
+    checkpoint_every: int = 0  # steps between resumable training states (0: only the final checkpoint)
+    keep_last: int = 2  # resumable states kept
 
     def __post_init__(self):
         if not self.trainable:
@@ -145,6 +147,8 @@ class StageConfig:
             )
         if self.epochs <= 0 or self.lr <= 0:
             raise ValueError(f"stage {self.name!r}: epochs and lr must be positive")
+        if self.checkpoint_every < 0 or self.keep_last < 1:
+            raise ValueError(f"stage {self.name!r}: checkpoint_every must be >= 0 and keep_last >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

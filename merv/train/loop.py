@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from merv.data.loader import Position, ShardLoader
 from merv.data.shards import read_manifest
 from merv.models.merv import MERV
 from merv.models.prompting import IGNORE_INDEX
+from merv.train.state import latest_state, load_state, save_state, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +101,21 @@ def train_stage(
         shuffle_buffer=min(manifest["samples"], 1000),
         seed=run.train.seed,
     )
-    stream = loader(Position())
-    position = Position()
+    config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"]])
+    work = work_dir(out)
+    first_step, position, metrics, samples_seen = 0, Position(), [], 0
+    resume = latest_state(work, config_fingerprint)
+    if resume is not None:
+        first_step, position, resumed = load_state(resume, model, optimizer, scheduler)
+        metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
+        log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
+    stream = loader(position)
 
-    metrics, samples_seen, start = [], 0, time.time()
+    start = time.time()
     bar = _progress(total_steps, f"train {stage.name}", progress)
-    for step in range(total_steps):
+    bar.update(first_step)
+    for step in range(first_step, total_steps):
+        t0 = time.time()
         micro = []
         for _ in range(accum):
             position, batch = next(stream)
@@ -126,12 +137,16 @@ def train_stage(
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "tokens": int(n_tokens),
-            "samples_per_s": samples_seen / (time.time() - start),
+            "samples_per_s": (samples_seen - (metrics[-1]["samples"] if metrics else 0)) / max(1e-9, time.time() - t0),
+            "samples": samples_seen,
             "fusion_weights": weights.mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < total_steps:
+            extra = {"fingerprint": config_fingerprint, "metrics": metrics, "samples_seen": samples_seen}
+            save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last)
         if not progress and (step + 1) % max(1, total_steps // 10) == 0:
             log.info(
                 "%s step %d/%d loss %.4f lr %.2e %.1f samples/s",
@@ -157,11 +172,12 @@ def train_stage(
             "fingerprint": manifest["fingerprint"],
             "samples": manifest["samples"],
         },
-        "config_fingerprint": fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"]]),
+        "config_fingerprint": config_fingerprint,
         "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
         "seconds": round(time.time() - start, 1),
     }
     save_checkpoint(model, run, out, meta, extra={"metrics.jsonl": "\n".join(json.dumps(m) for m in metrics)})
+    shutil.rmtree(work, ignore_errors=True)  # the finished checkpoint supersedes the resumable states
     log.info(
         "stage %s: %d steps, final loss %.4f, %.0fs",
         stage.name,

@@ -1,0 +1,105 @@
+"""Resumable training state: ``<out>.work/step-NNNNNNNN/`` folders written atomically during a stage.
+
+Each holds the trainable model weights and the optimizer state (``torch.distributed.checkpoint``, one shard per rank),
+and a ``meta.json`` with the step, the data position, the LR scheduler, every RNG state, the metrics so far and the
+fingerprint of what is being trained. A run that finds a folder with its own fingerprint continues from it and ends
+bitwise where an uninterrupted run ends (on CPU, same threads); the data it skips is never decoded again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merv.data.loader import Position
+
+PATTERN = "step-{:08d}"
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen parameters (encoders, an untouched LLM) come from the base weights, not from the training state
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def work_dir(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".work")
+
+
+def save_state(
+    work: Path, step: int, model, optimizer, scheduler, position: Position, extra: dict, keep_last: int
+) -> Path:
+    """Write ``work/step-<step>`` (temp name, then rename) and keep only the newest ``keep_last`` folders."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = work / PATTERN.format(step)
+    tmp = work / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    meta = {
+        "step": step,
+        "data_position": asdict(position),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        **extra,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    tmp.rename(final)
+    for old in sorted(p for p in work.glob("step-*") if not p.name.endswith(".tmp"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_state(work: Path, fingerprint: str) -> Path | None:
+    """The newest complete state folder written for ``fingerprint``; stale or partial ones are ignored."""
+    if not work.is_dir():
+        return None
+    for folder in sorted((p for p in work.glob("step-*") if not p.name.endswith(".tmp")), reverse=True):
+        meta = folder / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
+            return folder
+    return None
+
+
+def load_state(folder: Path, model, optimizer, scheduler) -> tuple[int, Position, dict]:
+    """Restore weights, optimizer, scheduler and RNG from ``folder``; returns ``(step, position, meta)``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options()
+    )
+    meta = json.loads((folder / "meta.json").read_text())
+    scheduler.load_state_dict(meta["scheduler"])
+    set_rng_state(meta["rng"])
+    return meta["step"], Position(**meta["data_position"]), meta
