@@ -16,19 +16,30 @@ from merv.models.merv import MERV
 WEIGHTS = "model.safetensors"
 
 
-def state_of_groups(model: MERV, groups: list[str]) -> dict:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.split(".")[0] in groups}
+def state_of_groups(state: dict, groups: list[str]) -> dict:
+    return {k: v.detach().contiguous() for k, v in state.items() if k.split(".")[0] in groups}
 
 
-def save_checkpoint(model: MERV, run: RunConfig, out: Path, meta: dict, extra: dict[str, str] | None = None) -> None:
-    """Write atomically: into ``<out>.tmp`` then rename, so a crash never leaves a half checkpoint at ``out``."""
+def save_checkpoint(
+    model: MERV,
+    run: RunConfig,
+    out: Path,
+    meta: dict,
+    extra: dict[str, str] | None = None,
+    full_state: dict | None = None,
+) -> None:
+    """Write atomically: into ``<out>.tmp`` then rename, so a crash never leaves a half checkpoint at ``out``.
+
+    ``full_state`` is the gathered state dict of a sharded model (default: ``model.state_dict()``).
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state_of_groups(model, meta["trained_groups"]), str(tmp / WEIGHTS))
+    state = full_state if full_state is not None else model.state_dict()
+    save_file(state_of_groups(state, meta["trained_groups"]), str(tmp / WEIGHTS))
     (tmp / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     for name, text in (extra or {}).items():

@@ -136,6 +136,10 @@ class StageConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 0  # steps between resumable training states (0: only the final checkpoint)
     keep_last: int = 2  # resumable states kept
+    shuffle_buffer: int = 1000  # samples in the loader's shuffle buffer (0: shard order)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    activation_checkpointing: bool = False
+    fsdp: Literal["full_shard", "shard_grad_op"] = "full_shard"  # used when training on several processes
 
     def __post_init__(self):
         if not self.trainable:

@@ -53,6 +53,14 @@ class MERV(nn.Module):
         encoders = {e.id: build_encoder(e) for e in cfg.encoders}
         return cls(cfg, llm, tokenizer, encoders)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one by one: each (frozen) encoder, the input embeddings (called directly when
+        splicing), the LLM's decoder blocks, each projector, a fusion with parameters. The whole model is the root
+        unit, holding what is left (the LLM's final norm and head)."""
+        blocks = list(self.llm.model.layers) if hasattr(self.llm, "model") and hasattr(self.llm.model, "layers") else []
+        fusion = [self.fusion] if any(True for _ in self.fusion.parameters()) else []
+        return [*self.encoders.values(), self.llm.get_input_embeddings(), *blocks, *self.projectors.values(), *fusion]
+
     # ----------------------------------------------------------------------------------------------------------
     def encode(self, videos: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``{encoder: [B, T_e, 3, S_e, S_e]}`` -> fused visual tokens ``[B, L, D]`` and the fusion's per-encoder

@@ -24,6 +24,7 @@ from merv.data.loader import Position, ShardLoader
 from merv.data.shards import read_manifest
 from merv.models.merv import MERV
 from merv.models.prompting import IGNORE_INDEX
+from merv.train.distributed import all_reduce_sum, barrier, init_distributed, shard_model
 from merv.train.state import latest_state, load_state, save_state, work_dir
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,13 @@ def train_stage(
     init: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train one stage and write a checkpoint folder to ``out``; returns its meta."""
+    """Train one stage and write a checkpoint folder to ``out``; returns its meta.
+
+    Under ``torchrun`` (N processes) the model is sharded with FSDP2 and each rank reads its own part of the shards;
+    a resumable state left by an interrupted run with the same settings is picked up automatically.
+    """
     stage = run.train.stage(stage_name)
+    d = init_distributed()
     seed_everything(run.train.seed)
     model = MERV.from_config(run.model)
     trained_groups = set(stage.trainable)
@@ -86,22 +92,36 @@ def train_stage(
         trained_groups |= set(init_meta["trained_groups"])
         init_fingerprint = init_meta["config_fingerprint"]
     set_trainable(model, stage.trainable)
+    model.to(d.device)
+    if stage.activation_checkpointing and "llm" in stage.trainable:
+        model.llm.gradient_checkpointing_enable()
+    bf16 = stage.mixed_precision == "bf16"
+    if d.enabled:
+        shard_model(model, stage.fsdp, bf16)
     optimizer = make_optimizer(model, stage)
 
     manifest = read_manifest(data_dir)
     total_steps = max(1, math.ceil(manifest["samples"] * stage.epochs / stage.global_batch_size))
     warmup = max(1, math.ceil(stage.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    accum = stage.global_batch_size // stage.micro_batch_size
+    per_step = stage.micro_batch_size * d.world_size
+    if stage.global_batch_size % per_step:
+        raise ValueError(
+            f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a multiple of "
+            f"micro_batch_size x processes = {per_step}"
+        )
+    accum = stage.global_batch_size // per_step
     loader = ShardLoader(
         data_dir,
         transform=lambda sample: training_example(model, sample),
         collate=collate,
         batch_size=stage.micro_batch_size,
-        shuffle_buffer=min(manifest["samples"], 1000),
+        shuffle_buffer=min(manifest["samples"], stage.shuffle_buffer),
         seed=run.train.seed,
+        rank=d.rank,
+        world_size=d.world_size,
     )
-    config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"]])
+    config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"], d.world_size])
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
     resume = latest_state(work, config_fingerprint)
@@ -110,44 +130,48 @@ def train_stage(
         metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
         log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
     stream = loader(position)
+    autocast = torch.autocast("cpu" if d.device == "cpu" else "cuda", torch.bfloat16, enabled=bf16 and not d.enabled)
 
     start = time.time()
-    bar = _progress(total_steps, f"train {stage.name}", progress)
+    bar = _progress(total_steps, f"train {stage.name}", progress and d.is_main)
     bar.update(first_step)
     for step in range(first_step, total_steps):
         t0 = time.time()
         micro = []
         for _ in range(accum):
             position, batch = next(stream)
-            micro.append(batch)
-        n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)  # the step's target tokens
+            micro.append(_to(batch, d.device))
+        # the loss is a mean over the target tokens of the whole global batch, on every rank
+        n_tokens = all_reduce_sum(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro), d)
         step_loss = 0.0
         for mb in micro:
-            loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"])
-            (loss_sum / n_tokens).backward()
+            with autocast:
+                loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"])
+            (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks
             step_loss += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        samples_seen += sum(len(mb["lengths"]) for mb in micro)
+        step_samples = int(all_reduce_sum(sum(len(mb["lengths"]) for mb in micro), d))
+        samples_seen += step_samples
         record = {
             "step": step + 1,
-            "loss": step_loss / n_tokens,
+            "loss": all_reduce_sum(step_loss, d) / n_tokens,
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
+            "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             "tokens": int(n_tokens),
-            "samples_per_s": (samples_seen - (metrics[-1]["samples"] if metrics else 0)) / max(1e-9, time.time() - t0),
             "samples": samples_seen,
-            "fusion_weights": weights.mean(0).tolist() if weights is not None else None,
+            "samples_per_s": step_samples / max(1e-9, time.time() - t0),
+            "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
         if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < total_steps:
             extra = {"fingerprint": config_fingerprint, "metrics": metrics, "samples_seen": samples_seen}
-            save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last)
-        if not progress and (step + 1) % max(1, total_steps // 10) == 0:
+            save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last, d)
+        if not progress and d.is_main and (step + 1) % max(1, total_steps // 10) == 0:
             log.info(
                 "%s step %d/%d loss %.4f lr %.2e %.1f samples/s",
                 stage.name,
@@ -164,6 +188,7 @@ def train_stage(
         "step": total_steps,
         "samples_seen": samples_seen,
         "data_position": {"epoch": position.epoch, "batches": position.batches},
+        "processes": d.world_size,
         "seed": run.train.seed,
         "trained_groups": sorted(trained_groups),
         "init": str(init) if init else None,
@@ -176,16 +201,33 @@ def train_stage(
         "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
         "seconds": round(time.time() - start, 1),
     }
-    save_checkpoint(model, run, out, meta, extra={"metrics.jsonl": "\n".join(json.dumps(m) for m in metrics)})
-    shutil.rmtree(work, ignore_errors=True)  # the finished checkpoint supersedes the resumable states
-    log.info(
-        "stage %s: %d steps, final loss %.4f, %.0fs",
-        stage.name,
-        total_steps,
-        meta["final_loss"],
-        meta["seconds"],
-    )
+    full_state = _full_state(model, d)
+    if d.is_main:
+        metrics_text = "\n".join(json.dumps(m) for m in metrics)
+        save_checkpoint(model, run, out, meta, extra={"metrics.jsonl": metrics_text}, full_state=full_state)
+        shutil.rmtree(work, ignore_errors=True)  # the finished checkpoint supersedes the resumable states
+        log.info(
+            "stage %s: %d steps, final loss %.4f, %.0fs", stage.name, total_steps, meta["final_loss"], meta["seconds"]
+        )
+    barrier(d)
     return meta
+
+
+def _to(batch: dict, device: str) -> dict:
+    if device == "cpu":
+        return batch
+    return {
+        k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in batch.items()
+    }
+
+
+def _full_state(model: MERV, d) -> dict | None:
+    """The whole (unsharded) state dict, on rank 0 only, gathered from the FSDP shards when there are several."""
+    if not d.enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _progress(total: int, desc: str, enabled: bool):

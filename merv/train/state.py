@@ -51,18 +51,30 @@ def work_dir(out: Path) -> Path:
 
 
 def save_state(
-    work: Path, step: int, model, optimizer, scheduler, position: Position, extra: dict, keep_last: int
+    work: Path, step: int, model, optimizer, scheduler, position: Position, extra: dict, keep_last: int, d=None
 ) -> Path:
-    """Write ``work/step-<step>`` (temp name, then rename) and keep only the newest ``keep_last`` folders."""
+    """Write ``work/step-<step>`` (temp name, then rename) and keep only the newest ``keep_last`` folders.
+
+    Collective under several processes: every rank writes its shard, rank 0 the metadata and the rename.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from merv.train.distributed import Dist, barrier
+
+    d = d or Dist()
     final = work / PATTERN.format(step)
     tmp = work / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    barrier(d)
+    if not d.is_main:
+        barrier(d)
+        return final
     meta = {
         "step": step,
         "data_position": asdict(position),
@@ -74,6 +86,7 @@ def save_state(
     tmp.rename(final)
     for old in sorted(p for p in work.glob("step-*") if not p.name.endswith(".tmp"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
     return final
 
 

@@ -25,9 +25,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_run, shards, tmp_path):
 
     overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
     overrides["train"] = {
-        "stages": {
-            "finetune": {"epochs": 20, "global_batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 5}
-        }
+        "stages": {"finetune": {"epochs": 20, "global_batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 5}}
     }
     run = resolve_run_config("merv-tiny", overrides)
     config = json.dumps(run.to_dict())

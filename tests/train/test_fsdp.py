@@ -1,0 +1,67 @@
+"""FSDP2 on 2 CPU processes (gloo) trains the same model as 1 process on the same global batches."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merv.config import resolve_run_config
+from merv.data.shards import ShardSettings, collect_items, read_manifest, write_shards
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pairs(synth_dir, tiny_run, tmp_path_factory):
+    """Shards of exactly 2 samples: with micro batch 2 and no sample shuffle, 1 process and 2 ranks see the same
+    global batches (1 process: shards a, b in one step; 2 ranks: a on rank 0, b on rank 1)."""
+    out = tmp_path_factory.mktemp("pairs")
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=250_000, frame_format="npy")
+    write_shards(collect_items(synth_dir / "train" / "finetune.json"), out, settings)
+    assert {s["samples"] for s in read_manifest(out)["shards"]} == {2}
+    return out
+
+
+def config(tiny_run, **stage) -> str:
+    overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
+    stage = {"epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "shuffle_buffer": 0, "lr": 1e-3, **stage}
+    overrides["train"] = {"stages": {"finetune": stage}}
+    return json.dumps(resolve_run_config("merv-tiny", overrides).to_dict())
+
+
+def train(cfg: str, data, out, nproc: int):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m"] if nproc > 1 else [
+        sys.executable, "-m"]  # fmt: skip
+    cmd = launcher + ["merv.cli", "train", "--config", cfg, "--stage", "finetune", "--data", str(data)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [*cmd, "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return load_file(str(Path(out) / "model.safetensors")), json.loads((Path(out) / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["full_shard", "shard_grad_op"])
+def test_two_ranks_equal_one_process(tiny_run, pairs, tmp_path, mode):
+    cfg = config(tiny_run, fsdp=mode)
+    one, meta_one = train(cfg, pairs, tmp_path / "one", 1)
+    two, meta_two = train(cfg, pairs, tmp_path / "two", 2)
+    assert meta_two["processes"] == 2 and meta_one["step"] == meta_two["step"] == 3
+    assert meta_one["samples_seen"] == meta_two["samples_seen"] == 12
+    assert one.keys() == two.keys() and {k.split(".")[0] for k in one} == {"projectors", "fusion", "llm"}
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
+    assert abs(meta_one["final_loss"] - meta_two["final_loss"]) < 1e-4
+
+
+def test_bf16_and_activation_checkpointing_on_two_ranks(tiny_run, pairs, tmp_path):
+    cfg = config(tiny_run, mixed_precision="bf16", activation_checkpointing=True)
+    state, meta = train(cfg, pairs, tmp_path / "bf16", 2)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values()), "fp32 master weights"
+    assert meta["step"] == 3
