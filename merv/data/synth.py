@@ -18,7 +18,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 
 from merv.models.prompting import mcq_prompt, option_letters
@@ -96,6 +95,8 @@ def render(clip: Clip, size: int, num_frames: int, travel: int) -> np.ndarray:
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     """Encode frames as an H.264 mp4 (yuv420p, near-lossless) with PyAV's bundled FFmpeg."""
+    import av
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.mp4")
     with av.open(str(tmp), mode="w") as container:

@@ -129,16 +129,20 @@ class LanguageBindVideoEncoder(VisualEncoder):
         return x[:, self.prefix_tokens :].unflatten(0, (b, t))  # CLS dropped: [B, T, N, D]
 
 
-def write_standin(folder: Path, image_size: int, num_frames: int, patch_size: int = 14) -> None:
-    """A toy LanguageBind-Video folder in LanguageBind's own layout (config.json + model.safetensors)."""
+SIZES = {
+    "toy": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "large": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+}
+
+
+def write_standin(folder: Path, image_size: int, num_frames: int, patch_size: int = 14, size: str = "toy") -> None:
+    """A LanguageBind-Video folder with random weights in LanguageBind's own layout (config.json +
+    model.safetensors): ``toy`` for tests, ``large`` (ViT-L/14, the real size) for benchmarks."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     vision = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
+        **SIZES[size],
         "image_size": image_size,
         "patch_size": patch_size,
         "num_frames": num_frames,
