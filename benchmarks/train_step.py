@@ -23,8 +23,7 @@ import torch
 from merv.config import resolve_run_config, run_config_from_dict
 from merv.models.merv import MERV
 from merv.train.loop import make_optimizer, set_trainable
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+from merv.train.metrics import model_flops, peak_flops
 
 
 def build(scale: str, tmp: Path):
@@ -139,15 +138,7 @@ def main() -> None:
 
     llm_params = sum(p.numel() for p in model.llm.parameters())
     llm_tokens = args.batch * (args.text + run.model.visual_tokens)
-    enc_flops = sum(
-        2
-        * sum(p.numel() for p in e.parameters())
-        * args.batch
-        * e.temporal_positions
-        * (e.tokens_per_frame + e.prefix_tokens)
-        for e in model.encoders.values()
-    )
-    flops = 6 * llm_params * llm_tokens + enc_flops
+    flops = model_flops(model, llm_tokens, args.batch)
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "scale": args.scale,
@@ -161,7 +152,7 @@ def main() -> None:
         "model_tflops_per_s": round(flops / seconds / 1e12, 2),
     }
     if device == "cuda":
-        peak = next((v for k, v in PEAK_BF16.items() if k in result["device"]), None)
+        peak = peak_flops()
         result["mfu"] = round(flops / seconds / peak, 4) if peak else None
         result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     print(json.dumps(result, indent=1))

@@ -25,7 +25,7 @@ def save_checkpoint(
     run: RunConfig,
     out: Path,
     meta: dict,
-    extra: dict[str, str] | None = None,
+    extra: dict[str, str | bytes] | None = None,
     full_state: dict | None = None,
 ) -> None:
     """Write atomically: into ``<out>.tmp`` then rename, so a crash never leaves a half checkpoint at ``out``.
@@ -42,8 +42,8 @@ def save_checkpoint(
     save_file(state_of_groups(state, meta["trained_groups"]), str(tmp / WEIGHTS))
     (tmp / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    for name, text in (extra or {}).items():
-        (tmp / name).write_text(text)
+    for name, content in (extra or {}).items():
+        (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

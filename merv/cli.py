@@ -114,14 +114,33 @@ def cmd_train(args):
     from merv.train.loop import train_stage
 
     run = load_config_spec(args.config)
-    train_stage(
-        run,
-        args.stage,
-        Path(args.data),
-        Path(args.out),
-        Path(args.init) if args.init else None,
-        progress=not args.no_progress,
+    run.train.stage(args.stage)  # an unknown stage fails here, before anything is submitted
+    if args.launcher == "none":
+        train_stage(
+            run,
+            args.stage,
+            Path(args.data),
+            Path(args.out),
+            Path(args.init) if args.init else None,
+            progress=not args.no_progress,
+        )
+        return
+    from merv.train.launch import LaunchConfig, TrainJob, submit
+
+    launch = LaunchConfig(
+        launcher=args.launcher,
+        nodes=args.nodes,
+        tasks_per_node=args.tasks_per_node,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        account=args.account,
+        time_min=args.time,
+        folder=args.submitit_dir,
     )
+    job = TrainJob(run.to_dict(), args.stage, args.data, args.out, args.init)
+    meta = submit(job, launch)
+    log.info("stage %s finished on %d processes: final loss %.4f", args.stage, meta["processes"], meta["final_loss"])
 
 
 def cmd_eval(args):
@@ -225,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--init", help="checkpoint folder to start from (e.g. the previous stage)")
     s.add_argument("--no-progress", action="store_true")
+    g = s.add_argument_group("launch (submitit)")
+    g.add_argument(
+        "--launcher",
+        choices=["none", "local", "slurm"],
+        default="none",
+        help="none: train in this process (or under torchrun); local/slurm: submit through submitit",
+    )
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
+    g.add_argument("--gpus-per-node", type=int, default=0)
+    g.add_argument("--cpus-per-task", type=int, default=1)
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    g.add_argument("--submitit-dir", default="results/submitit", help="submitit's job folders and logs")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on one sharded benchmark")

@@ -25,6 +25,7 @@ from merv.data.shards import read_manifest
 from merv.models.merv import MERV
 from merv.models.prompting import IGNORE_INDEX
 from merv.train.distributed import all_reduce_sum, barrier, init_distributed, shard_model
+from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
 from merv.train.state import latest_state, load_state, save_state, work_dir
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def train_stage(
     stream = loader(position)
     autocast = torch.autocast("cpu" if d.device == "cpu" else "cuda", torch.bfloat16, enabled=bf16 and not d.enabled)
 
+    wandb = WandbLogger(out.parent, f"{out.parent.name}-{stage.name}", run.to_dict()) if d.is_main else None
+    peak = peak_flops()
     start = time.time()
     bar = _progress(total_steps, f"train {stage.name}", progress and d.is_main)
     bar.update(first_step)
@@ -154,7 +157,10 @@ def train_stage(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_samples = int(all_reduce_sum(sum(len(mb["lengths"]) for mb in micro), d))
+        step_tokens = all_reduce_sum(sum(int(mb["lengths"].sum()) for mb in micro), d)
+        step_tokens += step_samples * run.model.visual_tokens
         samples_seen += step_samples
+        seconds = max(1e-9, time.time() - t0)
         record = {
             "step": step + 1,
             "loss": all_reduce_sum(step_loss, d) / n_tokens,
@@ -162,10 +168,14 @@ def train_stage(
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             "tokens": int(n_tokens),
             "samples": samples_seen,
-            "samples_per_s": step_samples / max(1e-9, time.time() - t0),
+            "samples_per_s": step_samples / seconds,
+            "tokens_per_s": step_tokens / seconds,
+            "mfu": model_flops(model, step_tokens, step_samples) / seconds / (peak * d.world_size) if peak else None,
             "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
+        if wandb is not None:
+            wandb.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
         if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < total_steps:
@@ -203,8 +213,12 @@ def train_stage(
     }
     full_state = _full_state(model, d)
     if d.is_main:
-        metrics_text = "\n".join(json.dumps(m) for m in metrics)
-        save_checkpoint(model, run, out, meta, extra={"metrics.jsonl": metrics_text}, full_state=full_state)
+        extra = {
+            "metrics.jsonl": "\n".join(json.dumps(m) for m in metrics),
+            "loss.png": loss_curve_png(metrics, f"{out.parent.name} {stage.name}"),
+        }
+        save_checkpoint(model, run, out, meta, extra=extra, full_state=full_state)
+        wandb.close()
         shutil.rmtree(work, ignore_errors=True)  # the finished checkpoint supersedes the resumable states
         log.info(
             "stage %s: %d steps, final loss %.4f, %.0fs", stage.name, total_steps, meta["final_loss"], meta["seconds"]

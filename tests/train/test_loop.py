@@ -59,6 +59,11 @@ def test_stage_checkpoints_are_self_describing(two_stages):
     metrics = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == finetune["step"] and all(math.isfinite(m["loss"]) for m in metrics)
     assert finetune["config_fingerprint"] != align["config_fingerprint"]
+    assert all(m["tokens_per_s"] > 0 and m["mfu"] is None for m in metrics), "MFU only where a GPU sets the peak"
+    png = (out / "finetune" / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 2000
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, "one offline wandb run per stage"
 
 
 def test_checkpoint_stores_only_trained_groups(two_stages):
