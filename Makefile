@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test lint unit clean help
+.PHONY: setup demo test lint unit clean help slurm-profile slurm-packages
 
 help:
 	@echo "make demo   - set up and run the pipeline on the built-in default -> results/merv_tiny/eval.json"
@@ -41,8 +41,17 @@ lint: setup
 unit: setup
 	pytest -q -m "not slow"
 
-test: lint
+# the Slurm integration tests start a real cluster from Debian's packages (scripts/slurm-cluster)
+slurm-packages:
+	scripts/slurm-cluster install
+
+test: lint slurm-packages
 	pytest -q
+
+# lets `snakemake --profile slurm ...` find workflow/profiles/slurm
+slurm-profile:
+	mkdir -p $(HOME)/.config/snakemake
+	ln -sfn $(CURDIR)/workflow/profiles/slurm $(HOME)/.config/snakemake/slurm
 
 clean:
 	rm -rf results/merv_tiny data/synth data/shards data/weights .snakemake

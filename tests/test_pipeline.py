@@ -103,6 +103,18 @@ def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
         write_config(workdir, cfg)
 
 
+def test_changing_how_training_is_launched_reruns_nothing(pipeline):
+    workdir, cfg = pipeline
+    changed = json.loads(json.dumps(cfg))
+    changed["launch"] = {"launcher": "slurm", "nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4}
+    write_config(workdir, changed)
+    try:
+        res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+        assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr
+    finally:
+        write_config(workdir, cfg)
+
+
 def test_bad_video_stops_the_pipeline_naming_the_file(pipeline):
     workdir, cfg = pipeline
     user = workdir / "user_data"

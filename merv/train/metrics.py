@@ -4,10 +4,13 @@ loss-curve PNG per run."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per GPU
 
@@ -51,10 +54,20 @@ class WandbLogger:
         )
 
     def log(self, record: dict) -> None:
-        self.run.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=record["step"])
+        except Exception as e:  # a metrics service must never stop training (e.g. its process got a signal)
+            log.warning("wandb logging failed, continuing without it: %s", e)
+            self.run = None
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:
+                log.warning("wandb finish failed: %s", e)
 
 
 def loss_curve_png(metrics: list[dict], title: str) -> bytes:

@@ -100,3 +100,20 @@ def tiny_config_json(wildcards):
     """Only what the built weights depend on (encoders, LLM): editing a stage or the projector keeps them."""
     model = RUNS[wildcards.model].to_dict()["model"]
     return json.dumps({"model": {k: model[k] for k in ("name", "encoders", "llm")}}, sort_keys=True)
+
+
+def launch_flags(wildcards, attempt=1):
+    """merv train's submitit flags from config `launch` (a shell fragment; empty when training in the job)."""
+    launch = config["launch"]
+    if launch["launcher"] == "none":
+        return ""
+    flags = [
+        f"--launcher {launch['launcher']}",
+        f"--nodes {launch['nodes']}",
+        f"--tasks-per-node {launch['tasks_per_node']}",
+        f"--gpus-per-node {launch['gpus_per_node']}",
+        f"--time {launch['time_min']}",
+        f"--submitit-dir results/{wildcards.model}/submitit",
+    ]
+    flags += [f"--{k} {launch[k]}" for k in ("partition", "account") if launch[k]]
+    return " ".join(flags)

@@ -10,6 +10,9 @@ rule train_stage:
     wildcard_constraints:
         stage="(?!eval$|logs$)[A-Za-z0-9_]+",
     threads: workflow.cores  # one training job uses the whole machine
+    resources:
+        # how a stage is launched does not change what it computes: a resource, so it triggers no rerun
+        launch=launch_flags,
     params:
         config=stage_config_json,
         init=init_flag,
@@ -19,4 +22,4 @@ rule train_stage:
         MERV_ENV
     shell:
         "merv train --config {params.config:q} --stage {wildcards.stage} --data {input.data} {params.init}"
-        " --out {output} --no-progress > {log} 2>&1"
+        " --out {output} {resources.launch} --no-progress > {log} 2>&1"

@@ -1,0 +1,99 @@
+"""submitit launch: N local processes, and a real Slurm cluster (2 tasks; preemption -> requeue -> resume)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from merv.config import resolve_run_config
+from tests.conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def config(tiny_run, **stage) -> str:
+    overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
+    stage = {"epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, **stage}
+    overrides["train"] = {"stages": {"finetune": stage}}
+    return json.dumps(resolve_run_config("merv-tiny", overrides).to_dict())
+
+
+def merv_train(cfg, data, out, *launch, env=None, timeout=600):
+    cmd = [sys.executable, "-m", "merv.cli", "train", "--config", cfg, "--stage", "finetune", "--data", str(data)]
+    return subprocess.run([*cmd, "--out", str(out), *map(str, launch)], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+def test_local_launcher_runs_two_processes(tiny_run, shards, tmp_path):
+    res = merv_train(config(tiny_run), shards["finetune"], tmp_path / "out", "--launcher", "local",
+                     "--tasks-per-node", 2, "--submitit-dir", tmp_path / "submitit")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["processes"] == 2 and meta["samples_seen"] == 12
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A real single-node Slurm cluster (slurmctld, slurmd, slurmdbd + MariaDB, munge), started for these tests."""
+    # munge and MariaDB (running as mysql) need a base dir whose parents others may enter: not pytest's 0700 tmp
+    base = Path(tempfile.mkdtemp(prefix="merv-slurm-test-", dir="/tmp"))
+    base.chmod(0o755)
+    env = dict(os.environ, MERV_SLURM_DIR=str(base))
+    script = REPO / "scripts" / "slurm-cluster"
+    res = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    key, value = res.stdout.strip().splitlines()[-1].removeprefix("export ").split("=", 1)
+    env[key] = value.strip("'\"")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    yield env
+    subprocess.run([str(script), "stop"], env=env, timeout=300)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_task_job_on_slurm(slurm, tiny_run, shards, tmp_path):
+    res = merv_train(config(tiny_run), shards["finetune"], tmp_path / "out", "--launcher", "slurm",
+                     "--tasks-per-node", 2, "--partition", "debug", "--time", 10,
+                     "--submitit-dir", tmp_path / "submitit", env=slurm)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["processes"] == 2
+    job_id = next(p.name for p in (tmp_path / "submitit").iterdir() if p.name.isdigit())
+    deadline = time.time() + 60  # accounting trails the job's end by a few seconds
+    while True:
+        sacct = ["sacct", "-j", job_id, "-n", "-X", "-o", "State"]
+        state = subprocess.run(sacct, capture_output=True, text=True, env=slurm).stdout.strip()
+        if state == "COMPLETED" or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert state == "COMPLETED"
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm, tiny_run, shards, tmp_path):
+    cfg = config(tiny_run, epochs=40, checkpoint_every=5)  # 120 steps, a resumable state every 5
+    submit = [sys.executable, "-m", "merv.cli", "train", "--config", cfg, "--stage", "finetune", "--data",
+              str(shards["finetune"]), "--out", str(tmp_path / "out"), "--launcher", "slurm", "--tasks-per-node", 1,
+              "--partition", "debug", "--time", 10, "--submitit-dir", str(tmp_path / "submitit")]  # fmt: skip
+    proc = subprocess.Popen([*map(str, submit)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm)
+    work = tmp_path / "out.work"
+    deadline = time.time() + 300
+    while not (
+        work.is_dir() and any(p.name.startswith("step-") and not p.name.endswith(".tmp") for p in work.iterdir())
+    ):
+        assert time.time() < deadline, "no training state appeared"
+        time.sleep(0.2)
+    job_id = next(p.name for p in (tmp_path / "submitit").iterdir() if p.name.isdigit())
+    # what Slurm does before preempting a job submitted by submitit (--signal=USR2@delay): USR2 to its processes
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, env=slurm)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.err"))
+    assert "requeueing" in logs and "resuming from" in logs, logs[-3000:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["step"] == 120 and meta["samples_seen"] == 480
