@@ -1,14 +1,18 @@
 """Launching a training stage through submitit: N local processes, or a Slurm job of nodes x tasks (x GPUs).
 
 The submitted callable sets up ``torch.distributed`` from submitit's job environment and trains. When Slurm preempts
-the job or its time runs out, submitit calls :meth:`TrainJob.checkpoint`, which requeues the same job; the requeued
-job finds the stage's last resumable state (``<out>.work/step-*``) and continues from it, without a person.
+the job or its time runs out, it signals the job (USR2): every rank finishes its step, the training state is saved,
+and submitit calls :meth:`TrainJob.checkpoint`, which requeues the same job; the requeued job finds that state
+(``<out>.work/step-*``) and continues from it, without a person.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,7 +51,7 @@ class TrainJob:
         import submitit
 
         from merv.config import run_config_from_dict
-        from merv.train.loop import train_stage
+        from merv.train.loop import Preempted, train_stage
 
         env = submitit.JobEnvironment()
         os.environ.update(
@@ -60,7 +64,19 @@ class TrainJob:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         run = run_config_from_dict(self.run)
         init = Path(self.init) if self.init else None
-        return train_stage(run, self.stage, Path(self.data), Path(self.out), init, progress=False)
+        # Slurm signals a job (USR2) before preempting it or at its time limit. Instead of letting submitit requeue at
+        # once, finish the current step and save a training state first, then hand over to submitit's handler.
+        stop = threading.Event()
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set())
+        try:
+            return train_stage(run, self.stage, Path(self.data), Path(self.out), init, progress=False, stop=stop.is_set)
+        except Preempted as e:
+            log.warning("preempted or out of time: state saved at step %d, requeueing", e.step)
+            if callable(submitit_handler):
+                submitit_handler(signal.SIGUSR2, None)  # rank 0: checkpoint() + requeue + exit
+            while True:  # other ranks: Slurm ends them when it requeues the job
+                time.sleep(60)
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption or timeout: requeue; the new job resumes from the last saved state."""

@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,14 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+class Preempted(Exception):
+    """Raised after a stop was requested (preemption, time limit) and the training state of ``step`` was saved."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after saving the training state of step {step}")
+        self.step = step
+
+
 def train_stage(
     run: RunConfig,
     stage_name: str,
@@ -76,11 +85,13 @@ def train_stage(
     out: Path,
     init: Path | None = None,
     progress: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Train one stage and write a checkpoint folder to ``out``; returns its meta.
 
     Under ``torchrun`` (N processes) the model is sharded with FSDP2 and each rank reads its own part of the shards;
-    a resumable state left by an interrupted run with the same settings is picked up automatically.
+    a resumable state left by an interrupted run with the same settings is picked up automatically. When ``stop()``
+    turns true on any rank, every rank saves the state after the current step and :class:`Preempted` is raised.
     """
     stage = run.train.stage(stage_name)
     d = init_distributed()
@@ -178,9 +189,15 @@ def train_stage(
             wandb.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < total_steps:
+        periodic = stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0
+        stopping = stop is not None and all_reduce_sum(float(stop()), d) > 0  # every rank agrees on the step
+        if (periodic or stopping) and step + 1 < total_steps:
             extra = {"fingerprint": config_fingerprint, "metrics": metrics, "samples_seen": samples_seen}
             save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last, d)
+            if stopping:
+                if wandb is not None:
+                    wandb.close()
+                raise Preempted(step + 1)
         if not progress and d.is_main and (step + 1) % max(1, total_steps // 10) == 0:
             log.info(
                 "%s step %d/%d loss %.4f lr %.2e %.1f samples/s",

@@ -76,17 +76,14 @@ def test_two_task_job_on_slurm(slurm, tiny_run, shards, tmp_path):
 
 
 def test_preempted_job_is_requeued_and_resumes(slurm, tiny_run, shards, tmp_path):
-    cfg = config(tiny_run, epochs=40, checkpoint_every=5)  # 120 steps, a resumable state every 5
+    cfg = config(tiny_run, epochs=40)  # 120 steps and no periodic states: the only state is the one saved on signal
     submit = [sys.executable, "-m", "merv.cli", "train", "--config", cfg, "--stage", "finetune", "--data",
               str(shards["finetune"]), "--out", str(tmp_path / "out"), "--launcher", "slurm", "--tasks-per-node", 1,
               "--partition", "debug", "--time", 10, "--submitit-dir", str(tmp_path / "submitit")]  # fmt: skip
     proc = subprocess.Popen([*map(str, submit)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm)
-    work = tmp_path / "out.work"
     deadline = time.time() + 300
-    while not (
-        work.is_dir() and any(p.name.startswith("step-") and not p.name.endswith(".tmp") for p in work.iterdir())
-    ):
-        assert time.time() < deadline, "no training state appeared"
+    while "finetune step 24/120" not in "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.err")):
+        assert time.time() < deadline and proc.poll() is None, "training did not get going"
         time.sleep(0.2)
     job_id = next(p.name for p in (tmp_path / "submitit").iterdir() if p.name.isdigit())
     # what Slurm does before preempting a job submitted by submitit (--signal=USR2@delay): USR2 to its processes
@@ -94,6 +91,8 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tiny_run, shards, tmp_path
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.err"))
-    assert "requeueing" in logs and "resuming from" in logs, logs[-3000:]
+    assert "state saved at step" in logs and "resuming from" in logs, logs[-3000:]
+    saved = int(logs.split("state saved at step ")[1].split(",")[0])
+    assert 24 <= saved < 120 and f"(step {saved} of 120)" in logs, "resumed exactly where it stopped"
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["step"] == 120 and meta["samples_seen"] == 480
