@@ -192,7 +192,13 @@ def train_stage(
         periodic = stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0
         stopping = stop is not None and all_reduce_sum(float(stop()), d) > 0  # every rank agrees on the step
         if (periodic or stopping) and step + 1 < total_steps:
-            extra = {"fingerprint": config_fingerprint, "metrics": metrics, "samples_seen": samples_seen}
+            extra = {
+                "fingerprint": config_fingerprint,
+                "config": run.to_dict(),
+                "stage": stage.name,
+                "metrics": metrics,
+                "samples_seen": samples_seen,
+            }
             save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last, d)
             if stopping:
                 if wandb is not None:

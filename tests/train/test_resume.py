@@ -44,6 +44,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_run, shards, tmp_path):
     proc.wait()
     assert not cut.exists(), "killed before the end"
     states = sorted(p.name for p in work_dir(cut).iterdir())
+    state_meta = json.loads((work_dir(cut) / "step-00000010" / "meta.json").read_text())
+    assert (
+        state_meta["step"] == 10
+        and state_meta["config"] == json.loads(json.dumps(run.to_dict()))
+        and state_meta["stage"] == "finetune"
+    )
     assert "step-00000010" in states and len([s for s in states if not s.endswith(".tmp")]) <= 2  # keep_last
 
     again = subprocess.run(train_cmd(config, shards["finetune"], cut), capture_output=True, text=True)
