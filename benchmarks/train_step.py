@@ -46,21 +46,21 @@ def build(scale: str, tmp: Path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from merv.models.standins import build_standin_weights, write_standin
+    from merv.models.tiny import save_module
 
     run = build_standin_weights(resolve_run_config("merv-frozen"), tmp / "small")  # toy tokenizer + layout
     data = run.to_dict()
     import timm
-    from safetensors.torch import save_file
     from transformers import VivitConfig, VivitModel
 
     for enc in data["model"]["encoders"]:  # real sizes, random weights
         folder = tmp / "real" / enc["id"]
         if enc["kind"] == "timm_image":
             enc["model_kwargs"] = {k: v for k, v in enc["model_kwargs"].items() if k == "img_size"}
-            m = timm.create_model(enc["arch"], pretrained=False, num_classes=0, **enc["model_kwargs"])
-            folder.mkdir(parents=True)
             enc["weights"] = str(folder / "model.safetensors")
-            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, enc["weights"])
+            save_module(
+                timm.create_model(enc["arch"], pretrained=False, num_classes=0, **enc["model_kwargs"]), enc["weights"]
+            )
         elif enc["kind"] == "hf_video":
             VivitModel(VivitConfig(num_frames=32, image_size=224)).save_pretrained(folder)
             enc["weights"] = str(folder)

@@ -14,7 +14,7 @@ import torch
 from merv.config import RunConfig, run_config_from_dict
 from merv.data.synth import tokenizer_corpus
 from merv.models.languagebind import write_standin
-from merv.models.tiny import train_tokenizer
+from merv.models.tiny import save_module, train_tokenizer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,7 +38,6 @@ def _hf_vision_config(model_type: str, image_size: int, num_frames: int):
 def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> RunConfig:
     """Write toy weights of ``run``'s architecture families under ``out``; return ``run`` pointing at them."""
     import timm
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     out = Path(out)
@@ -48,10 +47,10 @@ def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> Run
         folder = out / enc["id"]
         if enc["kind"] == "timm_image":
             enc["model_kwargs"] = {**enc["model_kwargs"], "embed_dim": 32, "depth": 1, "num_heads": 2}
-            model = timm.create_model(enc["arch"], pretrained=False, num_classes=0, **enc["model_kwargs"])
-            folder.mkdir(parents=True, exist_ok=True)
             enc["weights"] = str(folder / "model.safetensors")
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, enc["weights"])
+            save_module(
+                timm.create_model(enc["arch"], pretrained=False, num_classes=0, **enc["model_kwargs"]), enc["weights"]
+            )
         elif enc["kind"] in ("hf_image", "hf_video"):
             if not enc["arch"]:
                 raise ValueError(f"encoder {enc['id']!r}: set 'arch' (the transformers model_type) to build a stand-in")

@@ -35,19 +35,23 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
+def save_module(module: torch.nn.Module, path: str | Path) -> None:
+    """A module's state dict as a safetensors file (how timm weights are shipped and loaded back)."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
 def build_tiny_weights(run: RunConfig, texts: list[str], seed: int = 0) -> list[Path]:
     """Write randomly initialised weights for every part of ``run.model`` to the paths it names; returns them."""
     import timm
-    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, VivitConfig, VivitModel
 
     torch.manual_seed(seed)
     for enc in run.model.encoders:
         if enc.kind == "timm_image":
-            model = timm.create_model(enc.arch, pretrained=False, num_classes=0, **enc.model_kwargs)
-            path = Path(enc.weights)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+            save_module(timm.create_model(enc.arch, pretrained=False, num_classes=0, **enc.model_kwargs), enc.weights)
         elif enc.kind == "hf_video":
             tubelet = 2
             patch = max(8, enc.image_size // 4)

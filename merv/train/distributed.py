@@ -43,11 +43,16 @@ def init_distributed() -> Dist:
 
 
 def all_reduce_sum(value: float | int, d: Dist) -> float:
+    return all_reduce_sums([value], d)[0]
+
+
+def all_reduce_sums(values: list[float | int], d: Dist) -> list[float]:
+    """Sum each value over the ranks, in one collective."""
     if not d.enabled:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def barrier(d: Dist) -> None:

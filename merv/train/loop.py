@@ -25,7 +25,7 @@ from merv.data.loader import Position, ShardLoader
 from merv.data.shards import read_manifest
 from merv.models.merv import MERV
 from merv.models.prompting import IGNORE_INDEX
-from merv.train.distributed import all_reduce_sum, barrier, init_distributed, shard_model
+from merv.train.distributed import all_reduce_sum, all_reduce_sums, barrier, init_distributed, shard_model
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
 from merv.train.state import latest_state, load_state, save_state, work_dir
 
@@ -111,6 +111,7 @@ def train_stage(
     if d.enabled:
         shard_model(model, stage.fsdp, bf16)
     optimizer = make_optimizer(model, stage)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the parameters FSDP owns
 
     manifest = read_manifest(data_dir)
     total_steps = max(1, math.ceil(manifest["samples"] * stage.epochs / stage.global_batch_size))
@@ -163,18 +164,20 @@ def train_stage(
                 loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"])
             (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks
             step_loss += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_samples = int(all_reduce_sum(sum(len(mb["lengths"]) for mb in micro), d))
-        step_tokens = all_reduce_sum(sum(int(mb["lengths"].sum()) for mb in micro), d)
-        step_tokens += step_samples * run.model.visual_tokens
+        step_samples, text_tokens, step_loss = all_reduce_sums(
+            [sum(len(mb["lengths"]) for mb in micro), sum(int(mb["lengths"].sum()) for mb in micro), step_loss], d
+        )
+        step_samples = int(step_samples)
+        step_tokens = text_tokens + step_samples * run.model.visual_tokens
         samples_seen += step_samples
         seconds = max(1e-9, time.time() - t0)
         record = {
             "step": step + 1,
-            "loss": all_reduce_sum(step_loss, d) / n_tokens,
+            "loss": step_loss / n_tokens,
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             "tokens": int(n_tokens),
