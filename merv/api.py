@@ -7,8 +7,9 @@ from pathlib import Path
 from merv.models.merv import MERV
 
 
-def load_vid(path_or_name: str | Path) -> MERV:
-    """Load a trained model from a merv checkpoint folder (``results/<model>/finetune``).
+def load_vid(path_or_name: str | Path, device: str | None = None, dtype: str | None = None) -> MERV:
+    """Load a trained model from a merv checkpoint folder (``results/<model>/finetune``), in eval mode, on
+    ``device`` in ``dtype`` (default: CUDA in bf16 when present, else CPU fp32; see :mod:`merv.runtime`).
 
     A preset name (e.g. ``"merv-tiny"``) builds the architecture from the weights its config names, with freshly
     initialised projectors and fusion: useful for smoke tests, not for answers.
@@ -25,4 +26,4 @@ def load_vid(path_or_name: str | Path) -> MERV:
         raise FileNotFoundError(
             f"{path_or_name}: not a merv checkpoint folder (no meta.json) nor a preset ({available_presets()})"
         )
-    return model.eval()
+    return model.place(device, dtype).eval()

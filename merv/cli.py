@@ -190,10 +190,20 @@ def cmd_import_original(args):
 def cmd_generate(args):
     from merv.api import load_vid
 
-    model = load_vid(args.model)
+    model = load_vid(args.model, device=args.device, dtype=args.dtype)
     builder = model.get_prompt_builder()
     builder.add_turn("human", args.prompt)
     print(model.generate(args.video, builder.get_prompt(), max_new_tokens=args.max_new_tokens))
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` of the inference commands (see merv.runtime)."""
+    from merv.runtime import DEVICE_CHOICES, DTYPE_CHOICES
+
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA when present)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto (default): bf16 on CUDA, fp32 on CPU"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -287,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--video", required=True)
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-new-tokens", type=int, default=64)
+    add_runtime_options(s)
     s.set_defaults(func=cmd_generate)
     return p
 

@@ -119,6 +119,21 @@ class MERV(nn.Module):
         return loss_sum, (shift_targets != IGNORE_INDEX).sum(), weights
 
     # ----------------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def place(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> MERV:
+        """Move to ``device`` in ``dtype`` for inference (default: CUDA in bf16 when present, else CPU fp32)."""
+        from merv.runtime import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        return self.to(device=dev, dtype=resolve_dtype(dtype, dev))
+
     def get_prompt_builder(self) -> PromptBuilder:
         return PromptBuilder(self.cfg.llm.prompt_format, self.tokenizer)
 
@@ -130,7 +145,9 @@ class MERV(nn.Module):
     def generate_batch(
         self, videos: dict[str, torch.Tensor], prompts: list[str], max_new_tokens: int = 32, **gen_kwargs
     ) -> list[str]:
-        """Batched generation (left padded, KV cache) for already-transformed videos ``{enc: [B, T, 3, S, S]}``."""
+        """Batched generation (left padded, KV cache) for already-transformed videos ``{enc: [B, T, 3, S, S]}``
+        (moved to the model's device and dtype here)."""
+        videos = {k: v.to(device=self.device, dtype=self.dtype) for k, v in videos.items()}
         visual, _ = self.encode(videos)
         ids = [prompt_to_ids(self.tokenizer, p) for p in prompts]
         embeds, mask, _ = self.splice(visual, ids, None, pad_left=True)
@@ -155,6 +172,5 @@ class MERV(nn.Module):
         size = max(e.image_size for e in self.encoders.values())
         frames, positions = read_frames(video, counts, size)
         per_encoder = {name: frames[positions[enc.num_frames]] for name, enc in self.encoders.items()}
-        device = next(self.projectors.parameters()).device
-        videos = {k: v.unsqueeze(0).to(device) for k, v in self.transform(per_encoder).items()}
+        videos = {k: v.unsqueeze(0) for k, v in self.transform(per_encoder).items()}
         return self.generate_batch(videos, [prompt], **gen_kwargs)[0]
