@@ -56,13 +56,19 @@ def read_meta(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, model: MERV | None = None) -> tuple[MERV, RunConfig, dict]:
-    """Load a checkpoint folder: build the model from its config (unless given) and apply the stored weights."""
+    """Load a checkpoint folder: build the model from its config (unless given) and apply the stored weights.
+
+    Frozen weights the config names by relative paths are found from any working directory: under
+    ``$MERV_WEIGHTS``, then in the project folder the checkpoint was trained in (see :mod:`merv.weights`).
+    """
     from safetensors.torch import load_file
+
+    from merv.weights import checkpoint_roots
 
     path = Path(path)
     meta = read_meta(path)
     run = load_run_config(path / "config.json")
-    model = model or MERV.from_config(run.model)
+    model = model or MERV.from_config(run.model, checkpoint_roots(path, meta))
     state = load_file(str(path / WEIGHTS))
     missing = [k for k in state if k not in model.state_dict()]
     if missing:

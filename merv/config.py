@@ -25,6 +25,8 @@ HeadKind = Literal["linear", "mlp"]
 FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "sequence_concat", "single"]
 PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
 Trainable = Literal["projectors", "fusion", "llm"]
+ResizeMode = Literal["auto", "squash", "crop"]
+MIN_TEXT_TOKENS = 64  # room for text the LLM context must keep besides the visual tokens (also >= 1/8 of it)
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,22 @@ class EncoderConfig:
 
     id: str
     kind: EncoderKind
-    weights: str  # local folder (transformers) or file (timm); relative paths resolve against the workdir
+    weights: str  # local folder (transformers) or file (timm); relative paths: see merv/weights.py
     num_frames: int
     image_size: int
     arch: str | None = None  # timm model name (required for timm_image); for hf_* the transformers model_type
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (tiny models)
+    # Which layer's tokens the projector sees: None = the model's final output (after its final norm, as
+    # ``last_hidden_state`` / timm ``forward_features``); k = ``hidden_states[k]`` in transformers' numbering
+    # (0: the embeddings, i: the output of block i, -2: the penultimate block's output, as MERV takes it).
+    feature_layer: int | None = None
+    # Frame preprocessing: "auto" = what the encoder's own processor does (timm pretrained config, transformers
+    # preprocessor_config.json, CLIP's for LanguageBind), "squash" = resize the whole frame to image_size x image_size,
+    # "crop" = resize the short side to image_size / crop_pct, then centre-crop image_size x image_size.
+    resize: ResizeMode = "auto"
+    crop_pct: float | None = None  # for "crop" (default: the encoder's own, else 1.0)
+    mean: tuple[float, ...] | None = None  # normalisation (default: the encoder's own)
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if not self.id.isidentifier():
@@ -48,6 +61,12 @@ class EncoderConfig:
             raise ValueError(f"encoder {self.id!r}: image_size must be >= 8, got {self.image_size}")
         if self.kind == "timm_image" and not self.arch:
             raise ValueError(f"encoder {self.id!r}: kind 'timm_image' needs 'arch' (a timm model name)")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"encoder {self.id!r}: {name} needs 3 values (R, G, B), got {list(value)}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"encoder {self.id!r}: crop_pct must be in (0, 1], got {self.crop_pct}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,14 @@ class ModelConfig:
                 f"model {self.name!r}: fusion 'single' goes with exactly one encoder "
                 f"(fusion {self.fusion.kind!r}, {len(self.encoders)} encoders)"
             )
+        room = max(MIN_TEXT_TOKENS, self.llm.max_length // 8)
+        if self.visual_tokens + room > self.llm.max_length:
+            left = self.llm.max_length - self.visual_tokens
+            raise ValueError(
+                f"model {self.name!r}: {self.visual_tokens} visual tokens leave {left} of llm.max_length "
+                f"{self.llm.max_length} for text; keep at least {room} (fewer temporal_tokens or tokens_per_frame, "
+                "or a longer max_length)"
+            )
 
     @property
     def visual_tokens(self) -> int:
@@ -140,6 +167,7 @@ class StageConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     activation_checkpointing: bool = False
     fsdp: Literal["full_shard", "shard_grad_op"] = "full_shard"  # used when training on several processes
+    num_workers: int | None = None  # DataLoader processes per rank decoding frames (None: from the free cores)
 
     def __post_init__(self):
         if not self.trainable:
@@ -155,6 +183,8 @@ class StageConfig:
             raise ValueError(f"stage {self.name!r}: checkpoint_every must be >= 0 and keep_last >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"stage {self.name!r}: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"stage {self.name!r}: num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)

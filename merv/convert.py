@@ -18,6 +18,7 @@ import torch
 from merv.checkpoint import save_checkpoint
 from merv.config import RunConfig
 from merv.models.merv import MERV
+from merv.weights import project_record
 
 
 class ConversionError(ValueError):
@@ -102,6 +103,7 @@ def import_original(path: str | Path, run: RunConfig, out: str | Path) -> Path:
         "init": None,
         "source": {"path": str(path), "sha256": digest},
         "config_fingerprint": f"import-{digest[:12]}",
+        "project": project_record(Path(out)),
     }
     save_checkpoint(model, run, Path(out), meta)
     return Path(out)

@@ -83,3 +83,20 @@ def shards(synth_dir, tmp_path_factory, tiny_run) -> dict[str, Path]:
         write_shards(collect_items(src), out / name, settings, strict=True)
         result[name] = out / name
     return result
+
+
+@pytest.fixture(scope="session")
+def spm_model() -> Path:
+    """A real SentencePiece model (Mistral-7B v0.1's, from the mistral-common wheel; cached under .cache/)."""
+    from tests.spm import sentencepiece_model
+
+    return sentencepiece_model(REPO / ".cache" / "test-assets")
+
+
+@pytest.fixture(scope="session", params=["legacy", "metaspace"])
+def spm_llm(request, spm_model, tmp_path_factory) -> Path:
+    """A tiny Llama folder whose tokenizer is the real SentencePiece model, in each tokenizer.json form."""
+    from tests.spm import build_llm, build_tokenizer
+
+    out = tmp_path_factory.mktemp(f"spm-{request.param}")
+    return build_llm(build_tokenizer(spm_model, request.param, out), out)

@@ -91,3 +91,13 @@ def test_projector_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.tokens_per_frame = 4
     assert cfg.visual_tokens == 16 * 64
+
+
+def test_visual_tokens_must_leave_room_for_text():
+    """Four encoders' full grids concatenated are 4096 visual tokens: in a 2048 context every sample's text would be
+    cut away (the loss is NaN), so the config is refused before anything runs."""
+    with pytest.raises(ValueError, match=r"4096 visual tokens leave -2048 of llm.max_length 2048 for text"):
+        resolve_run_config("merv-frozen", {"model": {"fusion": {"kind": "sequence_concat", "attn_dim": None}}})
+    with pytest.raises(ValueError, match=r"keep at least 64"):
+        resolve_run_config("merv-tiny", {"model": {"projector": {"temporal_tokens": 13}}})  # 208 of 256
+    assert resolve_run_config("merv-tiny", {"model": {"projector": {"temporal_tokens": 12}}}).model.visual_tokens == 192

@@ -149,5 +149,9 @@ def test_config_error_stops_before_any_job(pipeline):
     try:
         res = snakemake(workdir, "-n")
         assert res.returncode != 0 and "tokens_per_frame must be a perfect square" in res.stdout + res.stderr
+        bad["models"]["merv_tiny"]["overrides"] = {"model": {"projector": {"temporal_tokens": 16}}}
+        write_config(workdir, bad)
+        res = snakemake(workdir, "-n")
+        assert res.returncode != 0 and "256 visual tokens leave 0 of llm.max_length 256" in res.stdout + res.stderr
     finally:
         write_config(workdir, cfg)

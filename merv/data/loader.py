@@ -1,9 +1,17 @@
 """The training loader: WebDataset shards -> padded batches, split by rank and worker, resumable mid-epoch.
 
-Per epoch the shard list is shuffled with ``seed + epoch``, dealt round-robin to ranks (``rank::world_size``) and then
-to DataLoader workers, and each worker shuffles samples in a buffer seeded by (seed, epoch, rank, worker). A position
-is ``(epoch, batches consumed in it)``: resuming there skips each worker's consumed samples as raw tar bytes, before
-any JPEG decoding, and yields exactly the batches an uninterrupted run would have yielded next.
+Per epoch the shard list is shuffled with ``seed + epoch`` and dealt to ranks, then to DataLoader workers, each shard
+going to whoever holds the fewest samples so far (with equal shards: round-robin, ``rank::world_size``). A worker
+reads only its own shards and shuffles their samples in a buffer seeded by (seed, epoch, rank, worker).
+
+Every rank yields the same number of batches in an epoch, the least any rank's shards make
+(:meth:`ShardLoader.batches_per_epoch`): a rank never runs into the next epoch while another is still in this one.
+With shards of unequal sizes the samples a rank holds beyond that count (its last batches of the epoch) are dropped
+for that epoch; the next epoch deals the shards anew. Size-targeted shards (``merv shard``) differ by little.
+
+A position is ``(epoch, batches consumed in it)``, the same on every rank: resuming there skips each worker's
+consumed samples as raw tar bytes, before any JPEG decoding, and yields exactly the batches an uninterrupted run
+would have yielded next.
 """
 
 from __future__ import annotations
@@ -38,6 +46,18 @@ def worker_order(per_worker: list[int]) -> list[int]:
     return order
 
 
+def deal(sizes: list[int], parts: int) -> list[list[int]]:
+    """Indices of ``sizes`` dealt in order to ``parts`` bins, each to the bin with the smallest total so far (the
+    lowest bin on ties: round-robin for equal sizes)."""
+    bins: list[list[int]] = [[] for _ in range(parts)]
+    totals = [0] * parts
+    for i, size in enumerate(sizes):
+        b = min(range(parts), key=lambda j: (totals[j], j))
+        bins[b].append(i)
+        totals[b] += size
+    return bins
+
+
 class ShardLoader:
     def __init__(
         self,
@@ -57,36 +77,41 @@ class ShardLoader:
         self.transform, self.collate = transform, collate
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
-        if len(self.manifest["shards"]) < world_size * max(1, num_workers):
+        self.shards = [s for s in self.manifest["shards"] if s["samples"]]
+        if len(self.shards) < world_size * max(1, num_workers):
             raise ValueError(
-                f"{shard_dir}: {len(self.manifest['shards'])} shards cannot feed {world_size} ranks x "
+                f"{shard_dir}: {len(self.shards)} shards cannot feed {world_size} ranks x "
                 f"{max(1, num_workers)} workers; reshard with a smaller --shard-size"
             )
 
     # -- the deal -------------------------------------------------------------------------------------------------
-    def shards_for(self, epoch: int, worker: int) -> list[dict]:
-        shards = list(self.manifest["shards"])
+    def shards_by_worker(self, epoch: int, rank: int | None = None) -> list[list[dict]]:
+        """The shards each DataLoader worker of ``rank`` reads in ``epoch``."""
+        shards = list(self.shards)
         random.Random(self.seed + epoch).shuffle(shards)
-        mine = shards[self.rank :: self.world_size]
-        return mine[worker :: max(1, self.num_workers)]
-
-    def batches_per_worker(self, epoch: int) -> list[int]:
-        return [
-            -(-sum(s["samples"] for s in self.shards_for(epoch, w)) // self.batch_size)
-            for w in range(max(1, self.num_workers))
+        mine = [
+            shards[i]
+            for i in deal([s["samples"] for s in shards], self.world_size)[self.rank if rank is None else rank]
         ]
+        return [[mine[i] for i in part] for part in deal([s["samples"] for s in mine], max(1, self.num_workers))]
+
+    def batches_per_worker(self, epoch: int, rank: int | None = None) -> list[int]:
+        return [-(-sum(s["samples"] for s in part) // self.batch_size) for part in self.shards_by_worker(epoch, rank)]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        return sum(self.batches_per_worker(epoch))
+        """Batches every rank yields in ``epoch``: the least any rank's shards make."""
+        return min(sum(self.batches_per_worker(epoch, r)) for r in range(self.world_size))
 
     # -- iteration ------------------------------------------------------------------------------------------------
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
         """Batches of ``epoch`` from batch number ``start_batch`` on."""
-        order = worker_order(self.batches_per_worker(epoch))
+        order = worker_order(self.batches_per_worker(epoch))[: self.batches_per_epoch(epoch)]
         skips = [order[:start_batch].count(w) for w in range(max(1, self.num_workers))]
         dataset = _EpochDataset(self, epoch, skips)
-        tagged = iter(dataset) if self.num_workers == 0 else iter(
-            DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        tagged = (
+            iter(dataset)
+            if self.num_workers == 0
+            else iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
         )
         # A resumed DataLoader starts its cycle at worker 0 whoever's turn it is: re-emit in the uninterrupted order.
         waiting: dict[int, deque] = defaultdict(deque)
@@ -115,7 +140,7 @@ class _EpochDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         ld = self.loader
-        urls = [str(ld.shard_dir / s["name"]) for s in ld.shards_for(self.epoch, worker)]
+        urls = [str(ld.shard_dir / s["name"]) for s in ld.shards_by_worker(self.epoch)[worker]]
         raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
         if ld.shuffle_buffer:
             rng = random.Random(f"{ld.seed}-{self.epoch}-{ld.rank}-{worker}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merv.models.prompting import mcq_prompt, option_letters
+from merv.prompting import mcq_prompt, option_letters
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")

@@ -15,7 +15,7 @@ import torch
 from merv.data.batching import encoder_frames
 from merv.data.shards import iter_samples
 from merv.models.merv import MERV
-from merv.models.prompting import mcq_prompt, option_letters
+from merv.prompting import mcq_prompt, option_letters
 
 
 def question_prompt(model: MERV, record: dict) -> str:

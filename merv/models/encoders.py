@@ -1,22 +1,33 @@
 """Frozen visual encoders behind one contract.
 
-Every encoder takes ``video [B, T, 3, S, S]`` (its own T and S, already normalised by :meth:`transform`) and returns
-features ``[B, T', N, C]``: T' temporal positions of N spatial tokens of width C. Prefix tokens (CLS, registers)
-are dropped, since MERV's projectors pool over the patch grid.
+Every encoder takes ``video [B, T, 3, S, S]`` (its own T and S, prepared by :mod:`merv.data.transforms` from its
+config) and returns features ``[B, T', N, C]``: T' temporal positions of N spatial tokens of width C, taken from the
+layer the config's ``feature_layer`` names (the original MERV takes the penultimate block of LanguageBind, DINOv2 and
+SigLIP, ViViT's final output). Prefix tokens (CLS, registers) are dropped, since MERV's projectors pool over the patch
+grid. Blocks after the feature layer are removed at build time: they would be computed for nothing.
 """
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from merv.config import EncoderConfig
+from merv.data.transforms import preprocess_for
+
+
+def layer_index(feature_layer: int, num_layers: int, encoder_id: str) -> int:
+    """``hidden_states`` index (0: embeddings, i: output of block i) of a possibly negative ``feature_layer``."""
+    if not -(num_layers + 1) <= feature_layer <= num_layers:
+        raise ValueError(
+            f"encoder {encoder_id!r}: feature_layer {feature_layer} is outside this {num_layers}-block model "
+            f"(valid: -{num_layers + 1}..{num_layers}, or null for the final output)"
+        )
+    return feature_layer % (num_layers + 1)
 
 
 class VisualEncoder(nn.Module, ABC):
@@ -26,8 +37,6 @@ class VisualEncoder(nn.Module, ABC):
     temporal_positions: int  # T' in the output
     tokens_per_frame: int  # N in the output: patch tokens only
     prefix_tokens: int = 0  # CLS / register tokens the model produces and the encoder drops
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -42,13 +51,8 @@ class VisualEncoder(nn.Module, ABC):
         return self.cfg.image_size
 
     def transform(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 frames ``[T, H, W, 3]`` -> normalised float ``[T, 3, S, S]`` for this encoder."""
-        x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        """uint8 frames ``[T, H, W, 3]`` -> normalised float ``[T, 3, S, S]`` for this encoder (from its config)."""
+        return preprocess_for(self.cfg)(frames)
 
     @abstractmethod
     def forward(self, video: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,7 @@ class VisualEncoder(nn.Module, ABC):
 
 
 class TimmImageEncoder(VisualEncoder):
-    """Any timm image model applied to each frame independently (SigLIP, DINOv2, ViT ...)."""
+    """Any timm vision transformer applied to each frame independently (SigLIP, DINOv2, ViT ...)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
@@ -73,9 +77,12 @@ class TimmImageEncoder(VisualEncoder):
             num_classes=0,
             **cfg.model_kwargs,
         )
-        data_cfg = self.model.pretrained_cfg
-        self.mean = tuple(data_cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(data_cfg.get("std", (0.5, 0.5, 0.5)))
+        if cfg.feature_layer is not None:
+            if not hasattr(self.model, "blocks"):
+                raise ValueError(f"encoder {cfg.id!r}: feature_layer needs a timm vision transformer (with blocks)")
+            keep = layer_index(cfg.feature_layer, len(self.model.blocks), cfg.id)
+            self.model.blocks = self.model.blocks[:keep]  # forward_features then ends at hidden_states[keep] ...
+            self.model.norm = nn.Identity()  # ... without the final norm (as timm's get_intermediate_layers)
         self.embed_dim = self.model.num_features
         grid = self.model.patch_embed.grid_size
         self.tokens_per_frame = grid[0] * grid[1]
@@ -89,18 +96,19 @@ class TimmImageEncoder(VisualEncoder):
         return tokens.unflatten(0, (b, t))  # [B, T, N, C]
 
 
-def _hf_stats(path: Path) -> tuple[tuple, tuple]:
-    """Normalisation mean/std from a transformers folder's ``preprocessor_config.json`` (0.5/0.5 when absent)."""
-    processor = path / "preprocessor_config.json"
-    stats = json.loads(processor.read_text()) if processor.is_file() else {}
-    return tuple(stats.get("image_mean", (0.5, 0.5, 0.5))), tuple(stats.get("image_std", (0.5, 0.5, 0.5)))
-
-
 def _hf_config_dir(cfg: EncoderConfig) -> Path:
     path = Path(cfg.weights)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"encoder {cfg.id!r}: no transformers checkpoint (config.json) in {path}")
     return path
+
+
+def _hf_features(model: nn.Module, cfg: EncoderConfig, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``last_hidden_state``, or ``hidden_states[feature_layer]`` (0: embeddings, i: block i's output)."""
+    if cfg.feature_layer is None:
+        return model(pixel_values=pixel_values).last_hidden_state
+    hidden = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    return hidden[layer_index(cfg.feature_layer, len(hidden) - 1, cfg.id)]
 
 
 class HFImageEncoder(VisualEncoder):
@@ -121,16 +129,17 @@ class HFImageEncoder(VisualEncoder):
             raise ValueError(
                 f"encoder {cfg.id!r}: config asks for {cfg.image_size}px but {path} is built for {vcfg.image_size}px"
             )
+        if cfg.feature_layer is not None:
+            layer_index(cfg.feature_layer, vcfg.num_hidden_layers, cfg.id)  # checked here, not at the first batch
         has_cls = vcfg.model_type.startswith("dinov2") or vcfg.model_type.startswith("clip")
         self.prefix_tokens = int(has_cls) + int(getattr(vcfg, "num_register_tokens", 0) or 0)
         self.embed_dim = vcfg.hidden_size
         self.tokens_per_frame = (cfg.image_size // vcfg.patch_size) ** 2
         self.temporal_positions = cfg.num_frames
-        self.mean, self.std = _hf_stats(path)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         b, t = video.shape[:2]
-        tokens = self.model(pixel_values=video.flatten(0, 1)).last_hidden_state  # [B*T, prefix + N, C]
+        tokens = _hf_features(self.model, self.cfg, video.flatten(0, 1))  # [B*T, prefix + N, C]
         return tokens[:, self.prefix_tokens :].unflatten(0, (b, t))  # [B, T, N, C]
 
 
@@ -151,14 +160,15 @@ class HFVideoEncoder(VisualEncoder):
                 f"encoder {cfg.id!r}: config asks for {cfg.num_frames} frames at {cfg.image_size}px but the "
                 f"checkpoint in {path} is built for {hf_cfg.num_frames} frames at {hf_cfg.image_size}px"
             )
+        if cfg.feature_layer is not None:
+            layer_index(cfg.feature_layer, hf_cfg.num_hidden_layers, cfg.id)
         self.prefix_tokens = int(hf_cfg.model_type == "vivit")  # ViViT has a CLS token, VideoMAE none
         self.embed_dim = hf_cfg.hidden_size
         self.temporal_positions = cfg.num_frames // t_step
         self.tokens_per_frame = (cfg.image_size // patch) ** 2
-        self.mean, self.std = _hf_stats(path)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        tokens = self.model(pixel_values=video).last_hidden_state  # [B, (CLS) + T'*N, C], time-major
+        tokens = _hf_features(self.model, self.cfg, video)  # [B, (CLS) + T'*N, C], time-major
         tokens = tokens[:, self.prefix_tokens :]
         return tokens.unflatten(1, (self.temporal_positions, self.tokens_per_frame))  # [B, T', N, C]
 

@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 from merv.config import EncoderConfig
-from merv.models.encoders import VisualEncoder
+from merv.models.encoders import VisualEncoder, layer_index
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _TEMPORAL = re.compile(
     r"^vision_model\.encoder\.layers\.(\d+)\.(temporal_embedding|temporal_attn|temporal_layer_norm1)(.*)$"
 )
@@ -113,13 +111,17 @@ class LanguageBindVideoEncoder(VisualEncoder):
                 f"encoder {cfg.id!r}: {path} does not fit a LanguageBind-Video tower: missing {missing[:4]}, "
                 f"unexpected {unexpected[:4]}"
             )
+        if cfg.feature_layer is not None:  # MERV takes hidden_states[-2]: the last block is never needed
+            keep = layer_index(cfg.feature_layer, vcfg.num_hidden_layers, cfg.id)
+            self.vision.encoder.layers = self.vision.encoder.layers[:keep]
+            self.temporal = self.temporal[:keep]
         self.embed_dim = vcfg.hidden_size
         self.prefix_tokens = 1  # CLS
         self.temporal_positions = cfg.num_frames
         self.tokens_per_frame = (cfg.image_size // vcfg.patch_size) ** 2
-        self.mean, self.std = CLIP_MEAN, CLIP_STD
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames -> ``hidden_states[feature_layer]`` (the last block's output when it is None), CLS dropped."""
         b, t = video.shape[:2]
         x = self.vision.pre_layrnorm(self.vision.embeddings(video.flatten(0, 1)))  # [B*T, 1 + N, D]
         for layer, temporal in zip(self.vision.encoder.layers, self.temporal, strict=True):

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from merv.config import ModelConfig
+from merv.data.loader import pad_sequences
 from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.fusion import build_fusion
 from merv.models.projector import build_projector
-from merv.models.prompting import IGNORE_INDEX, PromptBuilder, check_option_letters, prompt_to_ids
+from merv.prompting import IGNORE_INDEX, PromptBuilder, check_option_letters, prompt_to_ids
+from merv.weights import resolve_model
 
 
 def attention_implementation() -> str:
@@ -41,10 +43,12 @@ class MERV(nn.Module):
         self.fusion = build_fusion(cfg.fusion, dim, len(encoders))
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> MERV:
-        """Build from the weights the config points to (local folders, ``from_pretrained`` / timm file path)."""
+    def from_config(cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = ()) -> MERV:
+        """Build from the weights the config names (``from_pretrained`` folders, timm files), found as
+        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        cfg = resolve_model(cfg, roots)
         llm_path = Path(cfg.llm.weights)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
@@ -62,7 +66,7 @@ class MERV(nn.Module):
         return [*self.encoders.values(), self.llm.get_input_embeddings(), *blocks, *self.projectors.values(), *fusion]
 
     # ----------------------------------------------------------------------------------------------------------
-    def encode(self, videos: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, videos: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``{encoder: [B, T_e, 3, S_e, S_e]}`` -> fused visual tokens ``[B, L, D]`` and the fusion's per-encoder
         weights ``[B, E]`` (None for the concatenating fusions)."""
         tokens = []
@@ -72,51 +76,87 @@ class MERV(nn.Module):
             tokens.append(self.projectors[name](features))  # [B, L, D]
         return self.fusion(tokens)
 
+    def blank_videos(self, batch: int = 1) -> dict[str, torch.Tensor]:
+        """Zero inputs for every encoder (``{encoder: [batch, T_e, 3, S_e, S_e]}``)."""
+        return {
+            n: torch.zeros(batch, e.num_frames, 3, e.image_size, e.image_size, device=self.device, dtype=self.dtype)
+            for n, e in self.encoders.items()
+        }
+
     def splice(
         self,
         visual: torch.Tensor,
-        input_ids: list[torch.Tensor | list[int]],
-        labels: list[torch.Tensor | list[int]] | None,
-        pad_left: bool,
+        has_video: torch.Tensor,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pad_left: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Insert visual tokens after BOS (first for BOS-less models) and pad to a batch.
+        """Insert each video row's visual tokens after BOS (first for BOS-less models) and pad to a batch.
 
-        Takes unpadded token id sequences; returns ``inputs_embeds [B, S, D]``, ``attention_mask [B, S]`` and
-        ``labels [B, S]`` (visual and padding positions are IGNORE_INDEX).
+        ``visual [Bv, V, D]`` belongs, in order, to the rows where ``has_video [B]`` is true (text-only rows get no
+        visual tokens); ``input_ids``/``labels`` ``[B, L]`` are right-padded to ``lengths [B]``. Returns
+        ``inputs_embeds [B, S, D]``, ``attention_mask [B, S]`` and ``labels [B, S]`` (visual and padding positions
+        IGNORE_INDEX), padded on the left for generation.
         """
-        embed = self.llm.get_input_embeddings()
+        dev = input_ids.device
+        b, n = input_ids.shape
+        v = visual.shape[1]
         cut = 1 if self.tokenizer.bos_token_id is not None else 0
-        b, v, dim = visual.shape
-        ids = [torch.as_tensor(x, dtype=torch.long, device=visual.device) for x in input_ids]
-        length = max(len(x) for x in ids) + v
-        embeds = visual.new_zeros(b, length, dim)
-        mask = torch.zeros(b, length, dtype=torch.long, device=visual.device)
-        out_labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long, device=visual.device)
-        for i, x in enumerate(ids):
-            n = len(x) + v
-            span = slice(length - n, length) if pad_left else slice(0, n)
-            text = embed(x)  # [S_i, D]
-            embeds[i, span] = torch.cat([text[:cut], visual[i], text[cut:]])
-            mask[i, span] = 1
-            if labels is not None:
-                lab = torch.as_tensor(labels[i], dtype=torch.long, device=visual.device)
-                out_labels[i, span] = torch.cat([lab[:cut], out_labels.new_full((v,), IGNORE_INDEX), lab[cut:]])
-        return embeds, mask, (out_labels if labels is not None else None)
+        text = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]: the whole batch in one call
+        n_visual = has_video.to(dev).long() * v  # [B]
+        total = lengths.to(dev) + n_visual
+        width = int(total.max())
+        offset = width - total if pad_left else torch.zeros_like(total)  # [B]
+        t = torch.arange(n, device=dev)
+        valid = t[None] < lengths.to(dev)[:, None]  # [B, L]
+        pos = offset[:, None] + t[None] + torch.where(t[None] >= cut, n_visual[:, None], 0)  # [B, L]
+        rows = torch.arange(b, device=dev)[:, None].expand(b, n)
+        embeds = text.new_zeros(b, width, text.shape[-1])
+        mask = torch.zeros(b, width, dtype=torch.long, device=dev)
+        embeds[rows[valid], pos[valid]] = text[valid]
+        mask[rows[valid], pos[valid]] = 1
+        vrows = has_video.to(dev).nonzero().flatten()  # [Bv]
+        vpos = offset[vrows, None] + cut + torch.arange(v, device=dev)[None]  # [Bv, V]
+        vrows = vrows[:, None].expand(-1, v)
+        embeds[vrows, vpos] = visual.to(text.dtype)
+        mask[vrows, vpos] = 1
+        if labels is None:
+            return embeds, mask, None
+        out_labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long, device=dev)
+        out_labels[rows[valid], pos[valid]] = labels.to(dev)[valid]
+        return embeds, mask, out_labels
 
-    def forward(self, videos: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor, lengths):
-        """Training forward on a padded batch (``input_ids``/``labels`` ``[B, L]``, ``lengths [B]``).
+    def forward(
+        self,
+        videos: dict[str, torch.Tensor] | None,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        lengths: torch.Tensor,
+        has_video: torch.Tensor | None = None,
+    ):
+        """Training forward on a padded batch (``input_ids``/``labels`` ``[B, L]``, ``lengths [B]``); ``videos``
+        holds the rows where ``has_video [B]`` is true (all rows when it is None).
 
-        Returns ``(summed token loss, number of target tokens, fusion weights)``.
+        Returns ``(summed token loss, number of target tokens, fusion weights of the video rows)``.
         """
-        visual, weights = self.encode(videos)  # [B, V, D], [B, E]
-        unpadded = [(input_ids[i, :n], labels[i, :n]) for i, n in enumerate(lengths.tolist())]
-        embeds, mask, targets = self.splice(visual, [x for x, _ in unpadded], [y for _, y in unpadded], pad_left=False)
+        if has_video is None:
+            has_video = torch.ones(len(lengths), dtype=torch.bool)
+        anchor = 0.0
+        if bool(has_video.any()):
+            visual, weights = self.encode(videos)  # [Bv, V, D], [Bv, E]
+        else:
+            # A text-only micro-batch still runs the visual path once, on blank frames, with weight 0 in the loss:
+            # under FSDP every rank must gather (and reduce gradients of) every unit in every step.
+            visual, _ = self.encode(self.blank_videos(1))
+            anchor, visual, weights = visual.sum() * 0.0, visual[:0], None
+        embeds, mask, targets = self.splice(visual, has_video, input_ids, lengths, labels)
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, S, vocab]
         shift_logits, shift_targets = logits[:, :-1], targets[:, 1:]
         loss_sum = F.cross_entropy(
             shift_logits.flatten(0, 1).float(), shift_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return loss_sum, (shift_targets != IGNORE_INDEX).sum(), weights
+        return loss_sum + anchor, (shift_targets != IGNORE_INDEX).sum(), weights
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -146,11 +186,17 @@ class MERV(nn.Module):
         self, videos: dict[str, torch.Tensor], prompts: list[str], max_new_tokens: int = 32, **gen_kwargs
     ) -> list[str]:
         """Batched generation (left padded, KV cache) for already-transformed videos ``{enc: [B, T, 3, S, S]}``
-        (moved to the model's device and dtype here)."""
-        videos = {k: v.to(device=self.device, dtype=self.dtype) for k, v in videos.items()}
-        visual, _ = self.encode(videos)
+        (moved to the model's device and dtype here); ``videos=None`` answers text-only prompts."""
         ids = [prompt_to_ids(self.tokenizer, p) for p in prompts]
-        embeds, mask, _ = self.splice(visual, ids, None, pad_left=True)
+        input_ids, lengths = pad_sequences(ids, value=0)
+        if videos is None:  # a text-only conversation
+            has_video = torch.zeros(len(ids), dtype=torch.bool)
+            dim = self.llm.get_input_embeddings().embedding_dim
+            visual = torch.zeros(0, self.cfg.visual_tokens, dim, device=self.device, dtype=self.dtype)
+        else:
+            has_video = torch.ones(len(ids), dtype=torch.bool)
+            visual, _ = self.encode({k: v.to(device=self.device, dtype=self.dtype) for k, v in videos.items()})
+        embeds, mask, _ = self.splice(visual, has_video, input_ids.to(self.device), lengths, pad_left=True)
         gen_kwargs.setdefault("do_sample", False)
         out = self.llm.generate(
             inputs_embeds=embeds,
@@ -164,12 +210,13 @@ class MERV(nn.Module):
 
     def generate(self, video, prompt: str, num_frames: list[int] | None = None, **gen_kwargs) -> str:
         """The original API: ``generate(video_path_or_frames, prompt_text, num_frames=[...], ...)``."""
+        from merv.data.transforms import preprocess_for
         from merv.data.video import read_frames
 
         counts = [e.num_frames for e in self.encoders.values()]
         if num_frames is not None and list(num_frames) != counts:
             raise ValueError(f"num_frames {list(num_frames)} does not match this model's encoders {counts}")
-        size = max(e.image_size for e in self.encoders.values())
+        size = max(preprocess_for(e.cfg).source_short_side for e in self.encoders.values())
         frames, positions = read_frames(video, counts, size)
         per_encoder = {name: frames[positions[enc.num_frames]] for name, enc in self.encoders.items()}
         videos = {k: v.unsqueeze(0) for k, v in self.transform(per_encoder).items()}

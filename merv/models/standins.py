@@ -20,7 +20,7 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TOY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+TOY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
 def _hf_vision_config(model_type: str, image_size: int, num_frames: int):
@@ -46,7 +46,7 @@ def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> Run
     for enc in data["model"]["encoders"]:
         folder = out / enc["id"]
         if enc["kind"] == "timm_image":
-            enc["model_kwargs"] = {**enc["model_kwargs"], "embed_dim": 32, "depth": 1, "num_heads": 2}
+            enc["model_kwargs"] = {**enc["model_kwargs"], "embed_dim": 32, "depth": 2, "num_heads": 2}
             enc["weights"] = str(folder / "model.safetensors")
             save_module(
                 timm.create_model(enc["arch"], pretrained=False, num_classes=0, **enc["model_kwargs"]), enc["weights"]

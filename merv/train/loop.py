@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -20,14 +21,15 @@ import torch
 
 from merv.checkpoint import load_checkpoint, save_checkpoint
 from merv.config import RunConfig, StageConfig, fingerprint
-from merv.data.batching import collate, training_example
+from merv.data.batching import ExampleBuilder, collate
 from merv.data.loader import Position, ShardLoader
 from merv.data.shards import read_manifest
 from merv.models.merv import MERV
-from merv.models.prompting import IGNORE_INDEX
-from merv.train.distributed import all_reduce_sum, all_reduce_sums, barrier, init_distributed, shard_model
+from merv.prompting import IGNORE_INDEX
+from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed, shard_model
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
 from merv.train.state import latest_state, load_state, save_state, work_dir
+from merv.weights import project_record
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,49 @@ class Preempted(Exception):
         self.step = step
 
 
+def default_workers(d: Dist) -> int:
+    """DataLoader workers per rank when the stage does not say: the cores this rank can spare (up to 4)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    return max(0, min(4, cores // max(1, local_ranks) - 1))
+
+
+def build_model(run: RunConfig, stage: StageConfig, init: Path | None) -> tuple[MERV, set[str], str | None]:
+    """The model of ``run`` (from ``init``'s checkpoint when given) with the stage's groups trainable; returns
+    ``(model, every group trained so far, init's fingerprint)``."""
+    model = MERV.from_config(run.model)
+    trained_groups, init_fingerprint = set(stage.trainable), None
+    if init is not None:
+        model, _, init_meta = load_checkpoint(init, model=model)
+        trained_groups |= set(init_meta["trained_groups"])
+        init_fingerprint = init_meta["config_fingerprint"]
+    set_trainable(model, stage.trainable)
+    return model, trained_groups, init_fingerprint
+
+
+def make_loader(run: RunConfig, stage: StageConfig, model: MERV, data_dir: Path, d: Dist) -> tuple[ShardLoader, int]:
+    """The stage's loader on this rank and the micro-batches per step (gradient accumulation)."""
+    per_step = stage.micro_batch_size * d.world_size
+    if stage.global_batch_size % per_step:
+        raise ValueError(
+            f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a multiple of "
+            f"micro_batch_size x processes = {per_step}"
+        )
+    manifest = read_manifest(data_dir)
+    loader = ShardLoader(
+        data_dir,
+        transform=ExampleBuilder(model.cfg, model.tokenizer),
+        collate=collate,
+        batch_size=stage.micro_batch_size,
+        shuffle_buffer=min(manifest["samples"], stage.shuffle_buffer),
+        seed=run.train.seed,
+        num_workers=default_workers(d) if stage.num_workers is None else stage.num_workers,
+        rank=d.rank,
+        world_size=d.world_size,
+    )
+    return loader, stage.global_batch_size // per_step
+
+
 def train_stage(
     run: RunConfig,
     stage_name: str,
@@ -93,17 +138,11 @@ def train_stage(
     a resumable state left by an interrupted run with the same settings is picked up automatically. When ``stop()``
     turns true on any rank, every rank saves the state after the current step and :class:`Preempted` is raised.
     """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer also runs in DataLoader workers
     stage = run.train.stage(stage_name)
     d = init_distributed()
     seed_everything(run.train.seed)
-    model = MERV.from_config(run.model)
-    trained_groups = set(stage.trainable)
-    init_fingerprint = None
-    if init is not None:
-        model, _, init_meta = load_checkpoint(init, model=model)
-        trained_groups |= set(init_meta["trained_groups"])
-        init_fingerprint = init_meta["config_fingerprint"]
-    set_trainable(model, stage.trainable)
+    model, trained_groups, init_fingerprint = build_model(run, stage, init)
     model.to(d.device)
     if stage.activation_checkpointing and "llm" in stage.trainable:
         model.llm.gradient_checkpointing_enable()
@@ -113,33 +152,17 @@ def train_stage(
     optimizer = make_optimizer(model, stage)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the parameters FSDP owns
 
-    manifest = read_manifest(data_dir)
-    total_steps = max(1, math.ceil(manifest["samples"] * stage.epochs / stage.global_batch_size))
+    loader, accum = make_loader(run, stage, model, data_dir, d)
+    manifest = loader.manifest
+    total_steps = max(1, math.ceil(loader.batches_per_epoch(0) * stage.epochs / accum))
     warmup = max(1, math.ceil(stage.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    per_step = stage.micro_batch_size * d.world_size
-    if stage.global_batch_size % per_step:
-        raise ValueError(
-            f"stage {stage.name!r}: global_batch_size {stage.global_batch_size} is not a multiple of "
-            f"micro_batch_size x processes = {per_step}"
-        )
-    accum = stage.global_batch_size // per_step
-    loader = ShardLoader(
-        data_dir,
-        transform=lambda sample: training_example(model, sample),
-        collate=collate,
-        batch_size=stage.micro_batch_size,
-        shuffle_buffer=min(manifest["samples"], stage.shuffle_buffer),
-        seed=run.train.seed,
-        rank=d.rank,
-        world_size=d.world_size,
-    )
     config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"], d.world_size])
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
     resume = latest_state(work, config_fingerprint)
     if resume is not None:
-        first_step, position, resumed = load_state(resume, model, optimizer, scheduler)
+        first_step, position, resumed = load_state(resume, model, optimizer, scheduler, d.rank)
         metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
         log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
     stream = loader(position)
@@ -158,21 +181,28 @@ def train_stage(
             micro.append(_to(batch, d.device))
         # the loss is a mean over the target tokens of the whole global batch, on every rank
         n_tokens = all_reduce_sum(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro), d)
-        step_loss = 0.0
+        step_loss, weights = 0.0, None
         for mb in micro:
             with autocast:
-                loss_sum, _, weights = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"])
+                loss_sum, _, w = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"], mb["has_video"])
             (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks
             step_loss += loss_sum.item()
+            weights = w if w is not None else weights
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_samples, text_tokens, step_loss = all_reduce_sums(
-            [sum(len(mb["lengths"]) for mb in micro), sum(int(mb["lengths"].sum()) for mb in micro), step_loss], d
+        step_samples, video_samples, text_tokens, step_loss = all_reduce_sums(
+            [
+                sum(len(mb["lengths"]) for mb in micro),
+                sum(int(mb["has_video"].sum()) for mb in micro),
+                sum(int(mb["lengths"].sum()) for mb in micro),
+                step_loss,
+            ],
+            d,
         )
         step_samples = int(step_samples)
-        step_tokens = text_tokens + step_samples * run.model.visual_tokens
+        step_tokens = text_tokens + video_samples * run.model.visual_tokens
         samples_seen += step_samples
         seconds = max(1e-9, time.time() - t0)
         record = {
@@ -184,7 +214,7 @@ def train_stage(
             "samples": samples_seen,
             "samples_per_s": step_samples / seconds,
             "tokens_per_s": step_tokens / seconds,
-            "mfu": model_flops(model, step_tokens, step_samples) / seconds / (peak * d.world_size) if peak else None,
+            "mfu": model_flops(model, step_tokens, video_samples) / seconds / (peak * d.world_size) if peak else None,
             "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
@@ -225,6 +255,7 @@ def train_stage(
         "samples_seen": samples_seen,
         "data_position": {"epoch": position.epoch, "batches": position.batches},
         "processes": d.world_size,
+        "workers": loader.num_workers,
         "seed": run.train.seed,
         "trained_groups": sorted(trained_groups),
         "init": str(init) if init else None,
@@ -234,6 +265,7 @@ def train_stage(
             "samples": manifest["samples"],
         },
         "config_fingerprint": config_fingerprint,
+        "project": project_record(out),  # where relative weight paths were found (see merv.weights)
         "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
         "seconds": round(time.time() - start, 1),
     }
@@ -257,7 +289,8 @@ def _to(batch: dict, device: str) -> dict:
     if device == "cpu":
         return batch
     return {
-        k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in batch.items()
+        k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device) if v is not None else v)
+        for k, v in batch.items()
     }
 
 

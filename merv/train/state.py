@@ -1,9 +1,10 @@
 """Resumable training state: ``<out>.work/step-NNNNNNNN/`` folders written atomically during a stage.
 
 Each holds the trainable model weights and the optimizer state (``torch.distributed.checkpoint``, one shard per rank),
-and a ``meta.json`` with the step, the data position, the LR scheduler, every RNG state, the metrics so far and the
-fingerprint of what is being trained. A run that finds a folder with its own fingerprint continues from it and ends
-bitwise where an uninterrupted run ends (on CPU, same threads); the data it skips is never decoded again.
+a ``meta.json`` with the step, the data position, the LR scheduler, the metrics so far and the fingerprint of what is
+being trained, and one ``rank-<r>.json`` per rank with that rank's own data position and RNG states. A run that finds
+a folder with its own fingerprint continues from it and ends bitwise where an uninterrupted run ends (on CPU, same
+threads); the data it skips is never decoded again.
 """
 
 from __future__ import annotations
@@ -71,17 +72,13 @@ def save_state(
     barrier(d)
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    own = {"rank": d.rank, "data_position": asdict(position), "rng": rng_state()}
+    (tmp / f"rank-{d.rank}.json").write_text(json.dumps(own))
     barrier(d)
     if not d.is_main:
         barrier(d)
         return final
-    meta = {
-        "step": step,
-        "data_position": asdict(position),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        **extra,
-    }
+    meta = {"step": step, "data_position": asdict(position), "scheduler": scheduler.state_dict(), **extra}
     (tmp / "meta.json").write_text(json.dumps(meta))
     tmp.rename(final)
     for old in sorted(p for p in work.glob("step-*") if not p.name.endswith(".tmp"))[:-keep_last]:
@@ -101,8 +98,9 @@ def latest_state(work: Path, fingerprint: str) -> Path | None:
     return None
 
 
-def load_state(folder: Path, model, optimizer, scheduler) -> tuple[int, Position, dict]:
-    """Restore weights, optimizer, scheduler and RNG from ``folder``; returns ``(step, position, meta)``."""
+def load_state(folder: Path, model, optimizer, scheduler, rank: int = 0) -> tuple[int, Position, dict]:
+    """Restore weights, optimizer, scheduler, and this rank's RNG states and data position from ``folder``;
+    returns ``(step, position, meta)``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -114,5 +112,6 @@ def load_state(folder: Path, model, optimizer, scheduler) -> tuple[int, Position
     )
     meta = json.loads((folder / "meta.json").read_text())
     scheduler.load_state_dict(meta["scheduler"])
-    set_rng_state(meta["rng"])
-    return meta["step"], Position(**meta["data_position"]), meta
+    own = json.loads((folder / f"rank-{rank}.json").read_text())
+    set_rng_state(own["rng"])
+    return meta["step"], Position(**own["data_position"]), meta

@@ -4,7 +4,7 @@ import numpy as np
 
 from merv.data.synth import QUESTIONS, render, sample_clip, write_dataset
 from merv.data.video import read_frames
-from merv.models.prompting import mcq_prompt, option_letters
+from merv.prompting import mcq_prompt, option_letters
 
 
 def test_dataset_layout(synth_dir):

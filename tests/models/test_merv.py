@@ -4,7 +4,7 @@ import torch
 from merv.checkpoint import load_checkpoint, save_checkpoint
 from merv.data.batching import collate, training_example
 from merv.data.shards import iter_samples
-from merv.models.prompting import IGNORE_INDEX, PromptBuilder, conversation_to_ids
+from merv.prompting import IGNORE_INDEX, PromptBuilder, conversation_to_ids
 from merv.train.loop import set_trainable
 
 
@@ -59,18 +59,53 @@ def test_visual_tokens_follow_bos(tiny_model, batch):
     v = tiny_model.cfg.visual_tokens
     visual, weights = tiny_model.encode(batch["videos"])
     assert visual.shape == (3, v, 128) and torch.allclose(weights.sum(-1), torch.ones(3))
-    ids = [row[:n] for row, n in zip(batch["input_ids"], batch["lengths"], strict=True)]
-    embeds, mask, labels = tiny_model.splice(visual, ids, None, pad_left=False)
+    ids, lengths, rows = batch["input_ids"], batch["lengths"], batch["has_video"]
+    embeds, mask, labels = tiny_model.splice(visual, rows, ids, lengths)
     bos = tiny_model.llm.get_input_embeddings()(torch.tensor([tiny_model.tokenizer.bos_token_id]))
     assert torch.allclose(embeds[0, 0], bos[0])
     assert torch.allclose(embeds[0, 1 : v + 1], visual[0])
     assert labels is None
-    assert mask.sum(1).tolist() == [n + v for n in batch["lengths"].tolist()]
-    labs = [row[:n] for row, n in zip(batch["labels"], batch["lengths"], strict=True)]
-    _, _, labels = tiny_model.splice(visual, ids, labs, pad_left=False)
+    assert mask.sum(1).tolist() == [n + v for n in lengths.tolist()]
+    _, _, labels = tiny_model.splice(visual, rows, ids, lengths, batch["labels"])
     assert (labels[:, 1 : v + 1] == IGNORE_INDEX).all()
-    n0 = int(batch["lengths"][0])
+    n0 = int(lengths[0])
     assert torch.equal(labels[0, v + 1 : v + n0], batch["labels"][0, 1:n0])
+
+
+def test_text_only_rows_get_no_visual_tokens(tiny_model, batch):
+    """A batch mixing video and text-only rows: each text-only row is its text alone, padded; left padding for
+    generation puts every row's last token at the end."""
+    v, emb = tiny_model.cfg.visual_tokens, tiny_model.llm.get_input_embeddings()
+    visual, _ = tiny_model.encode({n: x[[0, 2]] for n, x in batch["videos"].items()})  # rows 0 and 2 have a video
+    rows = torch.tensor([True, False, True])
+    ids, lengths = batch["input_ids"], batch["lengths"]
+    embeds, mask, labels = tiny_model.splice(visual, rows, ids, lengths, batch["labels"])
+    n1 = int(lengths[1])
+    assert mask[1].sum() == n1 and torch.allclose(embeds[1, :n1], emb(ids[1, :n1]))
+    assert torch.equal(labels[1, :n1], batch["labels"][1, :n1]) and (labels[1, n1:] == IGNORE_INDEX).all()
+    assert torch.allclose(embeds[2, 1 : v + 1], visual[1]), "the second video row gets the second visual block"
+    left, mask_left, _ = tiny_model.splice(visual, rows, ids, lengths, pad_left=True)
+    for i, n in enumerate((lengths + rows.long() * v).tolist()):
+        assert mask_left[i, -n:].all() and not mask_left[i, :-n].any()
+        assert torch.allclose(left[i, -1], emb(ids[i, lengths[i] - 1]))
+
+
+def test_a_text_only_micro_batch_still_runs_the_visual_path(tiny_model, batch):
+    """Under FSDP every rank must use every unit in every step: a micro-batch without videos runs the projectors and
+    fusion on blank frames with weight 0, so they get (zero) gradients instead of none."""
+    set_trainable(tiny_model, ("projectors", "fusion", "llm"))
+    tiny_model.zero_grad(set_to_none=True)
+    rows = torch.zeros(3, dtype=torch.bool)
+    loss, n, weights = tiny_model(None, batch["input_ids"], batch["labels"], batch["lengths"], rows)
+    (loss / n).backward()
+    assert weights is None and torch.isfinite(loss)
+    for name, p in tiny_model.named_parameters():
+        if name.startswith(("projectors", "fusion")):
+            assert p.grad is not None and p.grad.abs().sum() == 0, name
+    assert tiny_model.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+    tiny_model.zero_grad(set_to_none=True)
+    tiny_model.requires_grad_(False)
+    tiny_model.eval()
 
 
 def test_gradients_reach_exactly_the_trainable_groups(tiny_model, batch):

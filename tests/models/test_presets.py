@@ -17,7 +17,20 @@ def test_the_paper_presets_are_there():
     assert [s.name for s in full.train.stages] == ["align", "finetune"] and full.train.stage("align").lr == 1e-4
     frames = {e.id: e.num_frames for e in full.model.encoders}
     assert frames == {"languagebind": 16, "dinov2": 16, "vivit": 32, "siglip": 16}
-    assert full.model.visual_tokens == 16 * 64 == resolve_run_config("merv-sequence-concat").model.visual_tokens // 4
+    assert full.model.visual_tokens == 16 * 64
+    seq = resolve_run_config("merv-sequence-concat").model
+    assert seq.visual_tokens == 4 * 12 * 64 and seq.llm.max_length - seq.visual_tokens == 1024, "room for text"
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_paper_presets_run_the_papers_recipe(preset):
+    """bf16 mixed precision, activation checkpointing, FSDP full-shard for every stage (merv-full's stage 1 too),
+    seed 7, and frames squashed to 224 x 224 as the original's resize-naive strategy does."""
+    run = resolve_run_config(preset)
+    assert run.train.seed == 7
+    for stage in run.train.stages:
+        assert (stage.mixed_precision, stage.activation_checkpointing, stage.fsdp) == ("bf16", True, "full_shard")
+    assert {e.resize for e in run.model.encoders} == {"squash"} and {e.image_size for e in run.model.encoders} == {224}
 
 
 @pytest.mark.parametrize("preset", PAPER)

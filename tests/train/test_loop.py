@@ -101,3 +101,34 @@ def tiny_overrides_from(run) -> dict:
     from pathlib import Path
 
     return tiny_overrides(Path(run.model.llm.weights).parent)
+
+
+def test_a_sentencepiece_llm_trains_on_its_answers(tiny_run, shards, spm_llm, tmp_path):
+    """A Llama-2-style SentencePiece tokenizer (both tokenizer.json forms): the labels of a training sample decode to
+    exactly its answers, each followed by EOS, and the stage trains."""
+    from merv.data.batching import ExampleBuilder
+    from merv.data.shards import iter_samples
+    from merv.models.merv import MERV
+    from merv.prompting import IGNORE_INDEX
+
+    overrides = tiny_overrides_from(tiny_run)
+    overrides["model"]["llm"]["weights"] = str(spm_llm)
+    overrides["train"] = {"stages": {"finetune": {"epochs": 1, "global_batch_size": 4, "micro_batch_size": 2}}}
+    run = resolve_run_config("merv-tiny", overrides)
+    model = MERV.from_config(run.model)
+    tok = model.tokenizer
+    for sample in list(iter_samples(shards["finetune"]))[:4]:
+        ex = ExampleBuilder(model.cfg, tok)(sample)
+        spans, current = [], []
+        for token, label in zip(ex["input_ids"], ex["labels"], strict=True):
+            if label != IGNORE_INDEX:
+                current.append(token)
+            elif current:
+                spans.append(current)
+                current = []
+        spans += [current] if current else []
+        answers = [t["value"] + "</s>" for t in sample["meta"]["conversations"] if t["from"] == "gpt"]
+        assert [tok.decode(s) for s in spans] == answers
+    meta = train_stage(run, "finetune", shards["finetune"], tmp_path / "ft", progress=False)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert meta["step"] == 3 and len(losses) == 3 and all(math.isfinite(x) for x in losses)

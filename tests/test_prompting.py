@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merv.models.merv import MERV
-from merv.models.prompting import (
+from merv.prompting import (
     IGNORE_INDEX,
     PromptBuilder,
     check_option_letters,
@@ -79,7 +79,7 @@ def test_visual_tokens_come_first_without_bos(tiny_model, chat_tokenizer):
         model = MERV(tiny_model.cfg, tiny_model.llm, chat_tokenizer, dict(tiny_model.encoders))
         visual = torch.randn(1, 16, 128)
         ids = prompt_to_ids(chat_tokenizer, "<|im_start|>user\nHi<|im_end|>\n")
-        embeds, mask, _ = model.splice(visual, [ids], None, pad_left=False)
+        embeds, mask, _ = model.splice(visual, torch.tensor([True]), torch.tensor([ids]), torch.tensor([len(ids)]))
         assert torch.equal(embeds[0, :16], visual[0])
         text = model.llm.get_input_embeddings()(torch.tensor(ids))
         assert torch.allclose(embeds[0, 16:], text)
@@ -97,3 +97,49 @@ def test_option_letters_must_be_single_tokens(tiny_model):
     tok = PreTrainedTokenizerFast(tokenizer_object=char_level, unk_token="<unk>")
     with pytest.raises(ValueError, match=r"option letters \['A', 'B'"):
         check_option_letters(tok, "base")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real SentencePiece tokenizer (Llama-2 algorithm, 32000 pieces) in both tokenizer.json forms
+
+
+@pytest.fixture
+def spm_tok(spm_llm):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spm_llm)
+
+
+def test_the_fixture_is_the_real_sentencepiece_model(spm_tok, spm_model, spm_llm):
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    assert len(spm_tok) == sp.vocab_size() == 32000
+    for text in ("In: What colour is the moving shape?\nOut: red", "A chat between a curious user"):
+        assert spm_tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    lone = len(spm_tok(" A", add_special_tokens=False)["input_ids"])
+    assert lone == (2 if "legacy" in spm_llm.name else 1), "why letters are checked in context, not alone"
+
+
+@pytest.mark.parametrize("fmt", ["base", "vicuna", "llama2-chat"])
+def test_sentencepiece_labels_decode_to_the_answers(spm_tok, fmt):
+    check_option_letters(spm_tok, fmt)  # each of A-Z is one token where an answer starts
+    conv = [*CONV, {"from": "human", "value": "Pick one.\n\nA. dog\nB. cat"}, {"from": "gpt", "value": "B"}]
+    ids, labels = conversation_to_ids(spm_tok, conv, fmt)
+    assert ids[0] == spm_tok.bos_token_id and len(ids) == len(labels)
+    spans, current = [], []
+    for tok, lab in zip(ids, labels, strict=True):
+        if lab != IGNORE_INDEX:
+            current.append(tok)
+        elif current:
+            spans.append(current)
+            current = []
+    assert [spm_tok.decode(s) for s in spans + [current] if s] == ["red</s>", "circle</s>", "B</s>"]
+    builder = PromptBuilder(fmt, spm_tok)
+    for turn in conv[:3]:
+        builder.add_turn(turn["from"], turn["value"])
+    prompt_ids = prompt_to_ids(spm_tok, builder.get_prompt())
+    assert ids[: len(prompt_ids)] == prompt_ids, "the inference prompt is the training prefix, token for token"
+    first = ids[len(prompt_ids)]  # the token the model must generate first after that prompt
+    piece = spm_tok.decode([first]).strip()
+    assert labels[len(prompt_ids)] == first and piece and "circle".startswith(piece)

@@ -1,11 +1,15 @@
 """Prompt formats: turn a conversation into token ids and labels, the same way for training and inference.
 
-A conversation is tokenised turn piece by turn piece, so the prompt an inference call builds is token-for-token
-the prefix the model saw in training.
+A conversation is rendered to one string (answers followed by the EOS token's text for the built-in formats) and
+tokenised in one call; a token is a target when its first character lies inside an answer. Inference tokenises the
+prompt string the same way, so its ids are token for token the prefix the model saw in training, for byte-level BPE
+and for SentencePiece tokenizers alike (whose normalizer turns a lone ``" A"`` into two tokens but ``"Out: A"`` into
+``Out : ▁A``): nothing is tokenised out of context.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100
@@ -86,17 +90,19 @@ class PromptBuilder:
         return self.format != CHAT_TEMPLATE
 
     def pieces(self) -> list[tuple[str, bool]]:
-        """Text pieces with a flag 'is an answer' (answers get EOS and, in training, labels)."""
+        """Text pieces with a flag 'is an answer' (answers are the training targets). With a tokenizer, the built-in
+        formats follow each answer with the EOS token's text, which the tokenizer reads back as the EOS token."""
         if self.format == CHAT_TEMPLATE:
             return self._template_pieces()
         fmt = get_format(self.format)
+        eos = getattr(self.tokenizer, "eos_token", None) if self.tokenizer is not None else None
         out: list[tuple[str, bool]] = []
         for i, (role, message) in enumerate(self.turns):
             if role == "human":
                 template = fmt.first_user if i == 0 and fmt.first_user else fmt.user
                 out.append((template.format(message=clean_message(message)), False))
             else:
-                out.append((fmt.answer.format(message=message.strip()), True))
+                out.append((fmt.answer.format(message=message.strip()) + (eos or ""), True))
         return out
 
     def _template_pieces(self) -> list[tuple[str, bool]]:
@@ -124,14 +130,30 @@ def _with_bos(tokenizer, ids: list[int]) -> list[int]:
     return ids if bos is None or ids[:1] == [bos] else [bos] + ids
 
 
+def _ids_and_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} cannot report character offsets; merv needs a fast "
+            "(tokenizers-backed) tokenizer"
+        ) from None
+    return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+
 def check_option_letters(tokenizer, prompt_format: str) -> None:
-    """Multiple-choice answers are option letters: each of A-Z must be one token where an answer starts."""
+    """Multiple-choice answers are option letters: after a prompt, each of A-Z must add exactly one token (in
+    context, as the model would generate it: a SentencePiece ``" A"`` alone is two tokens, after ``"Out:"`` one)."""
+    builder = PromptBuilder(prompt_format, tokenizer)
+    builder.add_turn("human", "Which option?")
+    prompt = builder.get_prompt()
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer = "{message}" if prompt_format == CHAT_TEMPLATE else get_format(prompt_format).answer
-    bad = [
-        letter
-        for letter in (chr(ord("A") + i) for i in range(26))
-        if len(tokenizer(answer.format(message=letter), add_special_tokens=False)["input_ids"]) != 1
-    ]
+    bad = []
+    for letter in (chr(ord("A") + i) for i in range(26)):
+        ids = tokenizer(prompt + answer.format(message=letter), add_special_tokens=False)["input_ids"]
+        if len(ids) != len(base) + 1 or ids[: len(base)] != base:
+            bad.append(letter)
     if bad:
         raise ValueError(f"option letters {bad} are not single tokens for prompt format {prompt_format!r}")
 
@@ -141,14 +163,20 @@ def conversation_to_ids(tokenizer, conversation: list[dict], prompt_format: str)
     builder = PromptBuilder(prompt_format, tokenizer)
     for turn in conversation:
         builder.add_turn(turn["from"], turn["value"])
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, is_answer in builder.pieces():
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if is_answer and builder.eos_after_answer:
-            piece = piece + [tokenizer.eos_token_id]
-        ids += piece
-        labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
+    text, starts, ends, pos = "", [], [], 0
+    for piece, is_answer in builder.pieces():
+        if is_answer:
+            starts.append(pos)
+            ends.append(pos + len(piece))
+        text += piece
+        pos += len(piece)
+    ids, offsets = _ids_and_offsets(tokenizer, text)
+
+    def in_answer(char: int) -> bool:
+        i = bisect.bisect_right(starts, char) - 1
+        return i >= 0 and char < ends[i]
+
+    labels = [tok if in_answer(start) else IGNORE_INDEX for tok, (start, _) in zip(ids, offsets, strict=True)]
     full = _with_bos(tokenizer, ids)
     return full, [IGNORE_INDEX] * (len(full) - len(ids)) + labels
 

@@ -1,0 +1,89 @@
+"""Encoder features are taken where the original MERV takes them (its backbones, read in its public code):
+
+- LanguageBind-Video: ``featurizer(video, output_hidden_states=True).hidden_states[-2]``, CLS dropped;
+- DINOv2 (timm, reg4) and SigLIP (timm): ``featurizer.get_intermediate_layers(n={len(blocks) - 2})`` (the
+  penultimate block, no final norm, prefix tokens dropped);
+- ViViT (transformers): ``last_hidden_state[:, 1:]`` (the final output after the last layer norm, CLS dropped).
+"""
+
+import pytest
+import torch
+
+from merv.config import resolve_run_config
+from merv.models.encoders import build_encoder, layer_index
+from merv.models.standins import build_standin_weights
+
+ORIGINAL_CHOICE = {"languagebind": -2, "dinov2": -2, "siglip": -2, "vivit": None}
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """merv-frozen with toy stand-ins of its four encoder families (2 blocks each)."""
+    return build_standin_weights(resolve_run_config("merv-frozen"), tmp_path_factory.mktemp("frozen"))
+
+
+@pytest.mark.parametrize("preset", ["merv-frozen", "merv-full", "merv-channel-concat", "dinov2-single"])
+def test_presets_take_the_originals_layers(preset):
+    for enc in resolve_run_config(preset).model.encoders:
+        assert enc.feature_layer == ORIGINAL_CHOICE[enc.id], enc.id
+
+
+@pytest.mark.parametrize("encoder", ["dinov2", "siglip"])
+def test_timm_penultimate_block_equals_get_intermediate_layers(frozen, encoder):
+    import timm
+
+    cfg = next(e for e in frozen.model.encoders if e.id == encoder)
+    ours = build_encoder(cfg).eval()
+    reference = timm.create_model(
+        cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": cfg.weights}, num_classes=0, **cfg.model_kwargs
+    ).eval()
+    frames = torch.randn(1, 3, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        (expected,) = reference.get_intermediate_layers(frames.flatten(0, 1), n={len(reference.blocks) - 2})
+        got = ours(frames)
+    assert len(ours.model.blocks) == len(reference.blocks) - 1, "the unused last block is removed"
+    assert got.shape == (1, 3, ours.tokens_per_frame, ours.embed_dim)
+    assert torch.allclose(got.flatten(0, 1), expected, atol=1e-6)
+
+
+def test_languagebind_hidden_states_minus_two(frozen):
+    import dataclasses
+
+    cfg = next(e for e in frozen.model.encoders if e.id == "languagebind")
+    ours = build_encoder(cfg).eval()
+    full = build_encoder(dataclasses.replace(cfg, feature_layer=None)).eval()
+    video = torch.randn(2, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
+    hidden = []  # hidden_states as transformers' CLIP numbers them: 0 after pre_layrnorm, i after layer i
+    with torch.no_grad():
+        x = full.vision.pre_layrnorm(full.vision.embeddings(video.flatten(0, 1)))
+        hidden.append(x)
+        for layer, temporal in zip(full.vision.encoder.layers, full.temporal, strict=True):
+            x = temporal(x, cfg.num_frames)
+            x = x + layer.self_attn(hidden_states=layer.layer_norm1(x))[0]
+            x = x + layer.mlp(layer.layer_norm2(x))
+            hidden.append(x)
+        expected = hidden[-2][:, 1:].unflatten(0, (2, cfg.num_frames))
+        assert torch.allclose(ours(video), expected, atol=1e-6)
+        assert torch.allclose(full(video), hidden[-1][:, 1:].unflatten(0, (2, cfg.num_frames)), atol=1e-6)
+
+
+def test_vivit_final_output_and_other_layers(frozen):
+    import dataclasses
+
+    cfg = next(e for e in frozen.model.encoders if e.id == "vivit")
+    final = build_encoder(cfg).eval()
+    video = torch.randn(1, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        out = final.model(pixel_values=video, output_hidden_states=True)
+        assert torch.allclose(final(video).flatten(1, 2), out.last_hidden_state[:, 1:], atol=1e-6)
+        minus_two = build_encoder(dataclasses.replace(cfg, feature_layer=-2)).eval()
+        assert torch.allclose(minus_two(video).flatten(1, 2), out.hidden_states[-2][:, 1:], atol=1e-6)
+
+
+def test_feature_layer_out_of_range_is_a_clear_error(frozen):
+    import dataclasses
+
+    cfg = next(e for e in frozen.model.encoders if e.id == "dinov2")
+    with pytest.raises(ValueError, match=r"encoder 'dinov2': feature_layer 5 is outside this 2-block model"):
+        build_encoder(dataclasses.replace(cfg, feature_layer=5))
+    assert [layer_index(k, 24, "x") for k in (-1, -2, 0, 24)] == [24, 23, 0, 24]
