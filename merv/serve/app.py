@@ -43,6 +43,7 @@ from merv.serve.settings import MIB, ServeSettings
 log = logging.getLogger("merv.serve")
 STATIC = Path(__file__).parent / "static"
 TEXT_ALLOWANCE = MIB  # room for the text of a request beside its base64 media
+MAX_UPLOADS = 64  # videos the chat page's upload folder keeps
 
 
 def error_response(e: ServeError) -> JSONResponse:
@@ -88,7 +89,13 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, e: ServeError):
+        log.info("%s %s refused (%d): %s", request.method, request.url.path, e.status, e.message)
         return error_response(e)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, e: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(ServeError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, e: HTTPException):
@@ -223,6 +230,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
             )
         if file.size is not None and file.size > settings.max_upload_bytes:
             raise policy.too_large("file", file.size)
+        forget_old_uploads(uploads)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(file.filename).stem)[:64]
         path = uploads / f"{uuid.uuid4().hex[:8]}-{stem}{suffix}"
         with path.open("wb") as out:
@@ -236,6 +244,13 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     app.state.engine = engine
     return app
+
+
+def forget_old_uploads(folder: Path, keep: int = MAX_UPLOADS - 1) -> None:
+    """Bound the upload folder: the oldest uploads go first."""
+    files = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)
+    for path in files[: max(0, len(files) - keep)]:
+        path.unlink(missing_ok=True)
 
 
 def open_socket(host: str, port: int) -> socket.socket:

@@ -78,7 +78,7 @@ def visible_text(text: str, stop: tuple[str, ...], final: bool) -> tuple[str, bo
             if text.endswith(s[:n]):
                 keep = min(keep, len(text) - n)
                 break
-    return text[:keep], False
+    return text[:keep].rstrip(), False
 
 
 class RowTracker(StoppingCriteria):
@@ -208,7 +208,7 @@ class BatchEngine:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
         return [job for job in batch if not job.cancelled]
 

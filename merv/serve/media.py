@@ -105,7 +105,7 @@ class MediaPolicy:
 
         try:
             return await asyncio.wait_for(get(), self.download_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise ServeError(
                 400,
                 f"{param}: downloading {url} timed out after {self.download_timeout_s:g} s",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -127,3 +129,14 @@ def test_concurrent_requests_are_batched(client, server, clip, video_dir):
     after = health(server)
     assert after["requests"] - before["requests"] == 6
     assert after["batches"] - before["batches"] < 6 and after["largest_batch"] >= 2, after
+
+
+def test_serve_command_errors(tmp_path):
+    def serve(*args):
+        cmd = [sys.executable, "-m", "merv.cli", "serve", "--port", "0", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    res = serve("--model", tmp_path / "nothing")
+    assert res.returncode == 1 and "nothing: not a merv checkpoint folder" in res.stderr, res.stderr[-2000:]
+    res = serve("--model", tmp_path, "--allowed-dir", tmp_path / "nope")
+    assert res.returncode == 1 and "nope: not a folder" in res.stderr, res.stderr[-2000:]

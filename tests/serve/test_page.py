@@ -66,10 +66,12 @@ def similarity(a: str, b: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("tesseract") is None, reason="needs tesseract-ocr (make browser-packages)")
 def test_chat_page_in_chromium(server, client, video_dir, tmp_path):
     """Choose a synthetic clip, ask, read the streamed answer (DOM and screenshot), follow up, then upload a clip."""
-    from tests.serve.browser import Browser
+    from tests.serve.browser import CHROMIUM, Browser
+
+    if CHROMIUM is None or shutil.which("tesseract") is None:
+        pytest.fail("the chat page test needs Debian's chromium and tesseract-ocr: run `make browser-packages`")
 
     clip = sorted(video_dir.glob("eval_*.mp4"))[2]
     expected = ask(client, video_message(clip.as_uri(), QUESTIONS[0]), max_tokens=128).choices[0].message.content
