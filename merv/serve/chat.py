@@ -89,13 +89,14 @@ async def load_visual(model, policy: MediaPolicy, request: ChatRequest, workdir:
     if isinstance(first, VideoPart):
         param = f"{where}.video_url"
         source, hint = await policy.fetch(first.url, param)
-        if isinstance(source, bytes):
+        temporary = isinstance(source, bytes)
+        if temporary:
             path = workdir / f"video{suffix_for(hint)}"
             path.write_bytes(source)
             what = f"{first.url.split(',')[0][:40]}, {len(source)} bytes"
         else:
             path, what = source, first.url
-        return await asyncio.to_thread(video_tensors, model, path, what, param)
+        return await asyncio.to_thread(video_tensors, model, path, what, param, temporary)
     images, total = [], 0
     for where, part in parts:
         param = f"{where}.image_url"

@@ -153,13 +153,16 @@ def frame_size(model) -> int:
     return max(enc.image_size for enc in model.encoders.values())
 
 
-def video_tensors(model, path: Path, what: str, param: str) -> dict[str, torch.Tensor]:
-    """Decode a video file (or folder of frames) with each encoder's uniform sampling (blocking: run in a thread)."""
+def video_tensors(model, path: Path, what: str, param: str, temporary: bool = False) -> dict[str, torch.Tensor]:
+    """Decode a video file (or folder of frames) with each encoder's uniform sampling (blocking: run in a thread).
+
+    ``temporary``: ``path`` is where a data URL or download was written, a name that means nothing to the client."""
     counts = [enc.num_frames for enc in model.encoders.values()]
     try:
         frames, positions = read_frames(path, counts, frame_size(model))
     except VideoError as e:
-        raise ServeError(400, f"{param}: cannot read the video ({what}): {e.reason}", "invalid_video", param) from None
+        reason = e.reason.replace(str(path), "the sent video") if temporary else e.reason
+        raise ServeError(400, f"{param}: cannot read the video ({what}): {reason}", "invalid_video", param) from None
     return frames_per_encoder(model, frames, positions)
 
 

@@ -9,6 +9,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.serve.conftest import ANSWER, QUESTIONS, ask, data_url, health, video_message
@@ -132,11 +133,12 @@ def test_concurrent_requests_are_batched(client, server, clip, video_dir):
 
 
 def test_serve_command_errors(tmp_path):
-    def serve(*args):
-        cmd = [sys.executable, "-m", "merv.cli", "serve", "--port", "0", *map(str, args)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    from merv.serve.settings import ServeSettings
 
-    res = serve("--model", tmp_path / "nothing")
+    cmd = [sys.executable, "-m", "merv.cli", "serve", "--port", "0", "--model", str(tmp_path / "nothing")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "nothing: not a merv checkpoint folder" in res.stderr, res.stderr[-2000:]
-    res = serve("--model", tmp_path, "--allowed-dir", tmp_path / "nope")
-    assert res.returncode == 1 and "nope: not a folder" in res.stderr, res.stderr[-2000:]
+    with pytest.raises(ValueError, match="nope: not a folder"):
+        ServeSettings(model=str(tmp_path), allowed_dirs=(tmp_path / "nope",))
+    with pytest.raises(ValueError, match="--max-batch must be >= 1"):
+        ServeSettings(model=str(tmp_path), max_batch=0)
