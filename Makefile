@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test lint unit clean help slurm-profile slurm-packages
+.PHONY: setup demo test lint unit clean help slurm-profile slurm-packages browser-packages
 
 help:
 	@echo "make demo   - set up and run the pipeline on the built-in default -> results/merv_tiny/eval.json"
@@ -45,7 +45,15 @@ unit: setup
 slurm-packages:
 	scripts/slurm-cluster install
 
-test: lint slurm-packages
+# the chat page test drives Debian's headless Chromium and reads its screenshot with tesseract
+BROWSER_PACKAGES := chromium tesseract-ocr tesseract-ocr-eng fonts-dejavu-core
+browser-packages:
+	@if [ "$$(dpkg-query -W -f='$${Status}\n' $(BROWSER_PACKAGES) 2>/dev/null | grep -c 'install ok installed')" = \
+	     "$(words $(BROWSER_PACKAGES))" ]; then echo "browser packages already installed"; else \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); fi
+
+test: lint slurm-packages browser-packages
 	pytest -q
 
 # lets `snakemake --profile slurm ...` find workflow/profiles/slurm

@@ -196,6 +196,28 @@ def cmd_generate(args):
     print(model.generate(args.video, builder.get_prompt(), max_new_tokens=args.max_new_tokens))
 
 
+def cmd_serve(args):
+    from merv.serve.app import serve
+    from merv.serve.settings import ServeSettings
+
+    serve(
+        ServeSettings(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            served_model_name=args.served_model_name,
+            allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
+            max_upload_mb=args.max_upload_mb,
+            download_timeout_s=args.download_timeout,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            default_max_tokens=args.default_max_tokens,
+        )
+    )
+
+
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` of the inference commands (see merv.runtime)."""
     from merv.runtime import DEVICE_CHOICES, DTYPE_CHOICES
@@ -299,6 +321,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=64)
     add_runtime_options(s)
     s.set_defaults(func=cmd_generate)
+
+    from merv.serve.settings import ServeSettings as Serve  # one source for the defaults
+
+    s = sub.add_parser("serve", help="OpenAI-compatible chat-completions server with a chat page at /")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--host", default=Serve.host, help=f"address to listen on (default {Serve.host})")
+    s.add_argument("--port", type=int, default=Serve.port, help=f"default {Serve.port}; 0: any free port")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the model config's name)")
+    s.add_argument(
+        "--allowed-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder file:// video URLs may point into, listed by the chat page (repeatable)",
+    )
+    s.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=Serve.max_upload_mb,
+        help=f"largest video or frame set per request: data URL, download or upload (default {Serve.max_upload_mb:g})",
+    )
+    s.add_argument("--download-timeout", type=float, default=Serve.download_timeout_s, help="seconds, http(s) videos")
+    s.add_argument("--max-batch", type=int, default=Serve.max_batch, help="most requests per generate call")
+    s.add_argument(
+        "--batch-wait-ms", type=float, default=Serve.batch_wait_ms, help="how long a request waits for others to batch"
+    )
+    s.add_argument(
+        "--default-max-tokens", type=int, default=Serve.default_max_tokens, help="when a request names no max_tokens"
+    )
+    add_runtime_options(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

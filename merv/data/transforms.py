@@ -68,8 +68,9 @@ class Preprocess:
         return ((x - mean) / std).contiguous()
 
 
-def _native(cfg: EncoderConfig) -> dict:
-    """What the encoder's own processor does: ``{"resize", "crop_pct", "mean", "std"}`` (missing keys: unknown)."""
+def _native(cfg: EncoderConfig, read_weights: bool = True) -> dict:
+    """What the encoder's own processor does: ``{"resize", "crop_pct", "mean", "std"}`` (missing keys: unknown).
+    Without ``read_weights`` nothing beside the weights is read (transformers encoders: unknown)."""
     if cfg.kind == "timm_image":
         import timm
 
@@ -84,7 +85,7 @@ def _native(cfg: EncoderConfig) -> dict:
     if cfg.kind == "languagebind_video":
         return {"resize": "crop", "crop_pct": 1.0, "mean": CLIP_MEAN, "std": CLIP_STD}
     path = Path(cfg.weights) / "preprocessor_config.json"
-    if not path.is_file():
+    if not read_weights or not path.is_file():
         return {}
     proc = json.loads(path.read_text())
     out = {k: tuple(proc[f"image_{k}"]) for k in ("mean", "std") if f"image_{k}" in proc}
@@ -96,10 +97,10 @@ def _native(cfg: EncoderConfig) -> dict:
     return out
 
 
-def with_preprocessing(cfg: EncoderConfig) -> EncoderConfig:
+def with_preprocessing(cfg: EncoderConfig, read_weights: bool = True) -> EncoderConfig:
     """``cfg`` with ``resize``, ``crop_pct``, ``mean`` and ``std`` made explicit: what the config says, else the
     encoder's own processor (weights must already be resolved for transformers encoders), else squash and 0.5."""
-    native = _native(cfg)
+    native = _native(cfg, read_weights)
     resize = cfg.resize if cfg.resize != "auto" else native.get("resize", "squash")
     crop_pct = cfg.crop_pct or (native.get("crop_pct", 1.0) if resize == "crop" else 1.0)
     mean = tuple(cfg.mean or native.get("mean", HALF))
@@ -112,6 +113,14 @@ def preprocess_for(cfg: EncoderConfig) -> Preprocess:
     if cfg.resize == "auto" or cfg.mean is None or cfg.std is None:
         cfg = with_preprocessing(cfg)
     return Preprocess(cfg.image_size, cfg.resize, cfg.crop_pct or 1.0, tuple(cfg.mean), tuple(cfg.std))
+
+
+def frame_size(encoders, read_weights: bool = True) -> int:
+    """The short side to decode and store frames at so that no encoder upsamples (see ``Preprocess``).
+
+    ``read_weights=False`` (the pipeline, before weights exist) reads no ``preprocessor_config.json``: a transformers
+    encoder with ``resize: auto`` then counts as squashing; set ``resize`` explicitly to size shards for its crop."""
+    return max(preprocess_for(with_preprocessing(e, read_weights)).source_short_side for e in encoders)
 
 
 def frames_for(encoder: EncoderConfig, sample: dict) -> np.ndarray:

@@ -210,14 +210,13 @@ class MERV(nn.Module):
 
     def generate(self, video, prompt: str, num_frames: list[int] | None = None, **gen_kwargs) -> str:
         """The original API: ``generate(video_path_or_frames, prompt_text, num_frames=[...], ...)``."""
-        from merv.data.transforms import preprocess_for
+        from merv.data.transforms import frame_size
         from merv.data.video import read_frames
 
         counts = [e.num_frames for e in self.encoders.values()]
         if num_frames is not None and list(num_frames) != counts:
             raise ValueError(f"num_frames {list(num_frames)} does not match this model's encoders {counts}")
-        size = max(preprocess_for(e.cfg).source_short_side for e in self.encoders.values())
-        frames, positions = read_frames(video, counts, size)
+        frames, positions = read_frames(video, counts, frame_size(self.cfg.encoders))
         per_encoder = {name: frames[positions[enc.num_frames]] for name, enc in self.encoders.items()}
         videos = {k: v.unsqueeze(0) for k, v in self.transform(per_encoder).items()}
         return self.generate_batch(videos, [prompt], **gen_kwargs)[0]

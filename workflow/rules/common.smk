@@ -2,6 +2,7 @@
 import json
 
 from merv.config import resolve_run_config
+from merv.data.transforms import frame_size
 
 MERV_ENV = "../../envs/merv.yaml"
 
@@ -29,7 +30,7 @@ def shard_settings():
     shards = config["shards"]
     return {
         "frames": " ".join(str(c) for c in sorted({e.num_frames for e in encoders})),
-        "size": max(e.image_size for e in encoders),
+        "size": frame_size(encoders, read_weights=False),  # the short side every encoder's own resize needs
         "options": f"--shard-size {shards['target_size']} --frame-format {shards['frame_format']}"
         f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else ""),
     }
