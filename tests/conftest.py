@@ -100,3 +100,28 @@ def spm_llm(request, spm_model, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp(f"spm-{request.param}")
     return build_llm(build_tokenizer(spm_model, request.param, out), out)
+
+
+@pytest.fixture(scope="session")
+def unequal_shards(synth_dir, tmp_path_factory) -> Path:
+    """Stage-2 shards of deliberately unequal sizes (3, 3, 2, 2, 2 samples): two sharding runs of the 12 samples
+    at different target sizes, put together in one folder with one manifest."""
+    import json
+
+    from merv.data.shards import ShardSettings, collect_items, read_manifest, write_shards
+
+    items = collect_items(synth_dir / "train" / "finetune.json")
+    root = tmp_path_factory.mktemp("unequal")
+    out, shards = root / "shards", []
+    out.mkdir()
+    for part, (lo, hi, target) in enumerate([(0, 6, 400_000), (6, 12, 250_000)]):
+        settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=target, frame_format="npy")
+        write_shards(items[lo:hi], root / f"part{part}", settings)
+        for shard in read_manifest(root / f"part{part}")["shards"]:
+            name = f"shard-{len(shards):06d}.tar"
+            (root / f"part{part}" / shard["name"]).rename(out / name)
+            shards.append({**shard, "name": name})
+    manifest = {**read_manifest(root / "part1"), "shards": shards, "samples": sum(s["samples"] for s in shards)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert [s["samples"] for s in shards] == [3, 3, 2, 2, 2]
+    return out

@@ -93,3 +93,25 @@ def test_real_training_batches(tiny_model, shards):
     assert batch["input_ids"].shape == batch["labels"].shape and batch["lengths"].max() == batch["input_ids"].shape[1]
     assert (batch["labels"][0, batch["lengths"][0] :] == -100).all()
     assert batch["input_ids"].dtype == torch.long
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_yields_the_same_batches_per_epoch_on_unequal_shards(unequal_shards, workers):
+    """No rank runs into the next epoch while another is still in this one: per epoch, both ranks yield exactly
+    ``batches_per_epoch`` batches, read disjoint samples, and the dealing balances the unequal shards by size."""
+    loaders = [make(unequal_shards, rank=r, world_size=2, num_workers=workers, batch_size=2) for r in range(2)]
+    for epoch in range(3):
+        counts = {ld.batches_per_epoch(epoch) for ld in loaders}
+        assert len(counts) == 1
+        batches = [list(ld.epoch(epoch)) for ld in loaders]
+        assert [len(b) for b in batches] == [counts.pop()] * 2
+        keys = [{k for b in bs for k in b} for bs in batches]
+        held = [sum(s["samples"] for part in ld.shards_by_worker(epoch) for s in part) for ld in loaders]
+        assert sum(held) == 12 and abs(held[0] - held[1]) <= 3, "shards dealt by size: at most one shard apart"
+        assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == sum(len(b) for bs in batches for b in bs)
+        assert len(keys[0] | keys[1]) >= 12 - 3 * max(1, workers), "at most the extra tail of a rank is dropped"
+    # positions after the same number of batches are the same on both ranks, across epochs
+    streams = [ld() for ld in loaders]
+    for _ in range(3 * loaders[0].batches_per_epoch(0)):
+        positions = [next(s)[0] for s in streams]
+        assert positions[0] == positions[1]

@@ -1,12 +1,15 @@
 """Exact resume: a training run killed with SIGKILL and started again ends bitwise where an uninterrupted run ends."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,13 +18,30 @@ from merv.train.state import latest_state, work_dir
 from tests.conftest import tiny_overrides
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (found through /proc), as a lost node would end them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, victims = [pid], []
+    while todo:
+        victims.append(todo.pop())
+        todo += children.get(victims[-1], [])
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
 def train_cmd(config: str, data, out):
     cmd = [sys.executable, "-m", "merv.cli", "train", "--config", config, "--stage", "finetune", "--data", str(data)]
     return cmd + ["--out", str(out), "--no-progress"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny_run, shards, tmp_path):
-    from pathlib import Path
 
     overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
     overrides["train"] = {
@@ -72,3 +92,41 @@ def test_a_state_of_other_settings_is_not_resumed(tmp_path):
     (tmp_path / "x.work" / "step-00000004" / "meta.json").write_text(json.dumps({"fingerprint": "other"}))
     assert latest_state(work_dir(tmp_path / "x"), "mine") is None
     assert latest_state(work_dir(tmp_path / "x"), "other").name == "step-00000004"
+
+
+@pytest.mark.slow
+def test_two_ranks_on_unequal_shards_killed_and_resumed_equal_uninterrupted(tiny_run, unequal_shards, tmp_path):
+    """2 gloo ranks with a DataLoader worker each, on shards of unequal sizes: SIGKILL every process mid-epoch, start
+    again, and the weights end bitwise equal to an uninterrupted 2-rank run (each rank restores its own data
+    position and RNG states)."""
+
+    overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
+    stage = {"epochs": 6, "global_batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 3, "num_workers": 1}
+    overrides["train"] = {"stages": {"finetune": {**stage, "shuffle_buffer": 4}}}
+    config = json.dumps(resolve_run_config("merv-tiny", overrides).to_dict())
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def cmd(out):
+        return torchrun + train_cmd(config, unequal_shards, out)[2:]
+
+    full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, env=env, timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while not (work_dir(cut) / "step-00000006").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    kill_tree(proc.pid)  # torchrun, both ranks (each in a session of its own) and their DataLoader workers
+    proc.wait()
+    assert not cut.exists(), "killed before the end"
+    ranks = sorted(p.name for p in (work_dir(cut) / "step-00000006").glob("rank-*.json"))
+    assert ranks == ["rank-0.json", "rank-1.json"]
+    again = subprocess.run(cmd(cut), capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bitwise equal weights"
+    meta_a, meta_b = (json.loads((p / "meta.json").read_text()) for p in (tmp_path / "full", cut))
+    assert meta_a["processes"] == 2 and meta_a["workers"] == 1
+    assert meta_a["data_position"] == meta_b["data_position"] and meta_a["samples_seen"] == meta_b["samples_seen"]
