@@ -110,24 +110,21 @@ def cmd_inspect(args):
     raise ValueError(f"{args.dir}: no sample with key {args.sample!r}")
 
 
-def cmd_train(args):
-    from merv.train.loop import train_stage
+def parse_features(items: list[str] | None) -> dict[str, str]:
+    """``["vit=DIR", ...]`` -> ``{"vit": "DIR"}`` (``merv train --features``)."""
+    out = {}
+    for item in items or []:
+        encoder, sep, folder = item.partition("=")
+        if not sep or not encoder or not folder:
+            raise ValueError(f"--features {item!r}: expected ENCODER=FOLDER")
+        out[encoder] = folder
+    return out
 
-    run = load_config_spec(args.config)
-    run.train.stage(args.stage)  # an unknown stage fails here, before anything is submitted
-    if args.launcher == "none":
-        train_stage(
-            run,
-            args.stage,
-            Path(args.data),
-            Path(args.out),
-            Path(args.init) if args.init else None,
-            progress=not args.no_progress,
-        )
-        return
-    from merv.train.launch import LaunchConfig, TrainJob, submit
 
-    launch = LaunchConfig(
+def launch_config(args):
+    from merv.train.launch import LaunchConfig
+
+    return LaunchConfig(
         launcher=args.launcher,
         nodes=args.nodes,
         tasks_per_node=args.tasks_per_node,
@@ -138,9 +135,59 @@ def cmd_train(args):
         time_min=args.time,
         folder=args.submitit_dir,
     )
-    job = TrainJob(run.to_dict(), args.stage, args.data, args.out, args.init)
-    meta = submit(job, launch)
+
+
+def cmd_train(args):
+    from merv.train.loop import train_stage
+
+    run = load_config_spec(args.config)
+    run.train.stage(args.stage)  # an unknown stage fails here, before anything is submitted
+    features = parse_features(args.features)
+    if args.launcher == "none":
+        train_stage(
+            run,
+            args.stage,
+            Path(args.data),
+            Path(args.out),
+            Path(args.init) if args.init else None,
+            progress=not args.no_progress,
+            features={k: Path(v) for k, v in features.items()},
+        )
+        return
+    from merv.train.launch import TrainJob, submit
+
+    job = TrainJob(run.to_dict(), args.stage, args.data, args.out, args.init, features)
+    meta = submit(job, launch_config(args))
     log.info("stage %s finished on %d processes: final loss %.4f", args.stage, meta["processes"], meta["final_loss"])
+
+
+def cmd_features(args):
+    from merv.features.extract import ExtractSettings, FeaturesJob, extract_features, write_manifest
+    from merv.weights import resolve_model
+
+    run = load_config_spec(args.config)
+    settings = ExtractSettings(dtype=args.dtype, batch_size=args.batch_size, device=args.device)
+    if args.launcher == "none":
+        from merv.train.distributed import barrier, init_distributed
+
+        d = init_distributed()  # one process, or one per GPU under torchrun
+        model = resolve_model(run.model)
+        result = extract_features(
+            Path(args.shards), model, args.encoder, Path(args.out), settings, d.rank, d.world_size, not args.no_progress
+        )
+        barrier(d)
+        if d.world_size > 1 and d.is_main:
+            result = write_manifest(Path(args.shards), model, args.encoder, Path(args.out), settings, 0.0)
+    else:
+        from merv.train.launch import submit
+
+        job = FeaturesJob(run.to_dict(), args.encoder, args.shards, args.out, settings)
+        result = submit(job, launch_config(args))
+    if result is not None:
+        log.info(
+            "%s: %d samples (%d with features) of shape %s as %s, %d bytes a sample",
+            args.out, result["samples"], result["features"], result["shape"], args.dtype, result["bytes_per_sample"],
+        )  # fmt: skip
 
 
 def cmd_eval(args):
@@ -275,23 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="shard folder of the stage's training data")
     s.add_argument("--out", required=True)
     s.add_argument("--init", help="checkpoint folder to start from (e.g. the previous stage)")
-    s.add_argument("--no-progress", action="store_true")
-    g = s.add_argument_group("launch (submitit)")
-    g.add_argument(
-        "--launcher",
-        choices=["none", "local", "slurm"],
-        default="none",
-        help="none: train in this process (or under torchrun); local/slurm: submit through submitit",
+    s.add_argument(
+        "--features",
+        action="append",
+        metavar="ENCODER=DIR",
+        help="read this encoder's cached features (merv features) instead of running it; repeat per encoder",
     )
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
-    g.add_argument("--gpus-per-node", type=int, default=0)
-    g.add_argument("--cpus-per-task", type=int, default=1)
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    g.add_argument("--submitit-dir", default="results/submitit", help="submitit's job folders and logs")
+    s.add_argument("--no-progress", action="store_true")
+    add_launch_options(s)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("features", help="cache one frozen encoder's features over a shard folder")
+    s.add_argument("shards", help="shard folder (merv shard)")
+    s.add_argument("--config", required=True, help="preset name, YAML/JSON file, or inline JSON")
+    s.add_argument("--encoder", required=True, help="id of the encoder in the config")
+    s.add_argument("--out", required=True, help="cache folder")
+    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="stored dtype (default bf16)")
+    s.add_argument("--batch-size", type=int, default=16, help="samples per encoder forward")
+    s.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N")
+    s.add_argument("--no-progress", action="store_true")
+    add_launch_options(s)
+    s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on one sharded benchmark")
     s.add_argument("--model", required=True, help="checkpoint folder")
@@ -353,6 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_options(s)
     s.set_defaults(func=cmd_serve)
     return p
+
+
+def add_launch_options(s: argparse.ArgumentParser) -> None:
+    """How a job runs: in this process (or under torchrun), or submitted through submitit."""
+    g = s.add_argument_group("launch (submitit)")
+    g.add_argument(
+        "--launcher",
+        choices=["none", "local", "slurm"],
+        default="none",
+        help="none: train in this process (or under torchrun); local/slurm: submit through submitit",
+    )
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
+    g.add_argument("--gpus-per-node", type=int, default=0)
+    g.add_argument("--cpus-per-task", type=int, default=1)
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    g.add_argument("--submitit-dir", default="results/submitit", help="submitit's job folders and logs")
 
 
 def main(argv: list[str] | None = None) -> int:

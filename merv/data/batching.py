@@ -21,21 +21,37 @@ def encoder_frames(model, sample: dict) -> dict[str, torch.Tensor] | None:
 
 
 class ExampleBuilder:
-    """Decoded sample -> ``{"videos": {enc: [T, 3, S, S]} | None, "input_ids", "labels"}``.
+    """Decoded sample -> ``{"videos": {enc: [T, 3, S, S]}, "features": {enc: tensor}, "input_ids", "labels"}``.
 
-    Text is cut to the LLM context: to ``max_length - visual tokens`` for samples with a video, to ``max_length`` for
-    text-only ones (they get no visual tokens).
+    Encoders named in ``cached`` take their features from the sample (a feature cache), the others their frames;
+    ``videos`` and ``features`` are None for a text-only sample. Text is cut to the LLM context: to
+    ``max_length - visual tokens`` for samples with a video, to ``max_length`` for text-only ones (no visual tokens).
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: ModelConfig, tokenizer, cached: frozenset[str] = frozenset()):
+        self.cfg, self.tokenizer, self.cached = cfg, tokenizer, frozenset(cached)
+        self.live = tuple(e for e in cfg.encoders if e.id not in self.cached)
 
     def __call__(self, sample: dict) -> dict:
         meta = sample["meta"]
         ids, labels = conversation_to_ids(self.tokenizer, meta["conversations"], self.cfg.llm.prompt_format)
-        videos = video_inputs(self.cfg.encoders, sample)
-        limit = self.cfg.llm.max_length - (self.cfg.visual_tokens if videos is not None else 0)
-        return {"videos": videos, "input_ids": ids[:limit], "labels": labels[:limit], "key": meta.get("key")}
+        features = sample.get("features") or {}
+        visual = sample["frames"] is not None or bool(features)
+        videos = features_in = None
+        if visual:
+            missing = sorted(self.cached - set(features))
+            if missing:
+                raise ValueError(f"sample {meta.get('key')!r}: no cached features of encoder(s) {missing}")
+            videos = video_inputs(self.live, sample) if self.live else {}
+            features_in = {e: features[e] for e in sorted(self.cached)}
+        limit = self.cfg.llm.max_length - (self.cfg.visual_tokens if visual else 0)
+        return {
+            "videos": videos,
+            "features": features_in,
+            "input_ids": ids[:limit],
+            "labels": labels[:limit],
+            "key": meta.get("key"),
+        }
 
 
 def training_example(model, sample: dict) -> dict:
@@ -43,18 +59,24 @@ def training_example(model, sample: dict) -> dict:
     return ExampleBuilder(model.cfg, model.tokenizer)(sample)
 
 
-def collate(examples: list[dict]) -> dict:
-    """Stack the video rows' frames per encoder and right-pad the text.
+def _stack(rows: list[dict], field: str) -> dict[str, torch.Tensor] | None:
+    if not rows or rows[0].get(field) is None:
+        return None
+    return {n: torch.stack([ex[field][n] for ex in rows]) for n in rows[0][field]}
 
-    Returns ``videos`` (``{enc: [Bv, T, 3, S, S]}`` for the ``Bv`` rows with a video, or None), ``has_video [B]``,
-    ``input_ids``/``labels`` ``[B, L]`` and ``lengths [B]``.
+
+def collate(examples: list[dict]) -> dict:
+    """Stack the video rows' frames (and cached features) per encoder and right-pad the text.
+
+    Returns ``videos`` (``{enc: [Bv, T, 3, S, S]}`` for the ``Bv`` rows with a video, or None), ``features``
+    (``{enc: [Bv, ...]}`` or None), ``has_video [B]``, ``input_ids``/``labels`` ``[B, L]`` and ``lengths [B]``.
     """
     rows = [ex for ex in examples if ex["videos"] is not None]
-    videos = {n: torch.stack([ex["videos"][n] for ex in rows]) for n in rows[0]["videos"]} if rows else None
     input_ids, lengths = pad_sequences([ex["input_ids"] for ex in examples], value=0)
     labels, _ = pad_sequences([ex["labels"] for ex in examples], value=IGNORE_INDEX)
     return {
-        "videos": videos,
+        "videos": _stack(rows, "videos"),
+        "features": _stack(rows, "features"),
         "has_video": torch.tensor([ex["videos"] is not None for ex in examples]),
         "input_ids": input_ids,
         "labels": labels,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import tarfile
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,12 +72,24 @@ class ShardLoader:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        feature_sets: tuple = (),
+        frames: bool = True,
     ):
-        self.shard_dir = Path(shard_dir)
-        self.manifest = read_manifest(self.shard_dir)
+        """``feature_sets``: opened feature caches (:class:`merv.features.cache.FeatureSet`) whose features join each
+        sample; ``frames=False``: no encoder runs on the fly, so the video shards are not read at all (the first
+        cache, which also holds every sample's record, leads)."""
+        if not frames and not feature_sets:
+            raise ValueError("a loader without frames needs at least one feature cache")
+        self.feature_sets = list(feature_sets)
+        lead = self.feature_sets.pop(0) if not frames else None
+        self.shard_dir = Path(lead.folder) if lead else Path(shard_dir)
+        self.manifest = lead.manifest if lead else read_manifest(self.shard_dir)
+        self.lead = lead
         self.transform, self.collate = transform, collate
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        starts = itertools.accumulate((s["samples"] for s in self.manifest["shards"]), initial=0)
+        self.first = {s["name"]: start for s, start in zip(self.manifest["shards"], starts, strict=False)}
         self.shards = [s for s in self.manifest["shards"] if s["samples"]]
         if len(self.shards) < world_size * max(1, num_workers):
             raise ValueError(
@@ -140,20 +153,76 @@ class _EpochDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         ld = self.loader
-        urls = [str(ld.shard_dir / s["name"]) for s in ld.shards_by_worker(self.epoch)[worker]]
-        raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        raw = (
+            sample
+            for shard in ld.shards_by_worker(self.epoch)[worker]
+            for sample in _with_features(ld, shard, _read(ld.shard_dir / shard["name"]))
+        )
         if ld.shuffle_buffer:
             rng = random.Random(f"{ld.seed}-{self.epoch}-{ld.rank}-{worker}")
             raw = wds.DataPipeline(raw, wds.shuffle(ld.shuffle_buffer, initial=ld.shuffle_buffer, rng=rng))
         samples = itertools.islice(raw, self.skips[worker] * ld.batch_size, None)  # skipped: never decoded
         batch = []
         for sample in samples:
-            batch.append(ld.transform(decode_sample(sample)))
+            batch.append(ld.transform(_decode(ld, sample)))
             if len(batch) == ld.batch_size:
                 yield worker, ld.collate(batch)
                 batch = []
         if batch:
             yield worker, ld.collate(batch)
+
+
+def _read(url: Path, first: int = 0, count: int | None = None) -> Iterator[dict]:
+    """Undecoded samples of one tar, from sample ``first`` on (earlier ones are read past as bytes, never decoded)."""
+    import webdataset as wds
+
+    stream = wds.DataPipeline(wds.SimpleShardList([str(url)]), wds.tarfile_to_samples())
+    try:
+        yield from itertools.islice(stream, first, None if count is None else first + count)
+    except (OSError, tarfile.TarError, ValueError) as e:
+        raise ValueError(f"{url}: cannot read this shard ({type(e).__name__}: {e})") from None
+
+
+def _cache_range(feature_set, first: int, count: int) -> Iterator[dict]:
+    """Samples ``[first, first + count)`` of a feature cache in the global sample order, whatever its shard
+    boundaries (a cache made before a reshard that left this encoder's frames alone still lines up)."""
+    start = 0
+    for shard in feature_set.manifest["shards"]:
+        end = start + shard["samples"]
+        if end > first and start < first + count:
+            skip = max(first, start) - start
+            yield from _read(feature_set.folder / shard["name"], skip, min(first + count, end) - start - skip)
+        start = end
+
+
+def _with_features(ld: ShardLoader, shard: dict, lead: Iterator[dict]) -> Iterator[dict]:
+    """The lead shard's samples with every other cache's feature members joined in, checked key by key."""
+    from merv.features.cache import FeatureCacheError, member
+
+    others = [_cache_range(fs, ld.first[shard["name"]], shard["samples"]) for fs in ld.feature_sets]
+    for sample, *joined in itertools.zip_longest(lead, *others):
+        for fs, extra in zip(ld.feature_sets, joined, strict=True):
+            if sample is None or extra is None or extra["__key__"] != sample["__key__"]:
+                raise FeatureCacheError(
+                    f"{fs.folder}: its samples do not line up with {ld.shard_dir / shard['name']} (at "
+                    f"{(sample or {}).get('__key__')!r} vs {(extra or {}).get('__key__')!r}): extract it again"
+                )
+            name = member(fs.encoder)
+            if name in extra:
+                sample[name], sample[f"{name}.__url__"] = extra[name], extra["__url__"]
+        yield sample
+
+
+def _decode(ld: ShardLoader, raw: dict) -> dict:
+    """A raw sample -> ``{"frames", "meta", "features": {encoder: tensor}}`` (features verified by digest)."""
+    sample = decode_sample(raw)
+    sources = ([ld.lead] if ld.lead else []) + ld.feature_sets
+    sample["features"] = {}
+    for fs in sources:
+        value = fs.decode(raw)
+        if value is not None:
+            sample["features"][fs.encoder] = value
+    return sample
 
 
 def pad_sequences(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

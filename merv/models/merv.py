@@ -66,14 +66,28 @@ class MERV(nn.Module):
         return [*self.encoders.values(), self.llm.get_input_embeddings(), *blocks, *self.projectors.values(), *fusion]
 
     # ----------------------------------------------------------------------------------------------------------
-    def encode(self, videos: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``{encoder: [B, T_e, 3, S_e, S_e]}`` -> fused visual tokens ``[B, L, D]`` and the fusion's per-encoder
-        weights ``[B, E]`` (None for the concatenating fusions)."""
+    def encode(
+        self, videos: dict[str, torch.Tensor] | None, features: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``{encoder: [B, T_e, 3, S_e, S_e]}`` (and, for cached encoders, their ``features``) -> fused visual tokens
+        ``[B, L, D]`` and the fusion's per-encoder weights ``[B, E]`` (None for the concatenating fusions).
+
+        A cached encoder's features are what :mod:`merv.features` stores: the pooled grid ``[B, L, C]`` for the
+        parameter-free pooling projectors (only the head is left to apply), else the encoder output ``[B, T', N, C]``.
+        """
+        from merv.features.cache import POOLED
+
+        features = features or {}
         tokens = []
         for name, encoder in self.encoders.items():
+            projector = self.projectors[name]
+            if name in features:
+                cached = features[name].to(self.dtype)
+                tokens.append(projector.head(cached) if self.cfg.projector.pooling in POOLED else projector(cached))
+                continue
             with torch.no_grad():  # encoders are frozen
-                features = encoder(videos[name])  # [B, T', N, C]
-            tokens.append(self.projectors[name](features))  # [B, L, D]
+                out = encoder(videos[name])  # [B, T', N, C]
+            tokens.append(projector(out))  # [B, L, D]
         return self.fusion(tokens)
 
     def blank_videos(self, batch: int = 1) -> dict[str, torch.Tensor]:
@@ -134,9 +148,10 @@ class MERV(nn.Module):
         labels: torch.Tensor,
         lengths: torch.Tensor,
         has_video: torch.Tensor | None = None,
+        features: dict[str, torch.Tensor] | None = None,
     ):
-        """Training forward on a padded batch (``input_ids``/``labels`` ``[B, L]``, ``lengths [B]``); ``videos``
-        holds the rows where ``has_video [B]`` is true (all rows when it is None).
+        """Training forward on a padded batch (``input_ids``/``labels`` ``[B, L]``, ``lengths [B]``); ``videos`` (and
+        cached encoders' ``features``) hold the rows where ``has_video [B]`` is true (all rows when it is None).
 
         Returns ``(summed token loss, number of target tokens, fusion weights of the video rows)``.
         """
@@ -144,7 +159,7 @@ class MERV(nn.Module):
             has_video = torch.ones(len(lengths), dtype=torch.bool)
         anchor = 0.0
         if bool(has_video.any()):
-            visual, weights = self.encode(videos)  # [Bv, V, D], [Bv, E]
+            visual, weights = self.encode(videos, features)  # [Bv, V, D], [Bv, E]
         else:
             # A text-only micro-batch still runs the visual path once, on blank frames, with weight 0 in the loss:
             # under FSDP every rank must gather (and reduce gradients of) every unit in every step.

@@ -44,8 +44,9 @@ class LaunchConfig:
 class TrainJob:
     """A picklable stage-training call for submitit (one per task)."""
 
-    def __init__(self, run: dict, stage: str, data: str, out: str, init: str | None):
+    def __init__(self, run: dict, stage: str, data: str, out: str, init: str | None, features: dict | None = None):
         self.run, self.stage, self.data, self.out, self.init = run, stage, data, out, init
+        self.features = dict(features or {})
 
     def __call__(self) -> dict:
         import submitit
@@ -70,7 +71,9 @@ class TrainJob:
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set())
         try:
-            return train_stage(run, self.stage, Path(self.data), Path(self.out), init, progress=False, stop=stop.is_set)
+            features = {k: Path(v) for k, v in self.features.items()}
+            data, out = Path(self.data), Path(self.out)
+            return train_stage(run, self.stage, data, out, init, progress=False, stop=stop.is_set, features=features)
         except Preempted as e:
             log.warning("preempted or out of time: state saved at step %d, requeueing", e.step)
             if callable(submitit_handler):
@@ -83,7 +86,9 @@ class TrainJob:
         import submitit
 
         log.info("training job interrupted: requeueing; it will resume from the last state in %s.work", self.out)
-        return submitit.helpers.DelayedSubmission(TrainJob(self.run, self.stage, self.data, self.out, self.init))
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(self.run, self.stage, self.data, self.out, self.init, self.features)
+        )
 
 
 def submit(job: TrainJob, cfg: LaunchConfig, wait: bool = True):
@@ -119,4 +124,4 @@ def submit(job: TrainJob, cfg: LaunchConfig, wait: bool = True):
     if not wait:
         return submitted
     results = submitted.results()
-    return results[0]
+    return job.finish(results) if hasattr(job, "finish") else results[0]

@@ -24,6 +24,7 @@ from merv.config import RunConfig, StageConfig, fingerprint
 from merv.data.batching import ExampleBuilder, collate
 from merv.data.loader import Position, ShardLoader
 from merv.data.shards import read_manifest
+from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed, shard_model
@@ -100,8 +101,12 @@ def build_model(run: RunConfig, stage: StageConfig, init: Path | None) -> tuple[
     return model, trained_groups, init_fingerprint
 
 
-def make_loader(run: RunConfig, stage: StageConfig, model: MERV, data_dir: Path, d: Dist) -> tuple[ShardLoader, int]:
-    """The stage's loader on this rank and the micro-batches per step (gradient accumulation)."""
+def make_loader(
+    run: RunConfig, stage: StageConfig, model: MERV, data_dir: Path, d: Dist, features: dict[str, Path]
+) -> tuple[ShardLoader, int]:
+    """The stage's loader on this rank and the micro-batches per step (gradient accumulation). Encoders with a
+    feature cache in ``features`` read it (checked against the config and the shards first); when every encoder has
+    one, no video shard is read."""
     per_step = stage.micro_batch_size * d.world_size
     if stage.global_batch_size % per_step:
         raise ValueError(
@@ -109,9 +114,10 @@ def make_loader(run: RunConfig, stage: StageConfig, model: MERV, data_dir: Path,
             f"micro_batch_size x processes = {per_step}"
         )
     manifest = read_manifest(data_dir)
+    feature_sets = open_feature_sets(model.cfg, data_dir, features)
     loader = ShardLoader(
         data_dir,
-        transform=ExampleBuilder(model.cfg, model.tokenizer),
+        transform=ExampleBuilder(model.cfg, model.tokenizer, cached=frozenset(features)),
         collate=collate,
         batch_size=stage.micro_batch_size,
         shuffle_buffer=min(manifest["samples"], stage.shuffle_buffer),
@@ -119,6 +125,8 @@ def make_loader(run: RunConfig, stage: StageConfig, model: MERV, data_dir: Path,
         num_workers=default_workers(d) if stage.num_workers is None else stage.num_workers,
         rank=d.rank,
         world_size=d.world_size,
+        feature_sets=feature_sets,
+        frames=len(features) < len(model.cfg.encoders),
     )
     return loader, stage.global_batch_size // per_step
 
@@ -131,8 +139,10 @@ def train_stage(
     init: Path | None = None,
     progress: bool = True,
     stop: Callable[[], bool] | None = None,
+    features: dict[str, Path] | None = None,
 ) -> dict:
-    """Train one stage and write a checkpoint folder to ``out``; returns its meta.
+    """Train one stage and write a checkpoint folder to ``out``; returns its meta. ``features`` maps encoders to
+    their feature caches (``merv features``): those encoders do not run, their cached outputs are read instead.
 
     Under ``torchrun`` (N processes) the model is sharded with FSDP2 and each rank reads its own part of the shards;
     a resumable state left by an interrupted run with the same settings is picked up automatically. When ``stop()``
@@ -152,12 +162,15 @@ def train_stage(
     optimizer = make_optimizer(model, stage)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the parameters FSDP owns
 
-    loader, accum = make_loader(run, stage, model, data_dir, d)
-    manifest = loader.manifest
+    features = {k: Path(v) for k, v in (features or {}).items()}
+    loader, accum = make_loader(run, stage, model, data_dir, d, features)
+    manifest = read_manifest(data_dir)
     total_steps = max(1, math.ceil(loader.batches_per_epoch(0) * stage.epochs / accum))
     warmup = max(1, math.ceil(stage.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"], d.world_size])
+    opened = ([loader.lead] if loader.lead else []) + loader.feature_sets
+    caches = {fs.encoder: fs.manifest["fingerprint"] for fs in opened}
+    config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"], d.world_size, caches])
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
     resume = latest_state(work, config_fingerprint)
@@ -184,7 +197,9 @@ def train_stage(
         step_loss, weights = 0.0, None
         for mb in micro:
             with autocast:
-                loss_sum, _, w = model(mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"], mb["has_video"])
+                loss_sum, _, w = model(
+                    mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"], mb["has_video"], mb["features"]
+                )
             (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks
             step_loss += loss_sum.item()
             weights = w if w is not None else weights
@@ -263,6 +278,7 @@ def train_stage(
             "dir": str(data_dir),
             "fingerprint": manifest["fingerprint"],
             "samples": manifest["samples"],
+            "feature_caches": caches,
         },
         "config_fingerprint": config_fingerprint,
         "project": project_record(out),  # where relative weight paths were found (see merv.weights)

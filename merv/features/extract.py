@@ -1,0 +1,236 @@
+"""``merv features``: run one frozen encoder over every sample of a shard folder and cache what training consumes.
+
+The cache's shards mirror the video shards at extraction time (same names, keys and order). Each is written under a
+temporary name, renamed, then committed by its index, so an interrupted extraction keeps its finished shards and a
+rerun does only the rest, ending with the same bytes; videos appended to the shard folder add only their shards.
+Several processes (one per GPU; ``torchrun`` or submitit tasks) split the shards among them; the last step writes the
+manifest once every shard is committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+from merv.config import ModelConfig, fingerprint
+from merv.data.shards import decode_sample, read_manifest, shard_keys
+from merv.data.transforms import video_inputs
+from merv.features.cache import POOLED, encoder_key, member, sha256, source_digest, to_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSettings:
+    dtype: str = "bf16"
+    batch_size: int = 16
+    device: str | None = None  # None: CUDA when present
+
+
+def cache_key(model: ModelConfig, encoder_id: str, shard_manifest: dict, dtype: str) -> dict:
+    encoder = next(e for e in model.encoders if e.id == encoder_id)
+    return {**encoder_key(model, encoder, dtype), "source_frames": source_digest(shard_manifest, encoder.num_frames)}
+
+
+class _Extractor:
+    """The encoder (and the parameter-free pooling, when the projector has it) on a device."""
+
+    def __init__(self, model: ModelConfig, encoder_id: str, settings: ExtractSettings):
+        from merv.models.encoders import build_encoder
+        from merv.models.projector import build_projector
+        from merv.runtime import resolve_device
+
+        self.cfg = next(e for e in model.encoders if e.id == encoder_id)
+        self.device = resolve_device(settings.device)
+        self.encoder = build_encoder(self.cfg).to(self.device).eval()
+        pooled = model.projector.pooling in POOLED
+        self.pool = build_projector(model.projector, self.encoder.embed_dim, 1).pool if pooled else None
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(videos.to(self.device))  # [B, T', N, C]
+        return (self.pool(features) if self.pool is not None else features).float().cpu()
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # same input -> same bytes
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _committed(out: Path, shard: str, keys: list[str], shard_key: str) -> bool:
+    index = out / f"{shard.removesuffix('.tar')}.json"
+    if not (index.is_file() and (out / shard).is_file()):
+        return False
+    try:
+        found = json.loads(index.read_text())
+    except json.JSONDecodeError:
+        return False
+    return (
+        found.get("shard_key") == shard_key
+        and found.get("keys") == keys
+        and (out / shard).stat().st_size == found["bytes"]
+    )
+
+
+def extract_shard(extractor: _Extractor, shard_dir: Path, shard: str, out: Path, shard_key: str, settings) -> dict:
+    """Features of every sample of one video shard, written as ``out/<shard>`` and committed by its index."""
+    import webdataset as wds
+
+    samples = [
+        decode_sample(raw)
+        for raw in wds.DataPipeline(wds.SimpleShardList([str(shard_dir / shard)]), wds.tarfile_to_samples())
+    ]
+    rows = [i for i, s in enumerate(samples) if s["frames"] is not None]
+    feats: dict[int, torch.Tensor] = {}
+    for start in range(0, len(rows), settings.batch_size):
+        batch = rows[start : start + settings.batch_size]
+        videos = torch.stack([video_inputs((extractor.cfg,), samples[i])[extractor.cfg.id] for i in batch])
+        for i, f in zip(batch, extractor(videos), strict=True):
+            feats[i] = f
+    tmp = out / f"{shard}.tmp"
+    digests = {}
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, sample in enumerate(samples):
+            key = sample["meta"]["key"]
+            _add(tar, f"{key}.json", json.dumps(sample["meta"], sort_keys=True).encode())
+            if i in feats:
+                payload = to_bytes(feats[i], settings.dtype)
+                digests[key] = sha256(payload)
+                _add(tar, f"{key}.{member(extractor.cfg.id)}", payload)
+    final = out / shard
+    tmp.replace(final)
+    shape = list(next(iter(feats.values())).shape) if feats else None
+    index = {
+        "name": shard,
+        "shard_key": shard_key,
+        "keys": [s["meta"]["key"] for s in samples],
+        "samples": len(samples),
+        "features": len(feats),
+        "shape": shape,
+        "digests": digests,
+        "bytes": final.stat().st_size,
+    }
+    tmp_index = out / f"{shard.removesuffix('.tar')}.json.tmp"
+    tmp_index.write_text(json.dumps(index))
+    tmp_index.replace(out / f"{shard.removesuffix('.tar')}.json")
+    return index
+
+
+def extract_features(
+    shard_dir: Path,
+    model: ModelConfig,
+    encoder_id: str,
+    out: Path,
+    settings: ExtractSettings = ExtractSettings(),
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> dict | None:
+    """Extract (or resume extracting) ``encoder_id``'s features over ``shard_dir`` into ``out``; ``model`` is
+    resolved (see :func:`merv.weights.resolve_model`). Process ``rank`` of ``world_size`` does every
+    ``world_size``-th shard; with one process the manifest is written and returned (else :func:`write_manifest`)."""
+    from tqdm import tqdm
+
+    if encoder_id not in {e.id for e in model.encoders}:
+        raise ValueError(f"model {model.name!r} has no encoder {encoder_id!r}; it has {[e.id for e in model.encoders]}")
+    shard_dir, out = Path(shard_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(shard_dir)
+    key = cache_key(model, encoder_id, manifest, settings.dtype)
+    extractor = None
+    start = time.time()
+    shards = manifest["shards"][rank::world_size]
+    done = 0
+    for shard in tqdm(shards, desc=f"features {encoder_id}", disable=not progress, mininterval=2):
+        keys = shard_keys(shard_dir, shard["name"])
+        shard_key = fingerprint([{k: v for k, v in key.items() if k != "source_frames"}, shard.get("frame_digests")])
+        if _committed(out, shard["name"], keys, shard_key):
+            done += 1
+            continue
+        extractor = extractor or _Extractor(model, encoder_id, settings)
+        extract_shard(extractor, shard_dir, shard["name"], out, shard_key, settings)
+    seconds = time.time() - start
+    log.info("%s: %s features of %d shards (%d already there) in %.1fs", out, encoder_id, len(shards), done, seconds)
+    if world_size == 1:
+        return write_manifest(shard_dir, model, encoder_id, out, settings, seconds)
+    return None
+
+
+def write_manifest(shard_dir: Path, model: ModelConfig, encoder_id: str, out: Path, settings, seconds: float) -> dict:
+    """The cache's ``manifest.json``, once every shard is committed (stale shards of earlier runs removed)."""
+    manifest = read_manifest(shard_dir)
+    key = cache_key(model, encoder_id, manifest, settings.dtype)
+    shards = []
+    for shard in manifest["shards"]:
+        index_path = out / f"{shard['name'].removesuffix('.tar')}.json"
+        if not index_path.is_file():
+            raise RuntimeError(f"{out}: shard {shard['name']} has no features yet (did every process finish?)")
+        index = json.loads(index_path.read_text())
+        shards.append({k: index[k] for k in ("name", "keys", "samples", "features", "bytes")})
+    names = {s["name"] for s in shards}
+    for stale in out.glob("shard-*"):
+        if stale.name not in names and stale.name.removesuffix(".json") + ".tar" not in names:
+            stale.unlink()
+    features = sum(s["features"] for s in shards)
+    with_features = [s for s in shards if s["features"]]
+    shape = json.loads((out / f"{with_features[0]['name'][:-4]}.json").read_text())["shape"] if with_features else None
+    result = {
+        "encoder": encoder_id,
+        "key": key,
+        "fingerprint": fingerprint(key),
+        "source": {"dir": str(shard_dir), "fingerprint": manifest["fingerprint"]},
+        "samples": sum(s["samples"] for s in shards),
+        "features": features,
+        "shape": shape,
+        "bytes_per_sample": round(sum(s["bytes"] for s in shards) / max(1, features)),
+        "shards": shards,
+        "seconds": round(seconds, 1),
+    }
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "manifest.json")
+    return result
+
+
+class FeaturesJob:
+    """A picklable extraction call for submitit: each task extracts its share of the shards; the submitting process
+    writes the manifest once every task is done (:meth:`finish`). A requeued task resumes at its committed shards."""
+
+    def __init__(self, run: dict, encoder: str, shards: str, out: str, settings: ExtractSettings):
+        self.run, self.encoder, self.shards, self.out, self.settings = run, encoder, shards, out, settings
+        self.stage = f"features-{encoder}"  # the job name
+
+    def __call__(self) -> None:
+        import submitit
+
+        from merv.config import run_config_from_dict
+        from merv.weights import resolve_model
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        env = submitit.JobEnvironment()
+        model = resolve_model(run_config_from_dict(self.run).model)
+        extract_features(
+            Path(self.shards), model, self.encoder, Path(self.out), self.settings, env.global_rank, env.num_tasks
+        )
+
+    def finish(self, results) -> dict:
+        from merv.config import run_config_from_dict
+        from merv.weights import resolve_model
+
+        model = resolve_model(run_config_from_dict(self.run).model)
+        return write_manifest(Path(self.shards), model, self.encoder, Path(self.out), self.settings, 0.0)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(
+            FeaturesJob(self.run, self.encoder, self.shards, self.out, self.settings)
+        )
