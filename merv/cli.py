@@ -105,7 +105,8 @@ def cmd_inspect(args):
         return
     for sample in iter_samples(Path(args.dir)):
         if sample["meta"]["key"] == args.sample:
-            print(json.dumps(sample["meta"] | {"frames": list(sample["frames"].shape)}, indent=1))
+            frames = sample["frames"]  # None for a text-only sample
+            print(json.dumps(sample["meta"] | {"frames": None if frames is None else list(frames.shape)}, indent=1))
             return
     raise ValueError(f"{args.dir}: no sample with key {args.sample!r}")
 
