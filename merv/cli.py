@@ -234,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
     s.add_argument("--frames", type=int, nargs="+", required=True, help="frame counts of the encoders, e.g. 16 32")
-    s.add_argument("--size", type=int, required=True, help="frame size stored (the largest encoder input size)")
+    s.add_argument(
+        "--size",
+        type=int,
+        required=True,
+        help="short side of the stored frames, aspect ratio kept (the largest encoder input size)",
+    )
     s.add_argument("--shard-size", type=parse_size, default="200MB", help="target size of a tar (default 200MB)")
     s.add_argument("--frame-format", choices=["jpg", "npy"], default="jpg", help="jpg (default) or lossless npy")
     s.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND, help="video decoder")

@@ -1,7 +1,7 @@
 """Sharding: training JSON, eval_data benchmarks or folders of videos -> WebDataset tars of pre-sampled frames.
 
 Each sample is decoded once: the union of every configured frame count's uniform samples inside its clip window,
-at the largest encoder size, stored as JPEG (or lossless ``.npy``) members next to a ``json`` record (key, modality,
+with the short side at the largest encoder size and the aspect ratio kept, stored as JPEG (or lossless ``.npy``) members next to a ``json`` record (key, modality,
 source, frame positions per count, conversation or question). Text-only training samples (no video, no image) are
 samples too: only their ``json`` record. Shards are filled to a target size, written under a temporary
 name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit marker, so an interrupted or extended
@@ -64,15 +64,20 @@ class ShardSettings:
     """Everything that determines the bytes of the shards (its fingerprint tags each shard)."""
 
     frame_counts: tuple[int, ...]
-    size: int
+    size: int  # of the short side: frames keep their aspect ratio (encoder transforms crop or squash at load time)
     target_bytes: int = 200 * 2**20
     frame_format: Literal["jpg", "npy"] = "jpg"
     jpeg_quality: int = 95
     backend: str = DEFAULT_BACKEND
+    resize: Literal["short_side"] = "short_side"  # stored frame geometry; earlier shards were squashed squares
 
     def __post_init__(self):
         if not self.frame_counts or min(self.frame_counts) < 1:
             raise ValueError(f"frame counts must be positive, got {list(self.frame_counts)}")
+        if self.size < 1:
+            raise ValueError(f"size must be positive, got {self.size}")
+        if self.resize != "short_side":
+            raise ValueError(f"resize must be 'short_side', got {self.resize!r}")
         if self.frame_format not in ("jpg", "npy"):
             raise ValueError(f"frame_format must be 'jpg' or 'npy', got {self.frame_format!r}")
         object.__setattr__(self, "frame_counts", tuple(sorted(set(self.frame_counts))))
@@ -243,8 +248,8 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
 
 
 def decode_sample(raw: dict) -> dict:
-    """Raw tar members of one sample -> ``{"frames": uint8 [F, S, S, 3], "meta": dict}``; ``frames`` is None for a
-    text-only sample (``meta["modality"] == "text"``)."""
+    """Raw tar members of one sample -> ``{"frames": uint8 [F, H, W, 3], "meta": dict}`` (``min(H, W)`` is the
+    settings' size); ``frames`` is None for a text-only sample (``meta["modality"] == "text"``)."""
     meta = raw["json"] if isinstance(raw["json"], dict) else json.loads(raw["json"])
     names = sorted(k for k in raw if k.endswith(".jpg"))
     if "frames.npy" in raw:
@@ -508,7 +513,7 @@ def shard_urls(shard_dir: Path) -> list[str]:
 
 
 def iter_samples(shard_dir: Path, shuffle_buffer: int = 0, seed: int = 0) -> Iterator[dict]:
-    """Decoded samples ``{"frames": uint8 [F, S, S, 3] or None, "meta": {...}}`` in shard order (or
+    """Decoded samples ``{"frames": uint8 [F, H, W, 3] or None, "meta": {...}}`` in shard order (or
     buffer-shuffled)."""
     import random
 

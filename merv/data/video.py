@@ -65,17 +65,28 @@ def clip_window(
     return lo, max(hi, lo + 1)
 
 
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(height, width)`` scaled so that the short side is ``size``, the long side rounded to the nearest pixel
+    (halves up): 360 x 640 at 224 -> 224 x 398."""
+    short, long_ = min(height, width), max(height, width)
+    scaled = (2 * long_ * size + short) // (2 * short)  # round(long * size / short) in integers
+    return (size, scaled) if height <= width else (scaled, size)
+
+
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """``[F, H, W, 3]`` uint8 -> ``[F, size, size, 3]`` uint8 (bilinear, antialiased; aspect ratio not kept, as the
-    encoders' own square resize would do)."""
-    if frames.shape[1] == size and frames.shape[2] == size:
+    """``[F, H, W, 3]`` uint8 -> ``[F, H', W', 3]`` uint8 with the short side ``size`` and the aspect ratio kept
+    (bilinear, antialiased), so that each encoder's transform can still centre-crop or squash as its own processor
+    does."""
+    out_h, out_w = short_side_size(frames.shape[1], frames.shape[2], size)
+    if (out_h, out_w) == frames.shape[1:3]:
         return frames
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    # uint8 in, channels-last: torch's vectorised uint8 path, ~20x faster than resizing floats (issue 13)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -298,11 +309,11 @@ def read_frames(
     end_frame: int | None = None,
     backend: str = DEFAULT_BACKEND,
 ) -> tuple[np.ndarray, dict[int, list[int]]]:
-    """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized to
-    ``size`` x ``size``.
+    """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized so
+    that the short side is ``size`` (aspect ratio kept).
 
-    Returns ``(frames [F, size, size, 3] uint8, {count: positions into frames})`` so that each encoder can pick
-    exactly its own frames from one decoded stack.
+    Returns ``(frames [F, H, W, 3] uint8 with min(H, W) == size, {count: positions into frames})`` so that each
+    encoder can pick exactly its own frames from one decoded stack.
     """
     with open_media(path, backend) as media:
         lo, hi = clip_window(media.timestamps, time, end_frame)

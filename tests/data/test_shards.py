@@ -78,7 +78,9 @@ def _benchmark(tmp_path):
         {"video_name": "framed", "question_id": "q_frames", "question": "?"},
     ]
     (bench / "test_q.json").write_text(json.dumps(questions))
-    (bench / "test_a.json").write_text(json.dumps([{"question_id": q["question_id"], "answer": "a"} for q in questions]))
+    (bench / "test_a.json").write_text(
+        json.dumps([{"question_id": q["question_id"], "answer": "a"} for q in questions])
+    )
     return bench, frames
 
 
@@ -88,7 +90,7 @@ def _bar_position(frame):
 
 def test_clip_windows_and_frame_folders(tmp_path):
     bench, frames = _benchmark(tmp_path)
-    write_shards(collect_items(bench), tmp_path / "out", ShardSettings(frame_counts=(4,), size=48, frame_format="npy"))
+    write_shards(collect_items(bench), tmp_path / "out", ShardSettings(frame_counts=(4,), size=32, frame_format="npy"))
     by_key = {s["meta"]["key"]: s for s in iter_samples(tmp_path / "out")}
     expected_bar = [_bar_position(frames[i]) for i in range(40)]
 
@@ -110,7 +112,17 @@ def test_images_become_one_frame_clips(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([sample]))
     write_shards(collect_items(tmp_path / "train.json"), tmp_path / "out", ShardSettings(**NPY))
     (s,) = list(iter_samples(tmp_path / "out"))
-    assert s["frames"].shape == (1, 64, 64, 3) and s["meta"]["frame_positions"] == {"4": [0] * 4, "8": [0] * 8}
+    assert s["frames"].shape == (1, 85, 64, 3), "40 x 30 -> short side 64, aspect kept"
+    assert s["meta"]["frame_positions"] == {"4": [0] * 4, "8": [0] * 8}
+
+
+def test_non_square_videos_are_stored_with_their_aspect_ratio(tmp_path):
+    write_video(tmp_path / "vids" / "wide.mp4", gradient_frames(8, 36, 64))
+    write_video(tmp_path / "vids" / "tall.mp4", gradient_frames(8, 64, 36))
+    write_shards(collect_items([tmp_path / "vids"]), tmp_path / "out", ShardSettings(frame_counts=(4,), size=18))
+    shapes = {s["meta"]["key"]: s["frames"].shape for s in iter_samples(tmp_path / "out")}
+    assert shapes == {"wide": (4, 18, 32, 3), "tall": (4, 32, 18, 3)}
+    assert read_manifest(tmp_path / "out")["settings"]["resize"] == "short_side"
 
 
 def test_folder_of_videos_input(tmp_path):
