@@ -30,7 +30,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from merv.config import fingerprint
-from merv.data.video import DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
+from merv.data.video import BACKENDS, DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class ShardSettings:
             raise ValueError(f"frame counts must be positive, got {list(self.frame_counts)}")
         if self.size < 1:
             raise ValueError(f"size must be positive, got {self.size}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown decoding backend {self.backend!r}; available: {list(BACKENDS)}")
         if self.resize != "short_side":
             raise ValueError(f"resize must be 'short_side', got {self.resize!r}")
         if self.frame_format not in ("jpg", "npy"):
@@ -413,7 +415,10 @@ def write_shards(
     todo = items[pos:]
     bar = tqdm(total=len(items), initial=pos, desc=f"shard {out.name}", disable=not progress, mininterval=2)
     shard = None
-    pool = ProcessPoolExecutor(workers, initializer=_init_worker) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        _preload(settings)
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker)
     try:
         for item, (members, reason) in zip(todo, _encoded(todo, settings, pool, workers), strict=True):
             if members is None and strict:
@@ -468,9 +473,20 @@ def write_shards(
     return summary
 
 
+def _preload(settings: ShardSettings) -> None:
+    """Import the decoding libraries before the workers are forked, so that they share them instead of each
+    importing them again (torch alone takes about 2 s and a few hundred MB in every worker)."""
+    import importlib
+
+    import torch  # noqa: F401 - resizing
+
+    importlib.import_module({"decord": "decord", "pyav": "av"}[settings.backend])
+
+
 def _init_worker() -> None:
-    """One compute thread per worker process. Also a must, not only for speed: libgomp is not fork-safe, and a
-    worker forked from a process that already ran a parallel torch op hangs in its own first one."""
+    """One compute thread per worker process: the workers are the parallelism. Also a must: libgomp is not
+    fork-safe, and a worker forked from a process that already ran a parallel torch op hangs in its own first
+    parallel op (the float resize of earlier versions did, after an in-process run had resized in the parent)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)

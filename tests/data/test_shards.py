@@ -287,6 +287,15 @@ def test_bad_training_json(tmp_path, content, message):
         collect_items(path)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"backend": "ffmpeg"}, "unknown decoding backend 'ffmpeg'"), ({"resize": "square"}, "resize must be")],
+)
+def test_bad_shard_settings(change, message):
+    with pytest.raises(ValueError, match=message):
+        ShardSettings(frame_counts=(4,), size=32, **change)
+
+
 def test_question_without_answer(tmp_path):
     (tmp_path / "test_q.json").write_text(json.dumps([{"video_name": "v", "question_id": "q1", "question": "?"}]))
     (tmp_path / "test_a.json").write_text("[]")

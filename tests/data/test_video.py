@@ -3,6 +3,9 @@ import pytest
 
 from merv.data.video import (
     BACKENDS,
+    _decoded_rotation,
+    _display_rotation,
+    _mp4_rotation,
     VideoError,
     clip_window,
     open_media,
@@ -70,6 +73,23 @@ def test_rotation_metadata_is_applied(media, backend):
     assert frame.shape == (64, 48, 3), "a 90-degree display rotation swaps width and height"
     # the red mark drawn top-left ends bottom-left after a counter-clockwise quarter turn
     assert frame[-4:, :4, 0].mean() > 200 and frame[-4:, :4, 1].mean() < 60
+
+
+@pytest.mark.parametrize("container", ["mp4", "mov", "faststart.mp4", "mkv"])
+def test_rotation_without_decoding_agrees_with_ffmpeg(tmp_path, container):
+    """MP4/MOV rotation comes from the header boxes (no decoding, no second open); it must equal what FFmpeg
+    reports on a decoded frame. Other containers (Matroska) still ask FFmpeg."""
+    for degrees in (0, 90, 180, 270):
+        path = write_video(tmp_path / f"r{degrees}.{container}", gradient_frames(2, 16, 32), rotation=degrees)
+        assert _display_rotation(path) == _decoded_rotation(path), (container, degrees)
+        assert (_mp4_rotation(path) is None) == (container == "mkv")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotated_matroska_is_rotated(tmp_path, backend):
+    path = write_video(tmp_path / "rotated.mkv", gradient_frames(4, 48, 64), rotation=90)
+    frames, _ = read_frames(path, [2], 48, backend=backend)
+    assert frames.shape == (2, 64, 48, 3) and frames[0, -4:, :4, 0].mean() > 200
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
