@@ -1,12 +1,12 @@
 """Sharding: training JSON, eval_data benchmarks or folders of videos -> WebDataset tars of pre-sampled frames.
 
 Each sample is decoded once: the union of every configured frame count's uniform samples inside its clip window,
-with the short side at the largest encoder size and the aspect ratio kept, stored as JPEG (or lossless ``.npy``) members next to a ``json`` record (key, modality,
-source, frame positions per count, conversation or question). Text-only training samples (no video, no image) are
-samples too: only their ``json`` record. Shards are filled to a target size, written under a temporary
-name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit marker, so an interrupted or extended
-run redoes only the missing work and ends with the same bytes as an uninterrupted one. Bad items are skipped and
-listed in ``quarantine.jsonl``; ``manifest.json`` sums it all up.
+with the short side at the largest encoder size and the aspect ratio kept, stored as JPEG (or lossless ``.npy``)
+members next to a ``json`` record (key, modality, source, frame positions per count, conversation or question).
+Text-only training samples (no video, no image) are samples too: only their ``json`` record. Shards are filled to a
+target size, written under a temporary name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit
+marker, so an interrupted or extended run redoes only the missing work and ends with the same bytes as an
+uninterrupted one. Bad items are skipped and listed in ``quarantine.jsonl``; ``manifest.json`` sums it all up.
 """
 
 from __future__ import annotations
