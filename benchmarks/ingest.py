@@ -9,12 +9,13 @@ and, to pick the default decoder, merv's decoding with each backend (long clips)
 
     python benchmarks/ingest.py [--videos 16] [--seconds 20] [--width 640] [--height 360] [--workers 2]
                                 [--short-videos 480] [--short-seconds 8] [--short-width 320] [--short-height 240]
+                                [--rounds 2]
 
 The videos are generated here (H.264, 30 fps, textured background with moving shapes, x264's default keyframe
 interval). Frames are sampled for two encoders (16 and 8 frames) at 224 px, as merv-full's encoders take. `merv
 shard` is timed as the function it runs (`write_shards`, JPEG frames, its own worker pool), without the command's
-one-off start-up (Python and imports, about 3 s). The decode-only pass runs before and after it and its mean is the
-limit, so that load from other processes drifting during the run biases neither side.
+one-off start-up (Python and imports, about 3 s). Shard passes alternate with decode-only passes (`--rounds`) and the
+ratio compares their mean times, so that load from other processes drifting during the run biases neither side.
 """
 
 from __future__ import annotations
@@ -89,20 +90,24 @@ def make_corpus(folder: Path, n: int, seconds: int, width: int, height: int, poo
     return paths
 
 
-def shard_vs_limit(name: str, paths: list[Path], out: Path, workers: int, pool) -> float:
-    """Print videos/s of `merv shard` and of the decode limit on ``paths``; returns their ratio."""
+def shard_vs_limit(name: str, paths: list[Path], out: Path, workers: int, pool, rounds: int) -> float:
+    """Print videos/s of `merv shard` and of the decode limit on ``paths``, alternating (limit, then ``rounds`` x
+    (shard, limit)) so that load from other processes hits both alike; returns the ratio of their mean times.
+    ``out / "round0"`` keeps the first round's shards."""
     list(pool.map(decode_limit, paths[:workers]))  # warm the workers
-    before = timed(lambda: list(pool.map(decode_limit, paths)))
     items = [Item(pth.stem, pth, {}) for pth in paths]
     settings = ShardSettings(frame_counts=COUNTS, size=SIZE, target_bytes=2 * 2**20)
-    shard_s = timed(lambda: write_shards(items, out, settings, workers=workers))
-    after = timed(lambda: list(pool.map(decode_limit, paths)))
-    limit_s = (before + after) / 2
-    print(
-        f"{name}: decode limit {len(paths) / before:.2f} / {len(paths) / after:.2f} videos/s (before / after); "
-        f"merv shard {len(paths) / shard_s:.2f} videos/s"
-    )
-    return limit_s / shard_s
+    limit_s = [timed(lambda: list(pool.map(decode_limit, paths)))]
+    shard_s = []
+    for r in range(rounds):
+        shard_s.append(timed(lambda r=r: write_shards(items, out / f"round{r}", settings, workers=workers)))
+        limit_s.append(timed(lambda: list(pool.map(decode_limit, paths))))
+
+    def rates(times):
+        return " ".join(f"{len(paths) / t:.2f}" for t in times)
+
+    print(f"{name}: decode limit {rates(limit_s)} videos/s; merv shard {rates(shard_s)} videos/s (in run order)")
+    return float(np.mean(limit_s) / np.mean(shard_s))
 
 
 class Mp4Dataset(Dataset):
@@ -149,6 +154,7 @@ def main() -> None:
     p.add_argument("--short-seconds", type=int, default=8)
     p.add_argument("--short-width", type=int, default=320)
     p.add_argument("--short-height", type=int, default=240)
+    p.add_argument("--rounds", type=int, default=2, help="shard passes per corpus, each followed by a decode pass")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -161,7 +167,7 @@ def main() -> None:
                 f"long clips: {args.videos} videos of {args.seconds} s, {args.width}x{args.height} @30 fps "
                 f"(generated in {gen:.0f} s); {args.workers} workers; frames {list(COUNTS)} at {SIZE} px"
             )
-            ratios = {"long": shard_vs_limit("long clips", paths, tmp / "shards", args.workers, pool)}
+            ratios = {"long": shard_vs_limit("long clips", paths, tmp / "shards", args.workers, pool, args.rounds)}
             if args.short_videos:
                 short = make_corpus(
                     tmp / "short", args.short_videos, args.short_seconds, args.short_width, args.short_height, pool
@@ -170,7 +176,9 @@ def main() -> None:
                     f"short clips: {args.short_videos} videos of {args.short_seconds} s, "
                     f"{args.short_width}x{args.short_height} @30 fps"
                 )
-                ratios["short"] = shard_vs_limit("short clips", short, tmp / "short-shards", args.workers, pool)
+                ratios["short"] = shard_vs_limit(
+                    "short clips", short, tmp / "short-shards", args.workers, pool, args.rounds
+                )
 
             decode_s = {}
             list(pool.map(decode_only, paths[:2], ["decord"] * 2))  # warm the workers
@@ -181,7 +189,7 @@ def main() -> None:
         best = min(decode_s, key=decode_s.get)
 
         loader = ShardLoader(
-            tmp / "shards", shard_sample, first, batch_size=4, shuffle_buffer=16, num_workers=args.workers
+            tmp / "shards" / "round0", shard_sample, first, batch_size=4, shuffle_buffer=16, num_workers=args.workers
         )
         loader_s = timed(lambda: [list(loader.epoch(e)) for e in range(args.epochs)])
         loader_sps = args.epochs * len(paths) / loader_s
