@@ -105,7 +105,8 @@ def cmd_inspect(args):
         return
     for sample in iter_samples(Path(args.dir)):
         if sample["meta"]["key"] == args.sample:
-            print(json.dumps(sample["meta"] | {"frames": list(sample["frames"].shape)}, indent=1))
+            frames = sample["frames"]  # None for a text-only sample
+            print(json.dumps(sample["meta"] | {"frames": None if frames is None else list(frames.shape)}, indent=1))
             return
     raise ValueError(f"{args.dir}: no sample with key {args.sample!r}")
 
@@ -302,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
     s.add_argument("--frames", type=int, nargs="+", required=True, help="frame counts of the encoders, e.g. 16 32")
-    s.add_argument("--size", type=int, required=True, help="frame size stored (the largest encoder input size)")
+    s.add_argument(
+        "--size",
+        type=int,
+        required=True,
+        help="short side of the stored frames, aspect ratio kept (the largest encoder input size)",
+    )
     s.add_argument("--shard-size", type=parse_size, default="200MB", help="target size of a tar (default 200MB)")
     s.add_argument("--frame-format", choices=["jpg", "npy"], default="jpg", help="jpg (default) or lossless npy")
     s.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND, help="video decoder")

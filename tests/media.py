@@ -30,9 +30,11 @@ def write_video(
     rotation: int = 0,
     times: list[float] | None = None,
 ) -> Path:
-    """Encode ``frames``; ``times`` (seconds) gives each frame its own timestamp (variable frame rate)."""
+    """Encode ``frames``; ``times`` (seconds) gives each frame its own timestamp (variable frame rate). A name
+    ending in ``.faststart.mp4`` puts the MP4 header (moov) before the media data, as streaming files have it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "faststart"} if path.name.endswith(".faststart.mp4") else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt

@@ -1,11 +1,12 @@
 """Sharding: training JSON, eval_data benchmarks or folders of videos -> WebDataset tars of pre-sampled frames.
 
 Each sample is decoded once: the union of every configured frame count's uniform samples inside its clip window,
-at the largest encoder size, stored as JPEG (or lossless ``.npy``) members next to a ``json`` record (key, source,
-frame positions per count, conversation or question). Shards are filled to a target size, written under a temporary
-name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit marker, so an interrupted or extended
-run redoes only the missing work and ends with the same bytes as an uninterrupted one. Bad items are skipped and
-listed in ``quarantine.jsonl``; ``manifest.json`` sums it all up.
+with the short side at the largest encoder size and the aspect ratio kept, stored as JPEG (or lossless ``.npy``)
+members next to a ``json`` record (key, modality, source, frame positions per count, conversation or question).
+Text-only training samples (no video, no image) are samples too: only their ``json`` record. Shards are filled to a
+target size, written under a temporary name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit
+marker, so an interrupted or extended run redoes only the missing work and ends with the same bytes as an
+uninterrupted one. Bad items are skipped and listed in ``quarantine.jsonl``; ``manifest.json`` sums it all up.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import sys
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from merv.config import fingerprint
-from merv.data.video import DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
+from merv.data.video import BACKENDS, DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +38,25 @@ VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".m
 SHARD_PATTERN = "shard-{:06d}"
 
 
+Modality = Literal["video", "image", "text"]
+MODALITIES: tuple[str, ...] = get_args(Modality)
+
+
 @dataclass(frozen=True)
 class Item:
-    """One thing to shard: a media path (video, image or frame folder) and the text that goes with it."""
+    """One thing to shard: a media path (video, image or frame folder) and the text that goes with it, or text
+    alone (``media`` None: a text-only conversation)."""
 
     key: str
-    media: Path
+    media: Path | None
     record: dict = field(default_factory=dict)  # conversation (training) or question + answer (evaluation)
     time: tuple[float, float] | None = None  # clip window in seconds
     end_frame: int | None = None
+    modality: Modality = "video"
+
+    def __post_init__(self):
+        if (self.media is None) != (self.modality == "text"):
+            raise ValueError(f"item {self.key!r}: modality {self.modality!r} with media {self.media}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +64,22 @@ class ShardSettings:
     """Everything that determines the bytes of the shards (its fingerprint tags each shard)."""
 
     frame_counts: tuple[int, ...]
-    size: int
+    size: int  # of the short side: frames keep their aspect ratio (encoder transforms crop or squash at load time)
     target_bytes: int = 200 * 2**20
     frame_format: Literal["jpg", "npy"] = "jpg"
     jpeg_quality: int = 95
     backend: str = DEFAULT_BACKEND
+    resize: Literal["short_side"] = "short_side"  # stored frame geometry; earlier shards were squashed squares
 
     def __post_init__(self):
         if not self.frame_counts or min(self.frame_counts) < 1:
             raise ValueError(f"frame counts must be positive, got {list(self.frame_counts)}")
+        if self.size < 1:
+            raise ValueError(f"size must be positive, got {self.size}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown decoding backend {self.backend!r}; available: {list(BACKENDS)}")
+        if self.resize != "short_side":
+            raise ValueError(f"resize must be 'short_side', got {self.resize!r}")
         if self.frame_format not in ("jpg", "npy"):
             raise ValueError(f"frame_format must be 'jpg' or 'npy', got {self.frame_format!r}")
         object.__setattr__(self, "frame_counts", tuple(sorted(set(self.frame_counts))))
@@ -93,21 +113,33 @@ def _load_json_list(path: Path) -> list:
     return data
 
 
+def _training_media(sample: dict, where: str) -> tuple[str | None, Modality]:
+    """The media path of a training sample and its modality; a sample with neither key is text-only (as in
+    LLaVA-665k and Video-LLaVA's stage-2 data)."""
+    kind = "video" if "video" in sample else "image" if "image" in sample else None
+    if kind is None:
+        return None, "text"
+    media = sample[kind]
+    if isinstance(media, list):
+        raise DataFormatError(f"{where}: {kind!r} is a list; one media path per sample is supported")
+    if not isinstance(media, str) or not media.strip():
+        raise DataFormatError(f"{where}: {kind!r} must be a non-empty path, got {media!r}")
+    return media, kind
+
+
 def training_items(json_path: Path, root: Path | None = None) -> list[Item]:
-    """Items of a Video-LLaVA training JSON (video and image samples); media paths resolve against ``root``
-    (default: the JSON's folder)."""
+    """Items of a Video-LLaVA training JSON (video, image and text-only samples); media paths resolve against
+    ``root`` (default: the JSON's folder)."""
     root = root or json_path.parent
     items = []
     for i, sample in enumerate(_load_json_list(json_path)):
         where = f"{json_path} sample {i}"
         if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
             raise DataFormatError(f"{where}: expected an object with a 'conversations' list")
-        media = sample.get("video") or sample.get("image")
-        if not media:
-            raise DataFormatError(f"{where} (id {sample.get('id')!r}): no 'video' or 'image' path")
+        media, modality = _training_media(sample, f"{where} (id {sample.get('id')!r})")
         key = _safe_key(str(sample.get("id", i)))
         record = {"id": sample.get("id", i), "conversations": sample["conversations"]}
-        items.append(Item(key, root / media, record))
+        items.append(Item(key, None if media is None else root / media, record, modality=modality))
     return items
 
 
@@ -142,7 +174,15 @@ def folder_items(folder: Path) -> list[Item]:
     )
     if not paths:
         raise DataFormatError(f"{folder}: no video or image files found")
-    return [Item(_safe_key(str(p.relative_to(folder).with_suffix(""))), p, {"source": str(p)}) for p in paths]
+    return [
+        Item(
+            _safe_key(str(p.relative_to(folder).with_suffix(""))),
+            p,
+            {"source": str(p)},
+            modality="image" if p.suffix.lower() in IMAGE_EXTENSIONS else "video",
+        )
+        for p in paths
+    ]
 
 
 def collect_items(sources: Path | list[Path], root: Path | None = None) -> list[Item]:
@@ -169,7 +209,11 @@ def collect_items(sources: Path | list[Path], root: Path | None = None) -> list[
 
 
 def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] | None, str | None]:
-    """``(tar members, None)`` for a good item, ``(None, reason)`` for a bad one."""
+    """``(tar members, None)`` for a good item, ``(None, reason)`` for a bad one. A text-only item is its ``json``
+    record alone."""
+    if item.media is None:
+        meta = {"key": item.key, "modality": "text", **item.record}
+        return {"json": json.dumps(meta, sort_keys=True).encode()}, None
     try:
         frames, positions = read_frames(
             item.media,
@@ -185,6 +229,7 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
         return None, f"bad clip window ({e})"
     meta = {
         "key": item.key,
+        "modality": item.modality,
         "source": str(item.media),
         "frame_positions": {str(c): p for c, p in positions.items()},
         **item.record,
@@ -205,15 +250,18 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
 
 
 def decode_sample(raw: dict) -> dict:
-    """Raw tar members of one sample -> ``{"frames": uint8 [F, S, S, 3], "meta": dict}``."""
+    """Raw tar members of one sample -> ``{"frames": uint8 [F, H, W, 3], "meta": dict}`` (``min(H, W)`` is the
+    settings' size); ``frames`` is None for a text-only sample (``meta["modality"] == "text"``)."""
     meta = raw["json"] if isinstance(raw["json"], dict) else json.loads(raw["json"])
+    names = sorted(k for k in raw if k.endswith(".jpg"))
     if "frames.npy" in raw:
         frames = np.load(io.BytesIO(raw["frames.npy"]))
-    else:
+    elif names:
         from PIL import Image
 
-        names = sorted(k for k in raw if k.endswith(".jpg"))
         frames = np.stack([np.asarray(Image.open(io.BytesIO(raw[n])).convert("RGB")) for n in names])
+    else:
+        frames = None
     return {"frames": frames, "meta": meta}
 
 
@@ -247,6 +295,7 @@ class _Shard:
         self.keys: list[str] = []
         self.bad: list[dict] = []
         self.samples = 0
+        self.modalities: Counter[str] = Counter()
 
     def add(self, item: Item, members: dict[str, bytes] | None, reason: str | None) -> None:
         self.keys.append(item.key)
@@ -256,6 +305,7 @@ class _Shard:
         for ext, payload in members.items():
             _add_member(self.tar, f"{item.key}.{ext}", payload)
         self.samples += 1
+        self.modalities[item.modality] += 1
 
     @property
     def bytes(self) -> int:
@@ -270,6 +320,7 @@ class _Shard:
             "fingerprint": self.fingerprint,
             "keys": self.keys,
             "samples": self.samples,
+            "modalities": dict(sorted(self.modalities.items())),
             "bad": self.bad,
             "bytes": final.stat().st_size,
             "sha256": _sha256(final),
@@ -295,6 +346,8 @@ def _completed_shards(out: Path, items: list[Item], fingerprint_: str) -> list[d
         expected = [it.key for it in items[pos : pos + len(index["keys"])]]
         if index.get("fingerprint") != fingerprint_ or index["keys"] != expected or not index["keys"]:
             break
+        if "modalities" not in index:  # written by an older version: redo it
+            break
         if tar_path.stat().st_size != index["bytes"]:
             break
         done.append(index)
@@ -312,14 +365,17 @@ class ShardSummary:
     good: int
     bad: int
     by_reason: dict[str, int]
+    by_modality: dict[str, int]
     shards: int
     resumed_items: int
     seconds: float
 
     def line(self) -> str:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.by_reason.items())) or "none"
+        kinds = ", ".join(f"{m}: {self.by_modality[m]}" for m in MODALITIES if self.by_modality.get(m))
         return (
-            f"{self.input} items: {self.good} good, {self.bad} bad ({reasons}) in {self.shards} shards; "
+            f"{self.input} items: {self.good} good ({kinds or 'none'}), {self.bad} bad ({reasons}) "
+            f"in {self.shards} shards; "
             f"{self.resumed_items} items were already sharded; {self.seconds:.1f}s"
         )
 
@@ -359,7 +415,10 @@ def write_shards(
     todo = items[pos:]
     bar = tqdm(total=len(items), initial=pos, desc=f"shard {out.name}", disable=not progress, mininterval=2)
     shard = None
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        _preload(settings)
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker)
     try:
         for item, (members, reason) in zip(todo, _encoded(todo, settings, pool, workers), strict=True):
             if members is None and strict:
@@ -382,6 +441,7 @@ def write_shards(
             shard.tmp.unlink(missing_ok=True)
 
     bad = [b for ix in indexes for b in ix["bad"]]
+    by_modality = sum((Counter(ix["modalities"]) for ix in indexes), Counter())
     with open(out / "quarantine.jsonl.tmp", "w") as f:
         for b in bad:
             f.write(json.dumps(b) + "\n")
@@ -391,6 +451,7 @@ def write_shards(
         good=sum(ix["samples"] for ix in indexes),
         bad=len(bad),
         by_reason=dict(Counter(reason_kind(b["reason"]) for b in bad)),
+        by_modality={m: by_modality[m] for m in MODALITIES},
         shards=len(indexes),
         resumed_items=pos,
         seconds=round(time.time() - start, 2),
@@ -401,6 +462,8 @@ def write_shards(
         "input": summary.input,
         "bad": summary.bad,
         "by_reason": summary.by_reason,
+        "by_modality": summary.by_modality,
+        "text_only": summary.by_modality["text"],
         "shards": [{k: ix[k] for k in ("name", "samples", "bytes", "sha256")} for ix in indexes],
         "settings": asdict(settings),
         "fingerprint": fp,
@@ -410,20 +473,44 @@ def write_shards(
     return summary
 
 
+def _preload(settings: ShardSettings) -> None:
+    """Import the decoding libraries before the workers are forked, so that they share them instead of each
+    importing them again (torch alone takes about 2 s and a few hundred MB in every worker)."""
+    import importlib
+
+    import torch  # noqa: F401 - resizing
+
+    importlib.import_module({"decord": "decord", "pyav": "av"}[settings.backend])
+
+
+def _init_worker() -> None:
+    """One compute thread per worker process: the workers are the parallelism. Also a must: libgomp is not
+    fork-safe, and a worker forked from a process that already ran a parallel torch op hangs in its own first
+    parallel op (the float resize of earlier versions did, after an in-process run had resized in the parent)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 def _encoded(items: list[Item], settings: ShardSettings, pool, workers: int) -> Iterator[tuple]:
-    """Encoded items in input order; a bounded window of work in flight keeps memory flat."""
+    """Encoded items in input order; a bounded window of work in flight keeps memory flat. Text-only items are
+    encoded here: a process hop would cost more than their json."""
     if pool is None:
         for item in items:
             yield encode_item(item, settings)
         return
     window = workers * 4
-    futures = []
+    pending: deque = deque()
     for item in items:
-        futures.append(pool.submit(encode_item, item, settings))
-        if len(futures) >= window:
-            yield futures.pop(0).result()
-    for fut in futures:
-        yield fut.result()
+        pending.append(encode_item(item, settings) if item.media is None else pool.submit(encode_item, item, settings))
+        if len(pending) >= window:
+            yield _result(pending.popleft())
+    while pending:
+        yield _result(pending.popleft())
+
+
+def _result(entry) -> tuple:
+    return entry if isinstance(entry, tuple) else entry.result()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -442,7 +529,8 @@ def shard_urls(shard_dir: Path) -> list[str]:
 
 
 def iter_samples(shard_dir: Path, shuffle_buffer: int = 0, seed: int = 0) -> Iterator[dict]:
-    """Decoded samples ``{"frames": uint8 [F, S, S, 3], "meta": {...}}`` in shard order (or buffer-shuffled)."""
+    """Decoded samples ``{"frames": uint8 [F, H, W, 3] or None, "meta": {...}}`` in shard order (or
+    buffer-shuffled)."""
     import random
 
     import webdataset as wds

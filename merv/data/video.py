@@ -7,9 +7,12 @@ one-line reason instead of a decoder's stack dump.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import struct
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +68,28 @@ def clip_window(
     return lo, max(hi, lo + 1)
 
 
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(height, width)`` scaled so that the short side is ``size``, the long side rounded to the nearest pixel
+    (halves up): 360 x 640 at 224 -> 224 x 398."""
+    short, long_ = min(height, width), max(height, width)
+    scaled = (2 * long_ * size + short) // (2 * short)  # round(long * size / short) in integers
+    return (size, scaled) if height <= width else (scaled, size)
+
+
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """``[F, H, W, 3]`` uint8 -> ``[F, size, size, 3]`` uint8 (bilinear, antialiased; aspect ratio not kept, as the
-    encoders' own square resize would do)."""
-    if frames.shape[1] == size and frames.shape[2] == size:
+    """``[F, H, W, 3]`` uint8 -> ``[F, H', W', 3]`` uint8 with the short side ``size`` and the aspect ratio kept
+    (bilinear, antialiased), so that each encoder's transform can still centre-crop or squash as its own processor
+    does."""
+    out_h, out_w = short_side_size(frames.shape[1], frames.shape[2], size)
+    if (out_h, out_w) == frames.shape[1:3]:
         return frames
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    # uint8 in, channels-last: torch's vectorised uint8 path, ~20x faster than resizing floats (issue 13)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -140,7 +154,81 @@ def _open_container(path: Path):
     return container
 
 
+def _iso_boxes(f, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """``(type, payload start, payload end)`` of the ISO-BMFF boxes in bytes ``[start, end)`` of ``f``."""
+    pos = start
+    while pos + 8 <= end:
+        f.seek(pos)
+        size, kind = struct.unpack(">I4s", f.read(8))
+        header = 8
+        if size == 1:  # 64-bit size follows
+            (size,) = struct.unpack(">Q", f.read(8))
+            header = 16
+        elif size == 0:  # to the end of the enclosing box
+            size = end - pos
+        if size < header or pos + size > end:
+            raise ValueError(f"box {kind!r} at {pos} overruns its container")
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def _child(f, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    return next(((a, b) for k, a, b in _iso_boxes(f, start, end) if k == kind), None)
+
+
+def _matrix_2x2(f, payload: int, offsets: tuple[int, int]) -> np.ndarray:
+    """The rotation/scale part ``[[a, b], [c, d]]`` of a tkhd/mvhd matrix (offset by the box's version)."""
+    f.seek(payload)
+    version = f.read(1)[0]
+    f.seek(payload + offsets[version == 1])
+    m = struct.unpack(">9i", f.read(36))
+    return np.array([[m[0], m[1]], [m[3], m[4]]], dtype=np.float64)
+
+
+def _mp4_rotation(path: Path) -> int | None:
+    """Display rotation (degrees counter-clockwise, as FFmpeg reports it) of an MP4/MOV file's video track, read
+    from its header boxes without decoding anything: the track matrix (tkhd) times the movie matrix (mvhd), as
+    FFmpeg's mov demuxer combines them. None when the file is not ISO-BMFF, has no or several video tracks, or its
+    boxes do not parse; the caller then asks FFmpeg."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = next(_iso_boxes(f, 0, size), None)
+            if first is None or first[0] not in (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide"):
+                return None
+            moov = _child(f, 0, size, b"moov")
+            if moov is None:
+                return None
+            movie, videos = np.eye(2), []
+            for kind, a, b in _iso_boxes(f, *moov):
+                if kind == b"mvhd":
+                    movie = _matrix_2x2(f, a, (36, 48)) / 65536
+                elif kind == b"trak":
+                    tkhd, mdia = _child(f, a, b, b"tkhd"), _child(f, a, b, b"mdia")
+                    hdlr = _child(f, *mdia, b"hdlr") if mdia else None
+                    if tkhd and hdlr:
+                        f.seek(hdlr[0] + 8)
+                        if f.read(4) == b"vide":
+                            videos.append(_matrix_2x2(f, tkhd[0], (40, 52)) / 65536)
+    except (OSError, ValueError, struct.error, IndexError):
+        return None
+    if len(videos) != 1:
+        return None
+    m = videos[0] @ movie
+    scale_x, scale_y = np.hypot(m[0, 0], m[1, 0]), np.hypot(m[0, 1], m[1, 1])
+    if not scale_x or not scale_y:
+        return None
+    return -round(math.degrees(math.atan2(m[0, 1] / scale_y, m[0, 0] / scale_x)))
+
+
 def _display_rotation(path: Path) -> int:
+    """Display rotation of a video: from the MP4/MOV header when it is one (no decoding, no second open), else
+    from the first decoded frame's display matrix through PyAV (0 when absent or unreadable)."""
+    rotation = _mp4_rotation(path)
+    return rotation if rotation is not None else _decoded_rotation(path)
+
+
+def _decoded_rotation(path: Path) -> int:
     """Rotation of the first frame's display matrix (0 when absent or unreadable)."""
     try:
         with _open_container(path) as container:
@@ -298,11 +386,11 @@ def read_frames(
     end_frame: int | None = None,
     backend: str = DEFAULT_BACKEND,
 ) -> tuple[np.ndarray, dict[int, list[int]]]:
-    """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized to
-    ``size`` x ``size``.
+    """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized so
+    that the short side is ``size`` (aspect ratio kept).
 
-    Returns ``(frames [F, size, size, 3] uint8, {count: positions into frames})`` so that each encoder can pick
-    exactly its own frames from one decoded stack.
+    Returns ``(frames [F, H, W, 3] uint8 with min(H, W) == size, {count: positions into frames})`` so that each
+    encoder can pick exactly its own frames from one decoded stack.
     """
     with open_media(path, backend) as media:
         lo, hi = clip_window(media.timestamps, time, end_frame)

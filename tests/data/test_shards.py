@@ -78,7 +78,9 @@ def _benchmark(tmp_path):
         {"video_name": "framed", "question_id": "q_frames", "question": "?"},
     ]
     (bench / "test_q.json").write_text(json.dumps(questions))
-    (bench / "test_a.json").write_text(json.dumps([{"question_id": q["question_id"], "answer": "a"} for q in questions]))
+    (bench / "test_a.json").write_text(
+        json.dumps([{"question_id": q["question_id"], "answer": "a"} for q in questions])
+    )
     return bench, frames
 
 
@@ -88,7 +90,7 @@ def _bar_position(frame):
 
 def test_clip_windows_and_frame_folders(tmp_path):
     bench, frames = _benchmark(tmp_path)
-    write_shards(collect_items(bench), tmp_path / "out", ShardSettings(frame_counts=(4,), size=48, frame_format="npy"))
+    write_shards(collect_items(bench), tmp_path / "out", ShardSettings(frame_counts=(4,), size=32, frame_format="npy"))
     by_key = {s["meta"]["key"]: s for s in iter_samples(tmp_path / "out")}
     expected_bar = [_bar_position(frames[i]) for i in range(40)]
 
@@ -110,7 +112,17 @@ def test_images_become_one_frame_clips(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([sample]))
     write_shards(collect_items(tmp_path / "train.json"), tmp_path / "out", ShardSettings(**NPY))
     (s,) = list(iter_samples(tmp_path / "out"))
-    assert s["frames"].shape == (1, 64, 64, 3) and s["meta"]["frame_positions"] == {"4": [0] * 4, "8": [0] * 8}
+    assert s["frames"].shape == (1, 85, 64, 3), "40 x 30 -> short side 64, aspect kept"
+    assert s["meta"]["frame_positions"] == {"4": [0] * 4, "8": [0] * 8}
+
+
+def test_non_square_videos_are_stored_with_their_aspect_ratio(tmp_path):
+    write_video(tmp_path / "vids" / "wide.mp4", gradient_frames(8, 36, 64))
+    write_video(tmp_path / "vids" / "tall.mp4", gradient_frames(8, 64, 36))
+    write_shards(collect_items([tmp_path / "vids"]), tmp_path / "out", ShardSettings(frame_counts=(4,), size=18))
+    shapes = {s["meta"]["key"]: s["frames"].shape for s in iter_samples(tmp_path / "out")}
+    assert shapes == {"wide": (4, 18, 32, 3), "tall": (4, 32, 18, 3)}
+    assert read_manifest(tmp_path / "out")["settings"]["resize"] == "short_side"
 
 
 def test_folder_of_videos_input(tmp_path):
@@ -168,12 +180,51 @@ def test_parallel_workers_write_the_same_bytes(with_bad_items, tmp_path):
 
 
 def _many_items(synth_dir, tmp_path, n):
-    """``n`` training samples that reuse the synthetic videos."""
+    """``n`` training samples in the mix of stage-2 data: videos (the synthetic ones), every third sample text-only
+    (no 'video' or 'image' key, as in LLaVA-665k) and every fifth other one an image."""
+    from PIL import Image
+
     base = json.loads((synth_dir / "train" / "finetune.json").read_text())
-    samples = [dict(base[i % len(base)], id=f"s{i:04d}") for i in range(n)]
     shutil.copytree(synth_dir / "train" / "videos", tmp_path / "videos", dirs_exist_ok=True)
+    Image.fromarray(gradient_frames(1, 40, 30)[0]).save(tmp_path / "pic.png")
+    samples = []
+    for i in range(n):
+        sample = dict(base[i % len(base)], id=f"s{i:04d}")
+        if i % 3 == 1:
+            del sample["video"]
+        elif i % 5 == 2:
+            del sample["video"]
+            sample["image"] = "pic.png"
+        samples.append(sample)
     (tmp_path / "train.json").write_text(json.dumps(samples))
     return tmp_path / "train.json"
+
+
+def test_text_only_image_and_video_samples_shard_together(synth_dir, tmp_path, capsys):
+    from merv.cli import main
+
+    items = collect_items(_many_items(synth_dir, tmp_path, 15))
+    assert [it.modality for it in items[:4]] == ["video", "text", "image", "video"]
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=60_000)
+    one = write_shards(items, tmp_path / "one", settings, workers=1, strict=True)
+    two = write_shards(items, tmp_path / "two", settings, workers=2, strict=True)
+    assert one.bad == 0 and one.by_modality == two.by_modality == {"video": 8, "image": 2, "text": 5}
+    manifest = read_manifest(tmp_path / "one")
+    assert manifest["text_only"] == 5 and manifest["samples"] == 15 and manifest["bad"] == 0
+    assert len(manifest["shards"]) > 1 and manifest["shards"] == read_manifest(tmp_path / "two")["shards"]
+    assert (tmp_path / "one" / "quarantine.jsonl").read_text() == ""
+    samples = {s["meta"]["key"]: s for s in iter_samples(tmp_path / "one")}
+    assert samples["s0001"]["frames"] is None and samples["s0001"]["meta"]["modality"] == "text"
+    assert "frame_positions" not in samples["s0001"]["meta"] and samples["s0001"]["meta"]["conversations"]
+    assert samples["s0002"]["meta"]["modality"] == "image" and samples["s0002"]["frames"].shape[0] == 1
+    assert samples["s0000"]["meta"]["modality"] == "video" and samples["s0000"]["frames"].shape[0] == 12
+
+    assert main(["inspect", str(tmp_path / "one")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["text_only"] == 5 and summary["by_modality"]["image"] == 2
+    assert main(["inspect", str(tmp_path / "one"), "--sample", "s0001"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["frames"] is None and shown["modality"] == "text"
 
 
 def _shard_cmd(src, out):
@@ -182,7 +233,7 @@ def _shard_cmd(src, out):
 
 
 def test_killed_run_resumes_to_identical_shards(synth_dir, tmp_path):
-    src = _many_items(synth_dir, tmp_path, 60)
+    src = _many_items(synth_dir, tmp_path, 60)  # text-only and image samples among the videos
     assert subprocess.run(_shard_cmd(src, tmp_path / "full"), capture_output=True).returncode == 0
     proc = subprocess.Popen(_shard_cmd(src, tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -225,7 +276,8 @@ def test_changed_settings_start_over(synth_dir, tmp_path):
         ("{not json", "not valid JSON"),
         ('{"a": 1}', "expected a JSON list"),
         ('[{"id": "x", "video": "a.mp4"}]', "sample 0: expected an object with a 'conversations' list"),
-        ('[{"id": "x", "conversations": []}]', "no 'video' or 'image' path"),
+        ('[{"id": "x", "video": ["a.mp4", "b.mp4"], "conversations": []}]', "sample 0 .*'video' is a list"),
+        ('[{"id": "x", "image": "", "conversations": []}]', "'image' must be a non-empty path"),
     ],
 )
 def test_bad_training_json(tmp_path, content, message):
@@ -233,6 +285,15 @@ def test_bad_training_json(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataFormatError, match=message):
         collect_items(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"backend": "ffmpeg"}, "unknown decoding backend 'ffmpeg'"), ({"resize": "square"}, "resize must be")],
+)
+def test_bad_shard_settings(change, message):
+    with pytest.raises(ValueError, match=message):
+        ShardSettings(frame_counts=(4,), size=32, **change)
 
 
 def test_question_without_answer(tmp_path):

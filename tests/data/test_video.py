@@ -1,7 +1,19 @@
 import numpy as np
 import pytest
 
-from merv.data.video import BACKENDS, VideoError, clip_window, open_media, read_frames, sample_frame_indices
+from merv.data.video import (
+    BACKENDS,
+    _decoded_rotation,
+    _display_rotation,
+    _mp4_rotation,
+    VideoError,
+    clip_window,
+    open_media,
+    read_frames,
+    resize_frames,
+    sample_frame_indices,
+    short_side_size,
+)
 from tests.media import gradient_frames, make_bad_inputs, write_video
 
 
@@ -42,6 +54,7 @@ def media(tmp_path_factory):
         "odd": write_video(d / "odd.mp4", gradient_frames(6, 45, 67), pix_fmt="yuv444p"),
         "long": write_video(d / "long.mp4", gradient_frames(900, 32, 32), fps=30, pix_fmt="yuv444p"),
         "short": write_video(d / "short.mp4", gradient_frames(3, 32, 32), pix_fmt="yuv444p"),
+        "wide": write_video(d / "wide.mp4", gradient_frames(6, 360, 640)),
     }
 
 
@@ -49,7 +62,7 @@ def media(tmp_path_factory):
 def test_backends_agree_on_plain_video(media, backend):
     frames, positions = read_frames(media["plain"], [4, 8], 64, backend=backend)
     reference, _ = read_frames(media["plain"], [4, 8], 64, backend="pyav")
-    assert frames.shape == (12, 64, 64, 3) and sorted(positions) == [4, 8]
+    assert frames.shape == (12, 64, 85, 3) and sorted(positions) == [4, 8]  # 48 x 64 -> short side 64
     assert np.abs(frames.astype(int) - reference).mean() < 1
 
 
@@ -62,6 +75,23 @@ def test_rotation_metadata_is_applied(media, backend):
     assert frame[-4:, :4, 0].mean() > 200 and frame[-4:, :4, 1].mean() < 60
 
 
+@pytest.mark.parametrize("container", ["mp4", "mov", "faststart.mp4", "mkv"])
+def test_rotation_without_decoding_agrees_with_ffmpeg(tmp_path, container):
+    """MP4/MOV rotation comes from the header boxes (no decoding, no second open); it must equal what FFmpeg
+    reports on a decoded frame. Other containers (Matroska) still ask FFmpeg."""
+    for degrees in (0, 90, 180, 270):
+        path = write_video(tmp_path / f"r{degrees}.{container}", gradient_frames(2, 16, 32), rotation=degrees)
+        assert _display_rotation(path) == _decoded_rotation(path), (container, degrees)
+        assert (_mp4_rotation(path) is None) == (container == "mkv")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotated_matroska_is_rotated(tmp_path, backend):
+    path = write_video(tmp_path / "rotated.mkv", gradient_frames(4, 48, 64), rotation=90)
+    frames, _ = read_frames(path, [2], 48, backend=backend)
+    assert frames.shape == (2, 64, 48, 3) and frames[0, -4:, :4, 0].mean() > 200
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_variable_frame_rate_timestamps(media, backend):
     with open_media(media["vfr"], backend) as m:
@@ -71,10 +101,36 @@ def test_variable_frame_rate_timestamps(media, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grayscale_and_odd_sizes_give_rgb(media, backend):
     frames, _ = read_frames(media["gray"], [3], 32, backend=backend)
-    assert frames.shape == (3, 32, 32, 3)
+    assert frames.shape == (3, 32, 45, 3)  # 30 x 42 -> 32 x 44.8
     assert np.abs(frames[..., 0].astype(int) - frames[..., 2]).max() <= 2, "gray stays gray"
     with open_media(media["odd"], backend) as m:
         assert m.frames([0, 5]).shape == (2, 45, 67, 3)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size", "expected"),
+    [(360, 640, 224, (224, 398)), (640, 360, 224, (398, 224)), (50, 50, 32, (32, 32)), (45, 67, 32, (32, 48))],
+)
+def test_short_side_size(height, width, size, expected):
+    assert short_side_size(height, width, size) == expected
+
+
+def test_resize_keeps_squares_and_content():
+    frames = gradient_frames(2, 48, 48)
+    assert resize_frames(frames, 48) is frames
+    small = resize_frames(frames, 24)
+    assert small.shape == (2, 24, 24, 3) and small.dtype == np.uint8
+    assert np.abs(small.astype(int) - frames[:, ::2, ::2]).mean() < 20  # blur at edges only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_square_video_keeps_its_aspect_ratio(media, backend):
+    frames, _ = read_frames(media["wide"], [4], 224, backend=backend)
+    assert frames.shape == (4, 224, 398, 3), "640 x 360 -> short side 224, long side 640 * 224 / 360 = 398.2"
+    # the red mark covers the top-left quarter (160 x 90 source pixels): still 16:9 after resizing, not squashed
+    red = (frames[0, ..., 0] > 180) & (frames[0, ..., 1] < 90)
+    rows, cols = np.flatnonzero(red.any(axis=1)), np.flatnonzero(red.any(axis=0))
+    assert abs(len(rows) - 56) <= 2 and abs(len(cols) - 100) <= 2, (len(rows), len(cols))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
