@@ -160,7 +160,7 @@ class _EpochDataset(IterableDataset):
         )
         if ld.shuffle_buffer:
             rng = random.Random(f"{ld.seed}-{self.epoch}-{ld.rank}-{worker}")
-            raw = wds.DataPipeline(raw, wds.shuffle(ld.shuffle_buffer, initial=ld.shuffle_buffer, rng=rng))
+            raw = wds.shuffle(ld.shuffle_buffer, initial=ld.shuffle_buffer, rng=rng)(raw)
         samples = itertools.islice(raw, self.skips[worker] * ld.batch_size, None)  # skipped: never decoded
         batch = []
         for sample in samples:

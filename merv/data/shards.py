@@ -70,6 +70,7 @@ class ShardSettings:
     jpeg_quality: int = 95
     backend: str = DEFAULT_BACKEND
     resize: Literal["short_side"] = "short_side"  # stored frame geometry; earlier shards were squashed squares
+    digests: int = 1  # samples record a digest of their frames per frame count (feature caches are keyed by them)
 
     def __post_init__(self):
         if not self.frame_counts or min(self.frame_counts) < 1:
@@ -227,18 +228,12 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
         return None, e.reason
     except ValueError as e:  # e.g. an impossible clip window
         return None, f"bad clip window ({e})"
-    meta = {
-        "key": item.key,
-        "modality": item.modality,
-        "source": str(item.media),
-        "frame_positions": {str(c): p for c, p in positions.items()},
-        **item.record,
-    }
-    members = {"json": json.dumps(meta, sort_keys=True).encode()}
+    members: dict[str, bytes] = {}
     if settings.frame_format == "npy":
         buf = io.BytesIO()
         np.save(buf, frames)
         members["frames.npy"] = buf.getvalue()
+        stored = [frame.tobytes() for frame in frames]
     else:
         from PIL import Image
 
@@ -246,7 +241,25 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
             buf = io.BytesIO()
             Image.fromarray(frame).save(buf, format="JPEG", quality=settings.jpeg_quality)
             members[f"{i:03d}.jpg"] = buf.getvalue()
+        stored = [members[f"{i:03d}.jpg"] for i in range(len(frames))]
+    meta = {
+        "key": item.key,
+        "modality": item.modality,
+        "source": str(item.media),
+        "frame_positions": {str(c): p for c, p in positions.items()},
+        # what an encoder of each frame count reads, as stored: its feature cache is keyed by this
+        "frame_digests": {str(c): _digest(stored[i] for i in p) for c, p in positions.items()},
+        **item.record,
+    }
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
     return members, None
+
+
+def _digest(parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
 
 
 def decode_sample(raw: dict) -> dict:
@@ -288,14 +301,15 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 class _Shard:
     """The shard being filled; ``commit`` renames the tar into place, then writes its index (the commit marker)."""
 
-    def __init__(self, out: Path, number: int, fingerprint_: str):
-        self.out, self.name, self.fingerprint = out, SHARD_PATTERN.format(number), fingerprint_
+    def __init__(self, out: Path, number: int, fingerprint_: str, counts: tuple[int, ...]):
+        self.out, self.name, self.fingerprint, self.counts = out, SHARD_PATTERN.format(number), fingerprint_, counts
         self.tmp = out / f"{self.name}.tar.tmp"
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.keys: list[str] = []
         self.bad: list[dict] = []
         self.samples = 0
         self.modalities: Counter[str] = Counter()
+        self.frame_digests: list[tuple[str, dict]] = []  # (key, {count: digest}) of the good samples, in order
 
     def add(self, item: Item, members: dict[str, bytes] | None, reason: str | None) -> None:
         self.keys.append(item.key)
@@ -306,6 +320,7 @@ class _Shard:
             _add_member(self.tar, f"{item.key}.{ext}", payload)
         self.samples += 1
         self.modalities[item.modality] += 1
+        self.frame_digests.append((item.key, json.loads(members["json"]).get("frame_digests", {})))
 
     @property
     def bytes(self) -> int:
@@ -321,6 +336,7 @@ class _Shard:
             "keys": self.keys,
             "samples": self.samples,
             "modalities": dict(sorted(self.modalities.items())),
+            "frame_digests": combine_digests(self.frame_digests, self.counts),
             "bad": self.bad,
             "bytes": final.stat().st_size,
             "sha256": _sha256(final),
@@ -329,6 +345,24 @@ class _Shard:
         tmp.write_text(json.dumps(index))
         tmp.replace(self.out / f"{self.name}.json")
         return index
+
+
+def combine_digests(parts: list[tuple[str, dict]], counts) -> dict[str, str]:
+    """Per frame count, one digest over named parts in order (a part without that count, e.g. a text-only sample,
+    still counts by its name): the sample digests of a shard, or the shard digests of a folder."""
+    return {str(c): _digest(f"{name}:{d.get(str(c), '-')}".encode() for name, d in parts) for c in counts}
+
+
+def shard_keys(shard_dir: Path, name: str) -> list[str]:
+    """The keys of the samples in one shard (bad items excluded), in order, from its index."""
+    index = json.loads((Path(shard_dir) / f"{name.removesuffix('.tar')}.json").read_text())
+    bad = {b["key"] for b in index["bad"]}
+    return [k for k in index["keys"] if k not in bad]
+
+
+def sample_keys(shard_dir: Path) -> list[str]:
+    """Every sample's key, in the shard folder's order."""
+    return [k for s in read_manifest(shard_dir)["shards"] for k in shard_keys(shard_dir, s["name"])]
 
 
 def _completed_shards(out: Path, items: list[Item], fingerprint_: str) -> list[dict]:
@@ -424,7 +458,7 @@ def write_shards(
             if members is None and strict:
                 raise VideoError(item.media, reason)
             if shard is None:
-                shard = _Shard(out, len(indexes), fp)
+                shard = _Shard(out, len(indexes), fp, settings.frame_counts)
             shard.add(item, members, reason)
             bar.update(1)
             if shard.bytes >= settings.target_bytes:
@@ -464,7 +498,8 @@ def write_shards(
         "by_reason": summary.by_reason,
         "by_modality": summary.by_modality,
         "text_only": summary.by_modality["text"],
-        "shards": [{k: ix[k] for k in ("name", "samples", "bytes", "sha256")} for ix in indexes],
+        "shards": [{k: ix[k] for k in ("name", "samples", "bytes", "sha256", "frame_digests")} for ix in indexes],
+        "frame_digests": combine_digests([(ix["name"], ix["frame_digests"]) for ix in indexes], settings.frame_counts),
         "settings": asdict(settings),
         "fingerprint": fp,
     }

@@ -113,6 +113,7 @@ def source_digest(shard_manifest: dict, num_frames: int) -> str:
 
 def compare_keys(expected: dict, found: dict, where: str) -> None:
     """Raise naming every field where a cache's key differs from what the config expects."""
+    expected, found = json.loads(json.dumps(expected)), json.loads(json.dumps(found))  # tuples compare as lists
     diffs = [k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
     if diffs:
         details = "; ".join(f"{k}: cache has {found.get(k)!r}, the config needs {expected.get(k)!r}" for k in diffs)

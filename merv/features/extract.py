@@ -151,7 +151,9 @@ def extract_features(
     done = 0
     for shard in tqdm(shards, desc=f"features {encoder_id}", disable=not progress, mininterval=2):
         keys = shard_keys(shard_dir, shard["name"])
-        shard_key = fingerprint([{k: v for k, v in key.items() if k != "source_frames"}, shard.get("frame_digests")])
+        # a shard is redone when the encoder or this shard's frames of the encoder's count changed
+        count = str(next(e for e in model.encoders if e.id == encoder_id).num_frames)
+        shard_key = fingerprint([{k: v for k, v in key.items() if k != "source_frames"}, shard["frame_digests"][count]])
         if _committed(out, shard["name"], keys, shard_key):
             done += 1
             continue
