@@ -51,6 +51,7 @@ class EncoderConfig:
     crop_pct: float | None = None  # for "crop" (default: the encoder's own, else 1.0)
     mean: tuple[float, ...] | None = None  # normalisation (default: the encoder's own)
     std: tuple[float, ...] | None = None
+    cache: bool = True  # with train.features "cached": read this encoder's features from a cache (False: run it)
 
     def __post_init__(self):
         if not self.id.isidentifier():
@@ -191,11 +192,19 @@ class StageConfig:
 class TrainConfig:
     seed: int = 7
     stages: tuple[StageConfig, ...] = ()
+    # "cached": the frozen encoders' outputs are computed once per shard folder (`merv features`, the
+    # extract_features rule) and read by every stage and epoch; "on_the_fly": the encoders run in every step
+    features: Literal["on_the_fly", "cached"] = "on_the_fly"
+    feature_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # how cached features are stored
 
     def __post_init__(self):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+
+    def cached_encoders(self, model: ModelConfig) -> list[str]:
+        """Ids of the encoders whose features training reads from a cache."""
+        return [e.id for e in model.encoders if e.cache] if self.features == "cached" else []
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

@@ -83,7 +83,7 @@ class MERV(nn.Module):
             projector = self.projectors[name]
             if name in features:
                 cached = features[name].to(self.dtype)
-                tokens.append(projector.head(cached) if self.cfg.projector.pooling in POOLED else projector(cached))
+                tokens.append(projector(cached, pooled=self.cfg.projector.pooling in POOLED))
                 continue
             with torch.no_grad():  # encoders are frozen
                 out = encoder(videos[name])  # [B, T', N, C]

@@ -48,8 +48,10 @@ class Projector(nn.Module):
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(features))  # [B, T_out*n, D]
+    def forward(self, features: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """``[B, T', N, C]`` encoder features (or, with ``pooled``, an already pooled grid ``[B, T_out*n, C]`` from
+        a feature cache) -> ``[B, T_out*n, D]``. Called as a whole, so that FSDP gathers the projector's weights."""
+        return self.head(features if pooled else self.pool(features))
 
 
 class AvgPool3dProjector(Projector):

@@ -123,3 +123,39 @@ def test_killed_extraction_resumes_to_the_same_bytes(tiny_run, shards, tmp_path)
             assert (tmp_path / "full" / name).read_bytes() == (cut / name).read_bytes(), name
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "full", cut))
     assert a["fingerprint"] == b["fingerprint"] and a["shards"] == b["shards"]
+
+
+@pytest.mark.slow
+def test_two_ranks_from_the_cache_equal_one_process(tiny_run, synth_dir, tmp_path):
+    """The cache is dealt to ranks like the shards it mirrors: 2 gloo ranks reading only the cache (no video shard)
+    train the same weights as 1 process (shards of 2 samples, micro batch 2: the same global batches)."""
+    from merv.data.shards import ShardSettings, collect_items, write_shards
+
+    shards = tmp_path / "pairs"
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=250_000, frame_format="npy")
+    write_shards(collect_items(synth_dir / "train" / "finetune.json"), shards, settings)
+    model = resolve_model(tiny_run.model)
+    flags = []
+    for enc in model.encoders:
+        extract_features(shards, model, enc.id, tmp_path / enc.id, FP32)
+        flags += ["--features", f"{enc.id}={tmp_path / enc.id}"]
+    overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
+    stage = {"epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "shuffle_buffer": 0, "num_workers": 0}
+    overrides["train"] = {"stages": {"finetune": stage}}
+    config = json.dumps(resolve_run_config("merv-tiny", overrides).to_dict())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    metas = {}
+    for nproc in (1, 2):
+        launcher = [sys.executable, "-m"] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]  # fmt: skip
+        out = tmp_path / f"n{nproc}"
+        cmd = [*launcher, "merv.cli", "train", "--config", config, "--stage", "finetune", "--data", str(shards),
+               "--out", str(out), "--no-progress", *flags]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        metas[nproc] = (load_file(str(out / "model.safetensors")), json.loads((out / "meta.json").read_text()))
+    (one, meta1), (two, meta2) = metas[1], metas[2]
+    assert meta2["processes"] == 2 and meta1["step"] == meta2["step"] == 3
+    assert set(meta2["data"]["feature_caches"]) == {"vit", "vivit"}
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k

@@ -1,4 +1,5 @@
 # Input functions and config resolution shared by the rules. No rules here.
+import dataclasses
 import json
 
 from merv.config import resolve_run_config
@@ -72,6 +73,7 @@ def previous_stage(model, stage):
 def stage_inputs(wildcards):
     stage = RUNS[wildcards.model].train.stage(wildcards.stage)
     inputs = {"data": f"data/shards/train/{stage.data}", "weights": weights_manifest(wildcards.model)}
+    inputs["features"] = list(stage_features(wildcards).values())
     prev = previous_stage(wildcards.model, wildcards.stage)
     if prev:
         inputs["init"] = f"results/{wildcards.model}/{prev}"
@@ -118,3 +120,54 @@ def launch_flags(wildcards, attempt=1):
     ]
     flags += [f"--{k} {launch[k]}" for k in ("partition", "account") if launch[k]]
     return " ".join(flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature caches (features.smk). A cache is named by what determines it and is known before anything runs: the
+# encoder's config, the pooling when pooled, the stored dtype, the split and how it is sharded, except the frame
+# counts of other encoders. Models sharing an encoder share its cache; another encoder's frame count never touches
+# it. Whether the shards still hold the cached frames is checked by content when training opens the cache.
+
+
+def cache_name(model, split, encoder_id):
+    from merv.config import fingerprint
+    from merv.features.cache import POOLED
+
+    run = RUNS[model]
+    encoder = next(e for e in run.model.encoders if e.id == encoder_id)
+    shards = {k: v for k, v in config["shards"].items() if k not in ("workers", "strict", "target_size")}
+    key = {
+        "encoder": dataclasses.asdict(encoder),
+        "pooling": dataclasses.asdict(run.model.projector) if run.model.projector.pooling in POOLED else None,
+        "dtype": run.train.feature_dtype,
+        "split": config["data"]["train"][split],
+        "synth": config["synth"] if config["data"]["train"][split]["json"].startswith("data/synth/") else None,
+        "shards": {**shards, "size": shard_settings()["size"]},
+    }
+    return f"{split}-{encoder_id}-{fingerprint(key)[:12]}"
+
+
+FEATURE_CACHES = {
+    cache_name(m, stage.data, e): {"model": m, "split": stage.data, "encoder": e}
+    for m, run in RUNS.items()
+    for stage in run.train.stages
+    for e in run.train.cached_encoders(run.model)
+}
+
+
+def feature_cache(wildcards):
+    try:
+        return FEATURE_CACHES[wildcards.cache]
+    except KeyError:
+        raise ValueError(f"no configured model caches features as {wildcards.cache!r}") from None
+
+
+def stage_features(wildcards):
+    """``{encoder: cache folder}`` of a training stage (empty when its model runs its encoders on the fly)."""
+    run = RUNS[wildcards.model]
+    split = run.train.stage(wildcards.stage).data
+    return {e: f"data/features/{cache_name(wildcards.model, split, e)}" for e in run.train.cached_encoders(run.model)}
+
+
+def features_flags(wildcards):
+    return " ".join(f"--features {e}={path}" for e, path in stage_features(wildcards).items())

@@ -16,10 +16,11 @@ rule train_stage:
     params:
         config=stage_config_json,
         init=init_flag,
+        features=features_flags,
     log:
         "results/{model}/logs/train_{stage}.log",
     conda:
         MERV_ENV
     shell:
         "merv train --config {params.config:q} --stage {wildcards.stage} --data {input.data} {params.init}"
-        " --out {output} {resources.launch} --no-progress > {log} 2>&1"
+        " {params.features} --out {output} {resources.launch} --no-progress > {log} 2>&1"

@@ -1,0 +1,25 @@
+# Feature stage: each frozen encoder's outputs over a training split, computed once and shared by every stage,
+# epoch and model that uses the same encoder the same way (train.features: cached in a model's preset).
+
+
+rule extract_features:
+    input:
+        # the shards are checked by content (the frames this encoder reads) when training opens the cache; by time
+        # they would make every encoder's cache stale whenever another encoder's frame count changes
+        shards=lambda w: ancient(f"data/shards/train/{feature_cache(w)['split']}"),
+        # built weights are a function of the encoder's config, which names the cache; their content hash is in the
+        # cache key, checked when training opens it
+        weights=lambda w: [ancient(p) for p in weights_manifest(feature_cache(w)["model"])],
+    output:
+        directory("data/features/{cache}"),
+    params:
+        config=lambda w: json.dumps(RUNS[feature_cache(w)["model"]].to_dict(), sort_keys=True),
+        encoder=lambda w: feature_cache(w)["encoder"],
+        dtype=lambda w: RUNS[feature_cache(w)["model"]].train.feature_dtype,
+    log:
+        "results/logs/extract_features_{cache}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv features {input.shards} --config {params.config:q} --encoder {params.encoder} --dtype {params.dtype}"
+        " --out {output} --no-progress > {log} 2>&1"
