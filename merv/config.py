@@ -27,6 +27,14 @@ PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
 Trainable = Literal["projectors", "fusion", "llm"]
 
 
+def check_source(source: str | None, owner: str, schemes: tuple[str, ...]) -> None:
+    """A weight ``source`` is ``<scheme>:<name>`` with a scheme in ``schemes`` (or absent: bring the weights)."""
+    scheme, _, name = (source or "").partition(":")
+    if source is not None and (scheme not in schemes or not name):
+        forms = " or ".join(f"{s}:<name>" for s in schemes)
+        raise ValueError(f"{owner}: source must look like {forms}, got {source!r}")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """One frozen visual encoder with its own frame count and input size."""
@@ -38,8 +46,10 @@ class EncoderConfig:
     image_size: int
     arch: str | None = None  # timm model name (required for timm_image); for hf_* the transformers model_type
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm create_model overrides (tiny models)
+    source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>" or "timm:<model name>"
 
     def __post_init__(self):
+        check_source(self.source, f"encoder {self.id!r}", ("hf", "timm"))
         if not self.id.isidentifier():
             raise ValueError(f"encoder id {self.id!r} must be a Python identifier (it keys a ModuleDict)")
         if self.num_frames < 1:
@@ -87,6 +97,10 @@ class LLMConfig:
     arch: str | None = None  # transformers model_type (llama, qwen2, ...): documents the family, builds stand-ins
     prompt_format: PromptFormat = "vicuna"
     max_length: int = 2048
+    source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>"
+
+    def __post_init__(self):
+        check_source(self.source, "llm", ("hf",))
 
 
 @dataclass(frozen=True)
