@@ -61,7 +61,8 @@ class LocalHub:
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo = "/".join(parts[2:4])
             if not (self.folder / repo).is_dir():
-                return self.send(handler, 404, b'{"error": "Repository not found"}', body, {"X-Error-Code": "RepoNotFound"})
+                error = {"X-Error-Code": "RepoNotFound"}
+                return self.send(handler, 404, b'{"error": "Repository not found"}', body, error)
             files = [str(p.relative_to(self.folder / repo)) for p in self.files(repo)]
             if parts[4] == "revision":
                 info = {"id": repo, "sha": self.commit(repo), "siblings": [{"rfilename": f} for f in files]}

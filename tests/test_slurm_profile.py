@@ -12,7 +12,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-COMMAND = ["--profile", "slurm", "--configfile", "config/miniature.yaml", "results/merv_full/eval.json"]
+# the target goes before --configfile, which takes every following word as a config file
+COMMAND = ["--profile", "slurm", "results/merv_full/eval.json", "--configfile", "config/miniature.yaml"]
 
 
 def small_config() -> dict:
