@@ -1,12 +1,19 @@
 """Weights: looked up under $MERV_WEIGHTS then the working directory, fetched when missing (never offline), built
 locally as stand-ins in the configured shape."""
 
+import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from merv.config import resolve_run_config
+from merv.models.merv import MERV
 from merv.weights import (
     MissingWeightsError,
     build_local_weights,
@@ -14,6 +21,29 @@ from merv.weights import (
     weight_parts,
     with_local_weights,
 )
+from tests.hub import LocalHub
+
+TOY = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def toy_merv_full():
+    """merv-full at the miniature's size: the paper's four encoder families and a Llama, tiny."""
+    return resolve_run_config(
+        "merv-full",
+        {"model": {"encoders": {"dinov2": {"image_size": 56, "num_frames": 4, "model_kwargs": {"img_size": 56, **TOY}},
+                                "siglip": {"image_size": 64, "num_frames": 4, "model_kwargs": {"img_size": 64, **TOY}},
+                                "languagebind": {"image_size": 56, "num_frames": 4},
+                                "vivit": {"image_size": 64, "num_frames": 8}},
+                   "projector": {"temporal_tokens": 4, "tokens_per_frame": 16}, "fusion": {"attn_dim": None},
+                   "llm": {"max_length": 256}}},
+    )  # fmt: skip
+
+
+def with_paths(run, root: Path):
+    """``run`` with its relative weight paths made absolute under ``root`` (how the lookup resolves them)."""
+    encoders = tuple(dataclasses.replace(e, weights=str(root / e.weights)) for e in run.model.encoders)
+    llm = dataclasses.replace(run.model.llm, weights=str(root / run.model.llm.weights))
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, encoders=encoders, llm=llm))
 
 
 def place(root: Path, run) -> None:
@@ -85,14 +115,7 @@ def test_a_malformed_source_is_a_config_error():
 
 
 def test_standins_are_built_in_the_configured_shape(tmp_path):
-    toy = {"embed_dim": 32, "depth": 1, "num_heads": 2}
-    run = resolve_run_config(
-        "merv-full",
-        {"model": {"encoders": {"dinov2": {"image_size": 56, "num_frames": 4, "model_kwargs": {"img_size": 56, **toy}},
-                                "siglip": {"image_size": 64, "num_frames": 4, "model_kwargs": {"img_size": 64, **toy}},
-                                "languagebind": {"image_size": 56, "num_frames": 4},
-                                "vivit": {"image_size": 64, "num_frames": 8}}}},
-    )  # fmt: skip
+    run = toy_merv_full()
     run = with_local_weights(run, tmp_path / "built")
     written = build_local_weights(run, "standin")
     assert written[1] == tmp_path / "built" / "dinov2" / "model.safetensors" and written[1].is_file()
@@ -101,3 +124,49 @@ def test_standins_are_built_in_the_configured_shape(tmp_path):
     wrong = with_local_weights(resolve_run_config("siglip-single"), tmp_path / "wrong")
     with pytest.raises(ValueError, match="encoder 'siglip': its stand-in is built with model_kwargs"):
         build_local_weights(wrong, "standin")
+
+
+def test_fetch_downloads_over_the_hub_protocol_into_the_lookup_path(tmp_path):
+    """Against a local server speaking the hub's download protocol: hub repositories and timm weights are fetched
+    into <root>/<weight path>, a repository the hub refuses is reported, a second fetch downloads only what is
+    missing, and the model loads from what was fetched."""
+    run = with_local_weights(toy_merv_full(), tmp_path / "hub-src")  # only to build the files the hub serves
+    build_local_weights(run, "standin")
+    hub = tmp_path / "hub"
+    for part, built in zip(weight_parts(toy_merv_full()), weight_parts(run), strict=True):
+        scheme, name = part.source.split(":", 1)
+        repo = hub / (f"timm/{name}" if scheme == "timm" else name)  # timm's pretrained weights live in timm/<name>
+        if scheme == "timm":
+            repo.mkdir(parents=True)
+            shutil.copy(built.path, repo / "model.safetensors")
+        elif part.name != "llm":  # the LLM repository is missing at first (gated, say)
+            shutil.copytree(built.path, repo)
+
+    root, record = tmp_path / "root", tmp_path / "fetched.json"
+    command = [sys.executable, "-m", "merv.cli", "fetch-weights", json.dumps(toy_merv_full().to_dict()),
+               "--root", str(root), "--record", str(record)]  # fmt: skip
+    with LocalHub(hub) as url:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf-home"))
+        res = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 1 and "1 of 5 weights of merv-full are missing" in res.stderr, res.stderr[-2000:]
+        assert "llm: weights/Llama-2-7b-hf" in res.stderr and "download failed: RepositoryNotFoundError" in res.stderr
+        assert not record.exists()
+        shutil.copytree(tmp_path / "hub-src" / "llm", hub / "meta-llama" / "Llama-2-7b-hf")
+        res = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    fetched = {r["name"]: r for r in json.loads(record.read_text())["weights"]}
+    assert [n for n, r in fetched.items() if r["downloaded"]] == ["llm"]  # the others were already there
+    assert fetched["encoder dinov2"]["path"] == str(root / "weights/dinov2-vitl14-reg4/model.safetensors")
+
+    # what was fetched is what the hub served, and the model builds from it
+    from safetensors.torch import load_file
+
+    served = load_file(str(hub / "timm/vit_large_patch14_reg4_dinov2.lvd142m/model.safetensors"))
+    got = load_file(fetched["encoder dinov2"]["path"])
+    assert served.keys() == got.keys() and all(torch.equal(served[k], got[k]) for k in served)
+    model = MERV.from_config(with_paths(toy_merv_full(), root).model)
+    with torch.no_grad():
+        visual, _ = model.encode({n: torch.randn(1, e.num_frames, 3, e.image_size, e.image_size)
+                                  for n, e in model.encoders.items()})  # fmt: skip
+    assert visual.shape[:2] == (1, 4 * 16)

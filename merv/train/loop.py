@@ -242,7 +242,7 @@ def train_stage(
     if d.is_main:
         extra = {
             "metrics.jsonl": "\n".join(json.dumps(m) for m in metrics),
-            "loss.png": loss_curve_png(metrics, f"{out.parent.name} {stage.name}"),
+            "loss.png": loss_curve_png(metrics, f"{home.name} {stage.name}"),
         }
         save_checkpoint(model, run, out, meta, extra=extra, full_state=full_state)
         wandb.close()

@@ -8,7 +8,7 @@ rule train_stage:
     output:
         report(
             directory("results/{model}/train/{stage}"),
-            patterns=["loss.png"],
+            patterns=["{name}.png"],  # the loss curve
             caption="../report/loss.rst",
             category="Training",
             labels={"model": "{model}", "stage": "{stage}"},
