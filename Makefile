@@ -11,12 +11,13 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test lint unit clean help slurm-profile slurm-packages browser-packages
+.PHONY: setup demo miniature test lint unit clean help slurm-profile slurm-packages browser-packages
 
 help:
 	@echo "make demo   - set up and run the pipeline on the built-in default -> results/merv_tiny/eval.json"
 	@echo "make test   - set up, lint (ruff, snakemake --lint) and run the tests"
 	@echo "make setup  - only create .venv with everything installed"
+	@echo "make miniature - the paper's merv_full DAG at toy size (stand-in weights) -> results/merv_full/eval.json"
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +33,12 @@ demo: setup
 	@start=$$(date +%s); \
 	snakemake --cores $(CORES) results/merv_tiny/eval.json && \
 	echo "pipeline finished in $$(( $$(date +%s) - start )) s" && cat results/merv_tiny/eval.json
+
+# the paper's DAG (four encoder families, two stages) at toy size, on this machine's CPUs
+miniature: setup
+	@start=$$(date +%s); \
+	snakemake --cores $(CORES) results/merv_full/eval.json --configfile config/miniature.yaml && \
+	echo "miniature finished in $$(( $$(date +%s) - start )) s" && cat results/merv_full/eval.json
 
 lint: setup
 	ruff check .
@@ -56,10 +63,11 @@ browser-packages:
 test: lint slurm-packages browser-packages
 	pytest -q
 
-# lets `snakemake --profile slurm ...` find workflow/profiles/slurm
+# lets `snakemake --profile slurm ...` find profiles/slurm (Snakemake looks in the user's config folder)
+SNAKEMAKE_CONFIG := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
 slurm-profile:
-	mkdir -p $(HOME)/.config/snakemake
-	ln -sfn $(CURDIR)/workflow/profiles/slurm $(HOME)/.config/snakemake/slurm
+	mkdir -p $(SNAKEMAKE_CONFIG)
+	ln -sfn $(CURDIR)/profiles/slurm $(SNAKEMAKE_CONFIG)/slurm
 
 clean:
-	rm -rf results/merv_tiny data/synth data/shards data/weights .snakemake
+	rm -rf results/merv_tiny results/merv_full data/synth data/shards data/weights .snakemake report.html

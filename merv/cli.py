@@ -51,16 +51,50 @@ def cmd_synth(args):
 
 
 def cmd_build_tiny(args):
-    from merv.data.synth import tokenizer_corpus
-    from merv.models.tiny import build_tiny_weights
+    from merv.fetch import build_local_weights
 
     run = load_config_spec(args.config)
-    written = build_tiny_weights(run, tokenizer_corpus(), seed=args.seed)
+    written = build_local_weights(run, args.kind, seed=args.seed)
     if args.manifest:
-        manifest = {"model": run.model.name, "seed": args.seed, "paths": [str(p) for p in written]}
+        manifest = {"model": run.model.name, "kind": args.kind, "seed": args.seed, "paths": [str(p) for p in written]}
         Path(args.manifest).parent.mkdir(parents=True, exist_ok=True)
         Path(args.manifest).write_text(json.dumps(manifest, indent=1))
-    log.info("built tiny weights for %s: %s", run.model.name, ", ".join(map(str, written)))
+    log.info("built %s weights for %s: %s", args.kind, run.model.name, ", ".join(map(str, written)))
+
+
+def cmd_fetch_weights(args):
+    from merv.fetch import fetch_weights
+
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    run = load_config_spec(args.preset)
+    records = fetch_weights(run, args.root)
+    for r in records:
+        log.info("%s: %s (%s)", r["name"], r["path"], "downloaded" if r["downloaded"] else "present")
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps({"model": run.model.name, "weights": records}, indent=1) + "\n")
+
+
+def cmd_status(args):
+    from merv.pipeline import model_status, status_table
+
+    config = {}
+    for path in args.configfile:  # later files patch earlier ones, as snakemake --configfile does
+        config = deep_update(config, yaml.safe_load(Path(path).read_text()))
+    rows = [model_status(config, name, Path(args.root)) for name in config["models"]]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(status_table(rows))
+
+
+def deep_update(base: dict, patch: dict) -> dict:
+    """``patch`` merged into a copy of ``base``, mappings recursively (how Snakemake merges config files)."""
+    out = dict(base)
+    for key, value in patch.items():
+        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_size(text: str) -> int:
@@ -292,11 +326,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=int, default=8)
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("build-tiny", help="build random tiny weights for a config's encoders and LLM (no download)")
+    s = sub.add_parser("build-tiny", help="build random toy weights where a config points (no download)")
     s.add_argument("--config", required=True, help="preset name, YAML/JSON file, or inline JSON")
+    s.add_argument(
+        "--kind",
+        choices=["tiny", "standin"],
+        default="tiny",
+        help="tiny: exactly the configured (tiny) architectures; standin: any preset's families at toy size",
+    )
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--manifest", help="write a JSON listing what was built (the pipeline's marker file)")
+    s.add_argument("--manifest", help="write a JSON listing what was built")
     s.set_defaults(func=cmd_build_tiny)
+
+    s = sub.add_parser("fetch-weights", help="download a model's missing weights from their sources (hub, timm)")
+    s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")
+    s.add_argument("--root", help="folder relative weight paths live under (default: $MERV_WEIGHTS, else the cwd)")
+    s.add_argument("--record", help="write a JSON of where each weight is (the pipeline's marker file)")
+    s.set_defaults(func=cmd_fetch_weights)
+
+    s = sub.add_parser("status", help="which configured models are trained and evaluated (from results/)")
+    s.add_argument(
+        "--configfile", nargs="+", default=["config/config.yaml"], help="pipeline config(s), as given to snakemake"
+    )
+    s.add_argument("--root", default=".", help="project folder holding data/ and results/")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("shard", help="decode media once into WebDataset tars of pre-sampled frames")
     s.add_argument("inputs", nargs="+", help="training JSON files, eval_data benchmark folders or folders of videos")
@@ -436,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command != "fetch-weights":  # only fetch-weights downloads: every other command stays offline
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -29,6 +29,14 @@ ResizeMode = Literal["auto", "squash", "crop"]
 MIN_TEXT_TOKENS = 64  # room for text the LLM context must keep besides the visual tokens (also >= 1/8 of it)
 
 
+def check_source(source: str | None, owner: str, schemes: tuple[str, ...]) -> None:
+    """A weight ``source`` is ``<scheme>:<name>`` with a scheme in ``schemes`` (or absent: bring the weights)."""
+    scheme, _, name = (source or "").partition(":")
+    if source is not None and (scheme not in schemes or not name):
+        forms = " or ".join(f"{s}:<name>" for s in schemes)
+        raise ValueError(f"{owner}: source must look like {forms}, got {source!r}")
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """One frozen visual encoder with its own frame count and input size."""
@@ -52,8 +60,10 @@ class EncoderConfig:
     mean: tuple[float, ...] | None = None  # normalisation (default: the encoder's own)
     std: tuple[float, ...] | None = None
     cache: bool = True  # with train.features "cached": read this encoder's features from a cache (False: run it)
+    source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>" or "timm:<model name>"
 
     def __post_init__(self):
+        check_source(self.source, f"encoder {self.id!r}", ("hf", "timm"))
         if not self.id.isidentifier():
             raise ValueError(f"encoder id {self.id!r} must be a Python identifier (it keys a ModuleDict)")
         if self.num_frames < 1:
@@ -107,6 +117,10 @@ class LLMConfig:
     arch: str | None = None  # transformers model_type (llama, qwen2, ...): documents the family, builds stand-ins
     prompt_format: PromptFormat = "vicuna"
     max_length: int = 2048
+    source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>"
+
+    def __post_init__(self):
+        check_source(self.source, "llm", ("hf",))
 
 
 @dataclass(frozen=True)

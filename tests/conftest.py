@@ -9,6 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -125,3 +129,23 @@ def unequal_shards(synth_dir, tmp_path_factory) -> Path:
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert [s["samples"] for s in shards] == [3, 3, 2, 2, 2]
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node Slurm cluster (slurmctld, slurmd, slurmdbd + MariaDB, munge, 2 fake GPUs), started once
+    per test session: its ports are fixed, so one cluster serves every Slurm test. Yields the environment to run
+    Slurm commands with (SLURM_CONF set, this interpreter's bin first on PATH)."""
+    # munge and MariaDB (running as mysql) need a base dir whose parents others may enter: not pytest's 0700 tmp
+    base = Path(tempfile.mkdtemp(prefix="merv-slurm-test-", dir="/tmp"))
+    base.chmod(0o755)
+    env = dict(os.environ, MERV_SLURM_DIR=str(base))
+    script = REPO / "scripts" / "slurm-cluster"
+    res = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    key, value = res.stdout.strip().splitlines()[-1].removeprefix("export ").split("=", 1)
+    env[key] = value.strip("'\"")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    yield env
+    subprocess.run([str(script), "stop"], env=env, timeout=300)
+    shutil.rmtree(base, ignore_errors=True)

@@ -70,7 +70,7 @@ def test_eval_json_has_the_promised_shape(pipeline):
     assert 0.25 <= mcq["chance"] <= 1 / 3
     assert open_ended["metric"] == "exact_match" and open_ended["n"] == 4 and "chance" not in open_ended
     for stage in ("align", "finetune"):
-        meta = json.loads((workdir / "results" / "merv_tiny" / stage / "meta.json").read_text())
+        meta = json.loads((workdir / "results" / "merv_tiny" / "train" / stage / "meta.json").read_text())
         assert meta["stage"] == stage and meta["step"] >= 1
     assert (workdir / "results" / "merv_tiny" / "logs" / "train_finetune.log").is_file()
 
@@ -130,13 +130,14 @@ def test_bad_video_stops_the_pipeline_naming_the_file(pipeline):
     bad["data"]["train"]["mine"] = {"json": "user_data/train.json"}
     write_config(workdir, bad)
     try:
-        res = snakemake(workdir, "data/shards/train/mine")
+        res = snakemake(workdir, "data/shards/small/train/mine")
         assert res.returncode != 0
-        log = (workdir / "results" / "logs" / "shard_train_mine.log").read_text()
+        log = (workdir / "results" / "logs" / "shard_train_small_mine.log").read_text()
         assert "cannot read video user_data/videos/broken.mp4: not a decodable video" in log
         assert "Traceback" not in log
-        assert not (workdir / "data" / "shards" / "train" / "mine").exists()
-        assert (workdir / "data" / "shards" / "train" / "finetune" / "manifest.json").is_file(), "other data kept"
+        shards = workdir / "data" / "shards" / "small"
+        assert not (shards / "train" / "mine").exists()
+        assert (shards / "train" / "finetune" / "manifest.json").is_file(), "other data kept"
     finally:
         write_config(workdir, cfg)
 
@@ -155,3 +156,36 @@ def test_config_error_stops_before_any_job(pipeline):
         assert res.returncode != 0 and "256 visual tokens leave 0 of llm.max_length 256" in res.stdout + res.stderr
     finally:
         write_config(workdir, cfg)
+
+
+def test_default_target_is_the_selected_models_and_any_configured_model_is_a_target(pipeline):
+    workdir, _ = pipeline
+    res = snakemake(workdir, "-n")
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr
+    # merv_full is configured (real weights, fetched): a target, planned on its own 224 px shard set
+    res = snakemake(workdir, "-n", "results/merv_full/eval.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = planned_jobs(res.stdout + res.stderr)
+    assert jobs == {"fetch_weights": 1, "shard_train": 2, "shard_benchmark": 2, "train_stage": 2,
+                    "eval_benchmark": 2, "collect_eval": 1}, jobs  # fmt: skip
+    assert "data/shards/paper/train/align" in res.stdout
+
+
+def test_report_builds_with_loss_curves(pipeline):
+    workdir, _ = pipeline
+    res = snakemake(workdir, "--report", "report.html")
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = (workdir / "report.html").read_text()
+    assert "train_stage" in html and "loss.png" in html and "eval.json" in html
+
+
+def test_status_lists_what_is_trained_and_evaluated(pipeline):
+    workdir, _ = pipeline
+    res = subprocess.run([sys.executable, "-m", "merv.cli", "status", "--json"], cwd=workdir, capture_output=True,
+                         text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = {r["model"]: r for r in json.loads(res.stdout)}
+    tiny, full = rows["merv_tiny"], rows["merv_full"]
+    assert tiny["selected"] and tiny["weights_ready"] and all(tiny["stages"].values())
+    assert set(tiny["eval"]) == {"synth_mcq", "synth_open"}
+    assert not full["selected"] and full["stages"] == {"align": None, "finetune": None} and not full["eval"]

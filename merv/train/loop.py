@@ -181,7 +181,8 @@ def train_stage(
     stream = loader(position)
     autocast = torch.autocast("cpu" if d.device == "cpu" else "cuda", torch.bfloat16, enabled=bf16 and not d.enabled)
 
-    wandb = WandbLogger(out.parent, f"{out.parent.name}-{stage.name}", run.to_dict()) if d.is_main else None
+    home = out.parent.parent if out.parent.name == "train" else out.parent  # results/<model>/train/<stage>
+    wandb = WandbLogger(home, f"{home.name}-{stage.name}", run.to_dict()) if d.is_main else None
     peak = peak_flops()
     start = time.time()
     bar = _progress(total_steps, f"train {stage.name}", progress and d.is_main)
@@ -289,7 +290,7 @@ def train_stage(
     if d.is_main:
         extra = {
             "metrics.jsonl": "\n".join(json.dumps(m) for m in metrics),
-            "loss.png": loss_curve_png(metrics, f"{out.parent.name} {stage.name}"),
+            "loss.png": loss_curve_png(metrics, f"{home.name} {stage.name}"),
         }
         save_checkpoint(model, run, out, meta, extra=extra, full_state=full_state)
         wandb.close()

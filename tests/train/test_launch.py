@@ -1,11 +1,8 @@
 """submitit launch: N local processes, and a real Slurm cluster (2 tasks; preemption -> requeue -> resume)."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,24 +34,6 @@ def test_local_launcher_runs_two_processes(tiny_run, shards, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["processes"] == 2 and meta["samples_seen"] == 12
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """A real single-node Slurm cluster (slurmctld, slurmd, slurmdbd + MariaDB, munge), started for these tests."""
-    # munge and MariaDB (running as mysql) need a base dir whose parents others may enter: not pytest's 0700 tmp
-    base = Path(tempfile.mkdtemp(prefix="merv-slurm-test-", dir="/tmp"))
-    base.chmod(0o755)
-    env = dict(os.environ, MERV_SLURM_DIR=str(base))
-    script = REPO / "scripts" / "slurm-cluster"
-    res = subprocess.run([str(script), "start"], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    key, value = res.stdout.strip().splitlines()[-1].removeprefix("export ").split("=", 1)
-    env[key] = value.strip("'\"")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    yield env
-    subprocess.run([str(script), "stop"], env=env, timeout=300)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_two_task_job_on_slurm(slurm, tiny_run, shards, tmp_path):

@@ -2,36 +2,43 @@
 import dataclasses
 import json
 
-from merv.config import resolve_run_config
-from merv.data.transforms import frame_size
+from merv.pipeline import check_stage_data, model_run, selected_models, shard_set, weights_kind, weights_marker
 
 MERV_ENV = "../../envs/merv.yaml"
 
-
-def run_config(model):
-    """The typed run config of a model entry (preset + overrides); raises a clear ValueError on bad config."""
-    entry = config["models"][model]
-    return resolve_run_config(entry["preset"], entry.get("overrides") or {})
-
-
-# Resolve every model once at parse time, so a config error stops the DAG before any job runs.
-RUNS = {name: run_config(name) for name in config["models"]}
+# Resolve every configured model once at parse time, so a config error stops the DAG before any job runs.
+SELECTED = selected_models(config)
+RUNS = {name: model_run(config, name) for name in config["models"]}
+SHARD_SETS = {name: shard_set(config, name, run) for name, run in RUNS.items()}
 for _name, _run in RUNS.items():
-    for _stage in _run.train.stages:
-        if _stage.data not in config["data"]["train"]:
-            raise ValueError(
-                f"model {_name!r} stage {_stage.name!r} trains on data {_stage.data!r}, "
-                f"which config data.train does not define (it has {sorted(config['data']['train'])})"
-            )
+    check_stage_data(config, _name, _run)
 
 
-def shard_settings():
-    """Frame counts and frame size that cover every encoder of every configured model."""
-    encoders = [e for run in RUNS.values() for e in run.model.encoders]
+wildcard_constraints:
+    model="|".join(config["models"]),
+    stage="[A-Za-z0-9_]+",
+    split="[A-Za-z0-9_]+",
+    bench="[A-Za-z0-9_]+",
+    shardset="|".join(config["shards"]["sets"]),
+
+
+def whole_machine():
+    """Threads of a job that should have the machine to itself: every core given locally (--cores), one elsewhere
+    (a cluster job's CPUs are the profile's `cpus_per_task`)."""
+    return workflow.resource_settings.cores or 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def shard_settings(wildcards):
+    """The frame counts, frame size and options of a shard set (`shards.sets` in the config)."""
     shards = config["shards"]
+    chosen = shards["sets"][wildcards.shardset]
     return {
-        "frames": " ".join(str(c) for c in sorted({e.num_frames for e in encoders})),
-        "size": frame_size(encoders, read_weights=False),  # the short side every encoder's own resize needs
+        "frames": " ".join(str(c) for c in sorted(chosen["frames"])),
+        "size": chosen["size"],
         "options": f"--shard-size {shards['target_size']} --frame-format {shards['frame_format']}"
         f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else ""),
     }
@@ -45,21 +52,56 @@ def benchmark_dir(wildcards):
     return config["data"]["benchmarks"][wildcards.bench]
 
 
+def train_shards(model, split):
+    """Shard folder of a training split, in the shard set that the model reads."""
+    return f"data/shards/{SHARD_SETS[model]}/train/{split}"
+
+
+def benchmark_shards(wildcards):
+    """Shard folder of a benchmark (wildcards `model`, `bench`), in the shard set that the model reads."""
+    return f"data/shards/{SHARD_SETS[wildcards.model]}/eval/{wildcards.bench}"
+
+
 def synth_outputs():
     return ["data/synth/train/align.json", "data/synth/train/finetune.json"] + [
         f"data/synth/eval_data/{b}/test_q.json" for b in ("synth_mcq", "synth_open")
     ]
 
 
-def weights_manifest(model):
-    """The marker of locally built tiny weights, or nothing when the model uses existing weights."""
-    if config["models"][model].get("build_tiny_weights"):
-        return [f"data/weights/{model}.json"]
-    return []
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def weights_input(wildcards):
+    """The marker of a model's weights: its built folder, or the record of fetched weights."""
+    return weights_marker(config, wildcards.model)
+
+
+def build_kind(wildcards):
+    kind = weights_kind(config, wildcards.model)
+    if kind == "fetch":
+        raise ValueError(f"model {wildcards.model!r} fetches its weights (weights: fetch); nothing to build")
+    return kind
+
+
+def weights_config_json(wildcards):
+    """Only what the weights depend on (encoders, LLM): editing a stage or the projector keeps them."""
+    model = RUNS[wildcards.model].to_dict()["model"]
+    weights = {k: model[k] for k in ("name", "encoders", "llm")}
+    weights["fusion"] = {"kind": "single" if len(model["encoders"]) == 1 else "cross_attention"}  # a valid model
+    return json.dumps({"model": weights}, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and evaluation
 
 
 def stage_names(model):
     return [s.name for s in RUNS[model].train.stages]
+
+
+def checkpoint(model, stage):
+    return f"results/{model}/train/{stage}"
 
 
 def previous_stage(model, stage):
@@ -72,11 +114,11 @@ def previous_stage(model, stage):
 
 def stage_inputs(wildcards):
     stage = RUNS[wildcards.model].train.stage(wildcards.stage)
-    inputs = {"data": f"data/shards/train/{stage.data}", "weights": weights_manifest(wildcards.model)}
+    inputs = {"data": train_shards(wildcards.model, stage.data), "weights": weights_input(wildcards)}
     inputs["features"] = list(stage_features(wildcards).values())
     prev = previous_stage(wildcards.model, wildcards.stage)
     if prev:
-        inputs["init"] = f"results/{wildcards.model}/{prev}"
+        inputs["init"] = checkpoint(wildcards.model, prev)
     return inputs
 
 
@@ -92,17 +134,11 @@ def stage_config_json(wildcards):
 
 
 def final_checkpoint(wildcards):
-    return f"results/{wildcards.model}/{stage_names(wildcards.model)[-1]}"
+    return checkpoint(wildcards.model, stage_names(wildcards.model)[-1])
 
 
 def eval_results(wildcards):
     return [f"results/{wildcards.model}/eval/{b}.json" for b in config["data"]["benchmarks"]]
-
-
-def tiny_config_json(wildcards):
-    """Only what the built weights depend on (encoders, LLM): editing a stage or the projector keeps them."""
-    model = RUNS[wildcards.model].to_dict()["model"]
-    return json.dumps({"model": {k: model[k] for k in ("name", "encoders", "llm")}}, sort_keys=True)
 
 
 def launch_flags(wildcards, attempt=1):
@@ -122,6 +158,16 @@ def launch_flags(wildcards, attempt=1):
     return " ".join(flags)
 
 
+def train_gpus(wildcards, attempt=1):
+    """GPUs the Snakemake job of a stage holds: none when it only submits a Slurm job through submitit (that job
+    asks for launch.gpus_per_node itself); the processes' GPUs when it trains in place (launcher none or local)."""
+    launch = config["launch"]
+    if launch["launcher"] == "slurm":
+        return 0
+    per_process = 1 if launch["gpus_per_node"] else 0
+    return launch["gpus_per_node"] if launch["launcher"] == "local" else per_process
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Feature caches (features.smk). A cache is named by what determines it and is known before anything runs: the
 # encoder's config, the pooling when pooled, the stored dtype, the split and how it is sharded, except the frame
@@ -135,14 +181,14 @@ def cache_name(model, split, encoder_id):
 
     run = RUNS[model]
     encoder = next(e for e in run.model.encoders if e.id == encoder_id)
-    shards = {k: v for k, v in config["shards"].items() if k not in ("workers", "strict", "target_size")}
+    shards = {k: v for k, v in config["shards"].items() if k in ("frame_format", "backend")}
     key = {
         "encoder": dataclasses.asdict(encoder),
         "pooling": dataclasses.asdict(run.model.projector) if run.model.projector.pooling in POOLED else None,
         "dtype": run.train.feature_dtype,
         "split": config["data"]["train"][split],
         "synth": config["synth"] if config["data"]["train"][split]["json"].startswith("data/synth/") else None,
-        "shards": {**shards, "size": shard_settings()["size"]},
+        "shards": {**shards, "set": SHARD_SETS[model], "size": config["shards"]["sets"][SHARD_SETS[model]]["size"]},
     }
     return f"{split}-{encoder_id}-{fingerprint(key)[:12]}"
 

@@ -1,4 +1,4 @@
-# Data stage: the built-in synthetic dataset, tiny local weights, and WebDataset sharding.
+# Data stage: the built-in synthetic dataset and WebDataset sharding (one shard set per frame layout).
 
 
 rule synth_dataset:
@@ -21,50 +21,37 @@ rule synth_dataset:
         " --size {params.size} --frames {params.frames} --fps {params.fps} > {log} 2>&1"
 
 
-rule build_tiny_weights:
-    output:
-        "data/weights/{model}.json",
-    params:
-        config=tiny_config_json,
-    log:
-        "results/logs/build_tiny_weights_{model}.log",
-    conda:
-        MERV_ENV
-    shell:
-        "merv build-tiny --config {params.config:q} --manifest {output} > {log} 2>&1"
-
-
 rule shard_train:
     input:
         unpack(lambda w: {"json": train_split(w)["json"]}),
     output:
-        directory("data/shards/train/{split}"),
+        directory("data/shards/{shardset}/train/{split}"),
     threads: config["shards"]["workers"]
     params:
         root=lambda w: f"--root {train_split(w)['root']}" if "root" in train_split(w) else "",
-        **shard_settings(),
+        settings=shard_settings,
     log:
-        "results/logs/shard_train_{split}.log",
+        "results/logs/shard_train_{shardset}_{split}.log",
     conda:
         MERV_ENV
     shell:
-        "merv shard {input.json} {params.root} --out {output} --frames {params.frames} --size {params.size}"
-        " {params.options} --workers {threads} --no-progress > {log} 2>&1"
+        "merv shard {input.json} {params.root} --out {output} --frames {params.settings[frames]}"
+        " --size {params.settings[size]} {params.settings[options]} --workers {threads} --no-progress > {log} 2>&1"
 
 
 rule shard_benchmark:
     input:
         questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
     output:
-        directory("data/shards/eval/{bench}"),
+        directory("data/shards/{shardset}/eval/{bench}"),
     threads: config["shards"]["workers"]
     params:
         bench=benchmark_dir,
-        **shard_settings(),
+        settings=shard_settings,
     log:
-        "results/logs/shard_benchmark_{bench}.log",
+        "results/logs/shard_benchmark_{shardset}_{bench}.log",
     conda:
         MERV_ENV
     shell:
-        "merv shard {params.bench} --out {output} --frames {params.frames} --size {params.size}"
-        " {params.options} --workers {threads} --no-progress > {log} 2>&1"
+        "merv shard {params.bench} --out {output} --frames {params.settings[frames]} --size {params.settings[size]}"
+        " {params.settings[options]} --workers {threads} --no-progress > {log} 2>&1"

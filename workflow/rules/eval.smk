@@ -4,7 +4,7 @@
 rule eval_benchmark:
     input:
         model=final_checkpoint,
-        data="data/shards/eval/{bench}",
+        data=benchmark_shards,
     output:
         "results/{model}/eval/{bench}.json",
     params:
@@ -23,7 +23,7 @@ rule collect_eval:
     input:
         eval_results,
     output:
-        "results/{model}/eval.json",
+        report("results/{model}/eval.json", category="Results", labels={"model": "{model}", "file": "eval.json"}),
     log:
         "results/{model}/logs/collect_eval.log",
     conda:

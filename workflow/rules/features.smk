@@ -6,10 +6,10 @@ rule extract_features:
     input:
         # the shards are checked by content (the frames this encoder reads) when training opens the cache; by time
         # they would make every encoder's cache stale whenever another encoder's frame count changes
-        shards=lambda w: ancient(f"data/shards/train/{feature_cache(w)['split']}"),
+        shards=lambda w: ancient(train_shards(feature_cache(w)["model"], feature_cache(w)["split"])),
         # built weights are a function of the encoder's config, which names the cache; their content hash is in the
         # cache key, checked when training opens it
-        weights=lambda w: [ancient(p) for p in weights_manifest(feature_cache(w)["model"])],
+        weights=lambda w: ancient(weights_marker(config, feature_cache(w)["model"])),
     output:
         directory("data/features/{cache}"),
     params:

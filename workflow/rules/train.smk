@@ -6,13 +6,18 @@ rule train_stage:
     input:
         unpack(stage_inputs),
     output:
-        directory("results/{model}/{stage}"),
-    wildcard_constraints:
-        stage="(?!eval$|logs$)[A-Za-z0-9_]+",
-    threads: workflow.cores  # one training job uses the whole machine
+        report(
+            directory("results/{model}/train/{stage}"),
+            patterns=["{name}.png"],  # the loss curve
+            caption="../report/loss.rst",
+            category="Training",
+            labels={"model": "{model}", "stage": "{stage}"},
+        ),
+    threads: whole_machine()  # locally, a training job has the machine to itself
     resources:
-        # how a stage is launched does not change what it computes: a resource, so it triggers no rerun
+        # how a stage is launched does not change what it computes: resources, so they trigger no rerun
         launch=launch_flags,
+        gpu=train_gpus,
     params:
         config=stage_config_json,
         init=init_flag,

@@ -1,0 +1,110 @@
+"""The pipeline configuration (``config/config.yaml``) seen from Python: what Snakemake's rules and ``merv status``
+share.
+
+``models`` lists every configured model (any of them can be a Snakemake target); ``pipeline.models`` the ones that
+``snakemake`` (rule ``all``) and ``dvc repro`` build by default. A model's weights are built locally (``tiny``,
+``standin``: into ``data/weights/<model>/built``) or fetched (``fetch``). Its frames come from the smallest shard set
+(``shards.sets``) that stores every encoder's frame count at no less than its input size, so a tiny model and a
+paper-size model in the same config read different shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from merv.config import RunConfig, resolve_run_config
+from merv.fetch import with_local_weights
+
+BUILT_WEIGHTS = "data/weights/{model}/built"
+FETCHED_WEIGHTS = "data/weights/{model}/fetched.json"
+
+
+def selected_models(config: dict) -> list[str]:
+    """The models built by default, checked against the configured ones."""
+    selected = config["pipeline"]["models"]
+    unknown = [m for m in selected if m not in config["models"]]
+    if unknown:
+        known = sorted(config["models"])
+        raise ValueError(f"pipeline.models names {unknown}, which `models` does not define (it has {known})")
+    return list(selected)
+
+
+def model_run(config: dict, model: str) -> RunConfig:
+    """The typed run config of a configured model: its preset, patched by its overrides, with built weights' paths."""
+    entry = config["models"][model]
+    run = resolve_run_config(entry["preset"], entry.get("overrides") or {})
+    if weights_kind(config, model) != "fetch":
+        run = with_local_weights(run, BUILT_WEIGHTS.format(model=model))
+    return run
+
+
+def weights_kind(config: dict, model: str) -> str:
+    return config["models"][model].get("weights", "fetch")
+
+
+def weights_marker(config: dict, model: str) -> str:
+    """The pipeline's output that stands for a model's weights being in place."""
+    template = FETCHED_WEIGHTS if weights_kind(config, model) == "fetch" else BUILT_WEIGHTS
+    return template.format(model=model)
+
+
+def shard_set(config: dict, model: str, run: RunConfig) -> str:
+    """Name of the smallest shard set that holds every encoder's frames at its input size, or a clear error."""
+    sets = config["shards"]["sets"]
+    need_frames = {e.num_frames for e in run.model.encoders}
+    need_size = max(e.image_size for e in run.model.encoders)
+    fitting = [name for name, s in sets.items() if need_frames <= set(s["frames"]) and s["size"] >= need_size]
+    if not fitting:
+        have = "; ".join(f"{n}: {s['size']}px, frames {s['frames']}" for n, s in sets.items())
+        raise ValueError(
+            f"model {model!r} needs frames {sorted(need_frames)} at {need_size}px, which no shard set stores "
+            f"(shards.sets has {have}); add a set or extend one"
+        )
+    return min(fitting, key=lambda n: (sets[n]["size"], len(sets[n]["frames"]), n))
+
+
+def check_stage_data(config: dict, model: str, run: RunConfig) -> None:
+    """Every training stage reads a split that data.train defines."""
+    for stage in run.train.stages:
+        if stage.data not in config["data"]["train"]:
+            raise ValueError(
+                f"model {model!r} stage {stage.name!r} trains on data {stage.data!r}, "
+                f"which config data.train does not define (it has {sorted(config['data']['train'])})"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# merv status
+
+
+def model_status(config: dict, model: str, root: Path) -> dict:
+    """What the filesystem under ``root`` holds of a model: weights in place, stages trained, benchmarks scored."""
+    run = model_run(config, model)
+    stages = {}
+    for stage in run.train.stages:
+        meta = root / "results" / model / "train" / stage.name / "meta.json"
+        stages[stage.name] = json.loads(meta.read_text()).get("step") if meta.is_file() else None
+    eval_file = root / "results" / model / "eval.json"
+    scores = json.loads(eval_file.read_text())["benchmarks"] if eval_file.is_file() else {}
+    return {
+        "model": model,
+        "preset": config["models"][model]["preset"],
+        "selected": model in config["pipeline"]["models"],
+        "weights": weights_kind(config, model),
+        "weights_ready": (root / weights_marker(config, model)).exists(),
+        "stages": stages,
+        "eval": {b: scores[b]["value"] for b in scores},
+    }
+
+
+def status_table(rows: list[dict]) -> str:
+    """A Markdown table of :func:`model_status` rows (one per model)."""
+    lines = ["| model | preset | default | weights | trained | evaluated |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        weights = f"{r['weights']} ({'ready' if r['weights_ready'] else 'missing'})"
+        trained = ", ".join(f"{s} {'step ' + str(step) if step else '-'}" for s, step in r["stages"].items())
+        evaluated = ", ".join(f"{b} {v:.3f}" for b, v in r["eval"].items()) or "-"
+        default = "yes" if r["selected"] else "no"
+        lines.append(f"| {r['model']} | {r['preset']} | {default} | {weights} | {trained} | {evaluated} |")
+    return "\n".join(lines)

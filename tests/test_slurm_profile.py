@@ -1,0 +1,109 @@
+"""The README's cluster command on the repository's real Slurm cluster: the miniature of the paper's DAG, every job a
+Slurm job, training stages submitted by submitit, GPUs (fake ones, declared as GRES) allocated as the profile asks."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+# the target goes before --configfile, which takes every following word as a config file
+COMMAND = ["--profile", "slurm", "results/merv_full/eval.json", "--configfile", "config/miniature.yaml"]
+
+
+def small_config() -> dict:
+    """The default config on a few synthetic clips; training stages go to Slurm through submitit on one fake GPU."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["synth"].update(train_videos=16, eval_videos=4)
+    cfg["shards"]["target_size"] = "200KB"
+    cfg["launch"].update(launcher="slurm", partition="debug", gpus_per_node=1, time_min=10)
+    cfg["eval"]["batch_size"] = 4
+    return cfg
+
+
+def snakemake(workdir: Path, env: dict, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` as a user runs it in the project folder (the Snakefile given, since workdir is a copy)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def sacct(env: dict, *fields: str) -> list[dict]:
+    """Every job of the cluster (allocations, not steps) with ``fields``."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-a", "-S", "now-1days", "-o", ",".join(fields)],
+                         capture_output=True, text=True, env=env, check=True).stdout  # fmt: skip
+    return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm, tmp_path_factory):
+    """`make slurm-profile`, then the miniature through `--profile slurm`, as the README says; timed."""
+    workdir = tmp_path_factory.mktemp("slurm-run")
+    (workdir / "config").mkdir()
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(small_config()))
+    (workdir / "config" / "miniature.yaml").write_text((REPO / "config" / "miniature.yaml").read_text())
+    env = dict(slurm, XDG_CONFIG_HOME=str(workdir / "xdg"), OMP_NUM_THREADS="1")
+    make = subprocess.run(["make", "-C", str(REPO), "slurm-profile"], capture_output=True, text=True, env=env)
+    assert make.returncode == 0, make.stderr
+    start = time.time()
+    res = snakemake(workdir, env, *COMMAND)
+    elapsed = time.time() - start
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    print(f"miniature through the Slurm profile: {elapsed:.0f} s")
+    return workdir, env, res.stdout + res.stderr
+
+
+def test_every_job_ran_on_slurm_and_the_result_is_there(slurm_run):
+    workdir, env, log = slurm_run
+    result = json.loads((workdir / "results" / "merv_full" / "eval.json").read_text())
+    assert set(result["benchmarks"]) == {"synth_mcq", "synth_open"} and result["benchmarks"]["synth_mcq"]["n"] == 4
+    jobs = sacct(env, "JobID", "JobName", "State", "Comment", "AllocTRES")
+    by_rule = {}
+    for job in jobs:
+        if job["Comment"].startswith("rule_"):
+            rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+            by_rule.setdefault(rule, []).append(job)
+    expected = {"synth_dataset": 1, "build_tiny_weights": 1, "shard_train": 2, "shard_benchmark": 2,
+                "train_stage": 2, "eval_benchmark": 2, "collect_eval": 1}  # fmt: skip
+    assert {rule: len(js) for rule, js in by_rule.items()} == expected, jobs
+    assert all(j["State"] == "COMPLETED" for js in by_rule.values() for j in js), jobs
+    # the profile's per-rule resources reached Slurm: GPUs for evaluation, CPUs for sharding
+    assert all("gres/gpu=1" in j["AllocTRES"] for j in by_rule["eval_benchmark"])
+    assert all("cpu=2" in j["AllocTRES"] for j in by_rule["shard_train"] + by_rule["shard_benchmark"])
+    # train_stage only submits: submitit's own jobs trained, one per stage, each with launch.gpus_per_node GPUs
+    assert all("gres/gpu" not in j["AllocTRES"] for j in by_rule["train_stage"])
+    submitted = sorted(p.name for p in (workdir / "results" / "merv_full" / "submitit").iterdir() if p.name.isdigit())
+    trainers = [j for j in jobs if j["JobID"] in submitted]
+    assert len(trainers) == 2 and all(j["State"] == "COMPLETED" and "gres/gpu=1" in j["AllocTRES"] for j in trainers)
+    for stage in ("align", "finetune"):
+        meta = json.loads((workdir / "results" / "merv_full" / "train" / stage / "meta.json").read_text())
+        assert meta["stage"] == stage and (workdir / "results" / "merv_full" / "logs" / f"train_{stage}.log").is_file()
+
+
+def test_second_run_plans_nothing(slurm_run):
+    workdir, env, _ = slurm_run
+    before = len(sacct(env, "JobID"))
+    res = snakemake(workdir, env, "-n", *COMMAND, timeout=300)
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout[-3000:]
+    assert len(sacct(env, "JobID")) == before
+
+
+def test_failed_job_shows_its_log(slurm_run):
+    """A job that fails inside Slurm fails the run, and Snakemake prints the rule's log."""
+    workdir, env, _ = slurm_run
+    cfg = small_config()
+    cfg["data"]["train"]["broken"] = {"json": "missing/train.json"}
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (workdir / "missing").mkdir()
+    (workdir / "missing" / "train.json").write_text("[{]")  # not JSON
+    try:
+        res = snakemake(workdir, env, "--profile", "slurm", "data/shards/small/train/broken", timeout=600)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "Error in rule shard_train" in out, out[-3000:]
+        assert "results/logs/shard_train_small_broken.log" in out and "missing/train.json" in out, out[-3000:]
+    finally:
+        (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(small_config()))

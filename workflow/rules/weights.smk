@@ -1,0 +1,33 @@
+# Weights stage: toy weights built here (tiny, standin), or the real ones fetched once from their sources.
+
+
+rule build_tiny_weights:
+    output:
+        directory("data/weights/{model}/built"),
+    params:
+        config=weights_config_json,
+        kind=build_kind,
+    log:
+        "results/{model}/logs/build_tiny_weights.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv build-tiny --config {params.config:q} --kind {params.kind} > {log} 2>&1"
+
+
+# Downloads need the network, which cluster compute nodes often lack: this job runs where snakemake runs.
+localrules:
+    fetch_weights,
+
+
+rule fetch_weights:
+    output:
+        "data/weights/{model}/fetched.json",
+    params:
+        config=weights_config_json,
+    log:
+        "results/{model}/logs/fetch_weights.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv fetch-weights {params.config:q} --record {output} > {log} 2>&1"
