@@ -406,11 +406,11 @@ class ShardSummary:
 
     def line(self) -> str:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.by_reason.items())) or "none"
-        kinds = ", ".join(f"{m}: {self.by_modality[m]}" for m in MODALITIES if self.by_modality.get(m))
+        kinds = ", ".join(f"{m} {self.by_modality[m]}" for m in MODALITIES if self.by_modality.get(m))
         return (
-            f"{self.input} items: {self.good} good ({kinds or 'none'}), {self.bad} bad ({reasons}) "
-            f"in {self.shards} shards; "
-            f"{self.resumed_items} items were already sharded; {self.seconds:.1f}s"
+            f"{self.input} items: {self.good} good, {self.bad} bad ({reasons}) in {self.shards} shards "
+            f"(good by modality: {kinds or 'none'}); {self.resumed_items} items were already sharded; "
+            f"{self.seconds:.1f}s"
         )
 
 

@@ -209,6 +209,7 @@ def test_text_only_image_and_video_samples_shard_together(synth_dir, tmp_path, c
     one = write_shards(items, tmp_path / "one", settings, workers=1, strict=True)
     two = write_shards(items, tmp_path / "two", settings, workers=2, strict=True)
     assert one.bad == 0 and one.by_modality == two.by_modality == {"video": 8, "image": 2, "text": 5}
+    assert "15 items: 15 good, 0 bad (none) in 3 shards (good by modality: video 8, image 2, text 5)" in one.line()
     manifest = read_manifest(tmp_path / "one")
     assert manifest["text_only"] == 5 and manifest["samples"] == 15 and manifest["bad"] == 0
     assert len(manifest["shards"]) > 1 and manifest["shards"] == read_manifest(tmp_path / "two")["shards"]
