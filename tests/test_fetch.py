@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from merv.config import resolve_run_config
-from merv.models.merv import MERV
 from merv.fetch import (
     MissingWeightsError,
     build_local_weights,
@@ -21,6 +20,7 @@ from merv.fetch import (
     weight_parts,
     with_local_weights,
 )
+from merv.models.merv import MERV
 from tests.hub import LocalHub
 
 TOY = {"embed_dim": 32, "depth": 2, "num_heads": 2}

@@ -103,6 +103,31 @@ def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
         write_config(workdir, cfg)
 
 
+def test_changing_one_encoders_frame_count_re_extracts_only_that_encoder(pipeline):
+    """merv_tiny trains from cached features: after vit's frame count changes (4 -> 8, both in the shard set), the
+    plan re-extracts vit's features of both splits and retrains, while vivit's caches are kept (their frames did not
+    change; training checks that by content when it opens them)."""
+    workdir, cfg = pipeline
+    changed = json.loads(json.dumps(cfg))
+    changed["models"]["merv_tiny"]["overrides"]["model"] = {"encoders": {"vit": {"num_frames": 8}}}
+    write_config(workdir, changed)
+    try:
+        res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = res.stdout + res.stderr
+        assert planned_jobs(out) == {
+            "build_tiny_weights": 1,  # its config names the frame counts
+            "extract_features": 2,
+            "train_stage": 2,
+            "eval_benchmark": 2,
+            "collect_eval": 1,
+        }
+        caches = re.findall(r"output: data/features/(\S+)", out)
+        assert sorted(c.split("-")[:2] for c in caches) == [["align", "vit"], ["finetune", "vit"]], caches
+    finally:
+        write_config(workdir, cfg)
+
+
 def test_changing_how_training_is_launched_reruns_nothing(pipeline):
     workdir, cfg = pipeline
     changed = json.loads(json.dumps(cfg))

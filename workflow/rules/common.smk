@@ -88,7 +88,9 @@ def weights_config_json(wildcards):
     """Only what the weights depend on (encoders, LLM): editing a stage or the projector keeps them."""
     model = RUNS[wildcards.model].to_dict()["model"]
     weights = {k: model[k] for k in ("name", "encoders", "llm")}
-    weights["fusion"] = {"kind": "single" if len(model["encoders"]) == 1 else "cross_attention"}  # a valid model
+    # a valid model whatever the projector and fusion (they are not built from these weights)
+    weights["fusion"] = {"kind": "single" if len(model["encoders"]) == 1 else "cross_attention"}
+    weights["projector"] = {"temporal_tokens": 1, "tokens_per_frame": 1}
     return json.dumps({"model": weights}, sort_keys=True)
 
 

@@ -13,7 +13,8 @@ rule extract_features:
     output:
         directory("data/features/{cache}"),
     params:
-        config=lambda w: json.dumps(RUNS[feature_cache(w)["model"]].to_dict(), sort_keys=True),
+        # only the model: a change to a training stage does not touch the features
+        config=lambda w: json.dumps({"model": RUNS[feature_cache(w)["model"]].to_dict()["model"]}, sort_keys=True),
         encoder=lambda w: feature_cache(w)["encoder"],
         dtype=lambda w: RUNS[feature_cache(w)["model"]].train.feature_dtype,
     log:
