@@ -163,6 +163,8 @@ def train_stage(
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the parameters FSDP owns
 
     features = {k: Path(v) for k, v in (features or {}).items()}
+    if run.train.features == "cached" and not features and d.is_main:
+        log.warning("train.features is 'cached' but no feature caches were given: the encoders run on the fly")
     loader, accum = make_loader(run, stage, model, data_dir, d, features)
     manifest = read_manifest(data_dir)
     total_steps = max(1, math.ceil(loader.batches_per_epoch(0) * stage.epochs / accum))
