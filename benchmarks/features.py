@@ -93,7 +93,7 @@ def tiny_end_to_end(tmp: Path, train_videos: int, epochs: int) -> dict:
 def step_medians(cases: dict[str, tuple], steps: int, warmup: int, device: str, bf16: bool) -> dict[str, float]:
     """Median seconds of forward + backward + optimizer step for each ``name: (model, batch)``, the cases taking
     turns step by step, so that a busy machine slows them alike."""
-    from merv.train.loop import make_optimizer
+    from merv.train.strategy import make_optimizer
 
     optimizers = {name: make_optimizer(model, _stage()) for name, (model, _) in cases.items()}
     times: dict[str, list[float]] = {name: [] for name in cases}

@@ -183,6 +183,13 @@ class StageConfig:
     activation_checkpointing: bool = False
     fsdp: Literal["full_shard", "shard_grad_op"] = "full_shard"  # used when training on several processes
     num_workers: int | None = None  # DataLoader processes per rank decoding frames (None: from the free cores)
+    prefetch: int = 4  # batches each DataLoader worker prepares ahead
+    # The loss projects only the positions that have a target through the LM head ("targets": no [B, S, vocab]
+    # logits), or every position ("all": the reference path). kernels "liger" (GPU): Liger's RMSNorm/SwiGLU/RoPE
+    # kernels and fused linear cross-entropy. compile: torch.compile each LLM block.
+    loss_logits: Literal["targets", "all"] = "targets"
+    kernels: Literal["plain", "liger"] = "plain"
+    compile: bool = False
 
     def __post_init__(self):
         if not self.trainable:

@@ -50,10 +50,13 @@ def weights_marker(config: dict, model: str) -> str:
 
 
 def shard_set(config: dict, model: str, run: RunConfig) -> str:
-    """Name of the smallest shard set that holds every encoder's frames at its input size, or a clear error."""
+    """Name of the smallest shard set that holds every encoder's frames at the short side its resize needs (its input
+    size, or more for a centre crop; see merv.data.transforms), or a clear error."""
+    from merv.data.transforms import frame_size
+
     sets = config["shards"]["sets"]
     need_frames = {e.num_frames for e in run.model.encoders}
-    need_size = max(e.image_size for e in run.model.encoders)
+    need_size = frame_size(run.model.encoders, read_weights=False)
     fitting = [name for name, s in sets.items() if need_frames <= set(s["frames"]) and s["size"] >= need_size]
     if not fitting:
         have = "; ".join(f"{n}: {s['size']}px, frames {s['frames']}" for n, s in sets.items())

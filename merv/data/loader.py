@@ -74,6 +74,8 @@ class ShardLoader:
         world_size: int = 1,
         feature_sets: tuple = (),
         frames: bool = True,
+        pin_memory: bool = False,
+        prefetch: int = 2,
     ):
         """``feature_sets``: opened feature caches (:class:`merv.features.cache.FeatureSet`) whose features join each
         sample; ``frames=False``: no encoder runs on the fly, so the video shards are not read at all (the first
@@ -88,6 +90,7 @@ class ShardLoader:
         self.transform, self.collate = transform, collate
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.pin_memory, self.prefetch = pin_memory, prefetch
         starts = itertools.accumulate((s["samples"] for s in self.manifest["shards"]), initial=0)
         self.first = {s["name"]: start for s, start in zip(self.manifest["shards"], starts, strict=False)}
         self.shards = [s for s in self.manifest["shards"] if s["samples"]]
@@ -96,6 +99,10 @@ class ShardLoader:
                 f"{shard_dir}: {len(self.shards)} shards cannot feed {world_size} ranks x "
                 f"{max(1, num_workers)} workers; reshard with a smaller --shard-size"
             )
+
+    def opened_caches(self) -> list:
+        """The feature caches this loader reads (the leading one first)."""
+        return ([self.lead] if self.lead else []) + self.feature_sets
 
     # -- the deal -------------------------------------------------------------------------------------------------
     def shards_by_worker(self, epoch: int, rank: int | None = None) -> list[list[dict]]:
@@ -124,7 +131,16 @@ class ShardLoader:
         tagged = (
             iter(dataset)
             if self.num_workers == 0
-            else iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+            else iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    persistent_workers=False,
+                    pin_memory=self.pin_memory,
+                    prefetch_factor=self.prefetch,
+                )
+            )
         )
         # A resumed DataLoader starts its cycle at worker 0 whoever's turn it is: re-emit in the uninterrupted order.
         waiting: dict[int, deque] = defaultdict(deque)

@@ -57,13 +57,20 @@ class MERV(nn.Module):
         encoders = {e.id: build_encoder(e) for e in cfg.encoders}
         return cls(cfg, llm, tokenizer, encoders)
 
+    loss_logits = "targets"  # "targets", "all" or "liger": how the loss gets its logits (see forward)
+
+    def llm_blocks(self) -> list[nn.Module]:
+        """The LLM's decoder blocks (transformers' ``model.layers`` layout)."""
+        decoder = self.llm.get_decoder()
+        return list(getattr(decoder, "layers", []))
+
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP shards one by one: each (frozen) encoder, the input embeddings (called directly when
         splicing), the LLM's decoder blocks, each projector, a fusion with parameters. The whole model is the root
         unit, holding what is left (the LLM's final norm and head)."""
-        blocks = list(self.llm.model.layers) if hasattr(self.llm, "model") and hasattr(self.llm.model, "layers") else []
         fusion = [self.fusion] if any(True for _ in self.fusion.parameters()) else []
-        return [*self.encoders.values(), self.llm.get_input_embeddings(), *blocks, *self.projectors.values(), *fusion]
+        units = [*self.encoders.values(), self.llm.get_input_embeddings(), *self.llm_blocks()]
+        return [*units, *self.projectors.values(), *fusion]
 
     # ----------------------------------------------------------------------------------------------------------
     def encode(
@@ -166,12 +173,29 @@ class MERV(nn.Module):
             visual, _ = self.encode(self.blank_videos(1))
             anchor, visual, weights = visual.sum() * 0.0, visual[:0], None
         embeds, mask, targets = self.splice(visual, has_video, input_ids, lengths, labels)
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits  # [B, S, vocab]
-        shift_logits, shift_targets = logits[:, :-1], targets[:, 1:]
-        loss_sum = F.cross_entropy(
-            shift_logits.flatten(0, 1).float(), shift_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return loss_sum + anchor, (shift_targets != IGNORE_INDEX).sum(), weights
+        targets = targets[:, 1:]  # the token each position predicts
+        return self.next_token_loss(embeds, mask, targets) + anchor, (targets != IGNORE_INDEX).sum(), weights
+
+    def next_token_loss(self, embeds: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of ``targets [B, S-1]`` (IGNORE_INDEX: none) given ``inputs_embeds [B, S, D]``.
+
+        ``loss_logits`` "targets" runs the LM head only on the positions with a target (a fraction of a sequence
+        that is mostly visual and prompt tokens): the same numbers as "all", which computes every position's logits
+        ``[B, S, vocab]`` as the LLM's own forward does; "liger" fuses the head and the loss (Liger, GPU)."""
+        if self.loss_logits == "all":
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]  # [B, S-1, vocab]
+            return F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :-1]
+        picked = targets != IGNORE_INDEX
+        hidden, wanted = hidden[picked], targets[picked]  # [T, D], [T]
+        head = self.llm.get_output_embeddings()
+        if self.loss_logits == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, wanted, head.bias)
+        return F.cross_entropy(head(hidden).float(), wanted, reduction="sum")
 
     # ----------------------------------------------------------------------------------------------------------
     @property

@@ -42,6 +42,14 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), world, local, device)
 
 
+def ensure_process_group(d: Dist) -> None:
+    """FSDP2 needs a process group, also for one process (its mixed-precision policy on a single GPU): a group of one
+    in memory when ``torchrun`` made none."""
+    if not dist.is_initialized():
+        backend = "nccl" if str(d.device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def all_reduce_sum(value: float | int, d: Dist) -> float:
     return all_reduce_sums([value], d)[0]
 

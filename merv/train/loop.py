@@ -27,9 +27,10 @@ from merv.data.shards import read_manifest
 from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
-from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed, shard_model
+from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
 from merv.train.state import latest_state, load_state, save_state, work_dir
+from merv.train.strategy import Strategy
 from merv.weights import project_record
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,6 @@ def set_trainable(model: MERV, groups: tuple[str, ...]) -> list[torch.nn.Paramet
     model.train()
     model.encoders.eval()
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def make_optimizer(model: MERV, stage: StageConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": stage.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999))
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -127,8 +116,49 @@ def make_loader(
         world_size=d.world_size,
         feature_sets=feature_sets,
         frames=len(features) < len(model.cfg.encoders),
+        pin_memory=str(d.device).startswith("cuda"),
+        prefetch=stage.prefetch,
     )
     return loader, stage.global_batch_size // per_step
+
+
+class StepLog:
+    """Per-step records (metrics.jsonl), Weights & Biases, the progress bar and a log line every tenth of the
+    stage; a warning when steps wait on data."""
+
+    def __init__(self, run: RunConfig, stage: StageConfig, out: Path, d: Dist, total: int, first: int, progress: bool):
+        self.d, self.stage, self.total, self.progress = d, stage, total, progress
+        self.home = out.parent.parent if out.parent.name == "train" else out.parent  # results/<model>/train/<stage>
+        self.wandb = WandbLogger(self.home, f"{self.home.name}-{stage.name}", run.to_dict()) if d.is_main else None
+        self.bar = _progress(total, f"train {stage.name}", progress and d.is_main)
+        self.bar.update(first)
+        self.waits = 0
+
+    def __call__(self, record: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log(record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}")
+        step = record["step"]
+        if record["data_wait_s"] > 0.1 * record["step_s"] and step > 2:
+            self.waits += 1
+            if self.d.is_main and self.waits in (1, 10, 100):
+                log.warning(
+                    "step %d waited %.0f%% of its time on data (%d such steps): add DataLoader workers "
+                    "(num_workers) or cache the frozen encoders' features (train.features: cached)",
+                    step, 100 * record["data_wait_s"] / record["step_s"], self.waits,
+                )  # fmt: skip
+        if not self.progress and self.d.is_main and step % max(1, self.total // 10) == 0:
+            log.info(
+                "%s step %d/%d loss %.4f lr %.2e %.1f samples/s, data wait %.0f%%",
+                self.stage.name, step, self.total, record["loss"], record["lr"], record["samples_per_s"],
+                100 * record["data_wait_s"] / record["step_s"],
+            )  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def train_stage(
@@ -152,27 +182,25 @@ def train_stage(
     stage = run.train.stage(stage_name)
     d = init_distributed()
     seed_everything(run.train.seed)
-    model, trained_groups, init_fingerprint = build_model(run, stage, init)
-    model.to(d.device)
-    if stage.activation_checkpointing and "llm" in stage.trainable:
-        model.llm.gradient_checkpointing_enable()
-    bf16 = stage.mixed_precision == "bf16"
-    if d.enabled:
-        shard_model(model, stage.fsdp, bf16)
-    optimizer = make_optimizer(model, stage)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the parameters FSDP owns
-
     features = {k: Path(v) for k, v in (features or {}).items()}
     if run.train.features == "cached" and not features and d.is_main:
         log.warning("train.features is 'cached' but no feature caches were given: the encoders run on the fly")
+
+    # set up: the model, how it runs here, its optimizer, the data and the schedule
+    model, trained_groups, init_fingerprint = build_model(run, stage, init)
+    strategy = Strategy(stage, d)
+    model = strategy.prepare(model)
+    optimizer = strategy.optimizer(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: the parameters FSDP owns
     loader, accum = make_loader(run, stage, model, data_dir, d, features)
     manifest = read_manifest(data_dir)
     total_steps = max(1, math.ceil(loader.batches_per_epoch(0) * stage.epochs / accum))
     warmup = max(1, math.ceil(stage.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
-    opened = ([loader.lead] if loader.lead else []) + loader.feature_sets
-    caches = {fs.encoder: fs.manifest["fingerprint"] for fs in opened}
+    caches = {fs.encoder: fs.manifest["fingerprint"] for fs in loader.opened_caches()}
     config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"], d.world_size, caches])
+
+    # resume where an interrupted run with the same settings stopped
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
     resume = latest_state(work, config_fingerprint)
@@ -181,41 +209,34 @@ def train_stage(
         metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
         log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
     stream = loader(position)
-    autocast = torch.autocast("cpu" if d.device == "cpu" else "cuda", torch.bfloat16, enabled=bf16 and not d.enabled)
+    step_log = StepLog(run, stage, out, d, total_steps, first_step, progress)
+    peak, start = peak_flops(), time.time()
 
-    home = out.parent.parent if out.parent.name == "train" else out.parent  # results/<model>/train/<stage>
-    wandb = WandbLogger(home, f"{home.name}-{stage.name}", run.to_dict()) if d.is_main else None
-    peak = peak_flops()
-    start = time.time()
-    bar = _progress(total_steps, f"train {stage.name}", progress and d.is_main)
-    bar.update(first_step)
     for step in range(first_step, total_steps):
         t0 = time.time()
         micro = []
         for _ in range(accum):
             position, batch = next(stream)
             micro.append(_to(batch, d.device))
+        data_wait = time.time() - t0
         # the loss is a mean over the target tokens of the whole global batch, on every rank
         n_tokens = all_reduce_sum(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro), d)
         step_loss, weights = 0.0, None
-        for mb in micro:
-            with autocast:
-                loss_sum, _, w = model(
-                    mb["videos"], mb["input_ids"], mb["labels"], mb["lengths"], mb["has_video"], mb["features"]
-                )
-            (loss_sum * d.world_size / n_tokens).backward()  # FSDP averages gradients over ranks
-            step_loss += loss_sum.item()
-            weights = w if w is not None else weights
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
+        for i, mb in enumerate(micro):  # FSDP averages gradients over ranks: scale by world size / global tokens
+            loss_sum, w = strategy.micro_step(model, mb, d.world_size / n_tokens, last=i == accum - 1)
+            step_loss, weights = step_loss + loss_sum, w if w is not None else weights
+        grad_norm = strategy.clip(trainable, stage.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+
+        # one host sync and one collective a step for what is logged
         step_samples, video_samples, text_tokens, step_loss = all_reduce_sums(
             [
                 sum(len(mb["lengths"]) for mb in micro),
                 sum(int(mb["has_video"].sum()) for mb in micro),
                 sum(int(mb["lengths"].sum()) for mb in micro),
-                step_loss,
+                float(step_loss),
             ],
             d,
         )
@@ -230,16 +251,16 @@ def train_stage(
             "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             "tokens": int(n_tokens),
             "samples": samples_seen,
+            "step_s": seconds,
+            "data_wait_s": data_wait,
             "samples_per_s": step_samples / seconds,
             "tokens_per_s": step_tokens / seconds,
             "mfu": model_flops(model, step_tokens, video_samples) / seconds / (peak * d.world_size) if peak else None,
             "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
-        if wandb is not None:
-            wandb.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        step_log(record)
+
         periodic = stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0
         stopping = stop is not None and all_reduce_sum(float(stop()), d) > 0  # every rank agrees on the step
         if (periodic or stopping) and step + 1 < total_steps:
@@ -252,20 +273,8 @@ def train_stage(
             }
             save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last, d)
             if stopping:
-                if wandb is not None:
-                    wandb.close()
+                step_log.close()
                 raise Preempted(step + 1)
-        if not progress and d.is_main and (step + 1) % max(1, total_steps // 10) == 0:
-            log.info(
-                "%s step %d/%d loss %.4f lr %.2e %.1f samples/s",
-                stage.name,
-                step + 1,
-                total_steps,
-                record["loss"],
-                record["lr"],
-                record["samples_per_s"],
-            )
-    bar.close()
 
     meta = {
         "stage": stage.name,
@@ -274,6 +283,7 @@ def train_stage(
         "data_position": {"epoch": position.epoch, "batches": position.batches},
         "processes": d.world_size,
         "workers": loader.num_workers,
+        "strategy": strategy.describe(),
         "seed": run.train.seed,
         "trained_groups": sorted(trained_groups),
         "init": str(init) if init else None,
@@ -288,18 +298,19 @@ def train_stage(
         "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
         "seconds": round(time.time() - start, 1),
     }
-    full_state = _full_state(model, d)
+    step_log.bar.close()
+    full_state = _full_state(model, strategy)
     if d.is_main:
         extra = {
             "metrics.jsonl": "\n".join(json.dumps(m) for m in metrics),
-            "loss.png": loss_curve_png(metrics, f"{home.name} {stage.name}"),
+            "loss.png": loss_curve_png(metrics, f"{step_log.home.name} {stage.name}"),
         }
         save_checkpoint(model, run, out, meta, extra=extra, full_state=full_state)
-        wandb.close()
         shutil.rmtree(work, ignore_errors=True)  # the finished checkpoint supersedes the resumable states
         log.info(
             "stage %s: %d steps, final loss %.4f, %.0fs", stage.name, total_steps, meta["final_loss"], meta["seconds"]
         )
+    step_log.close()
     barrier(d)
     return meta
 
@@ -308,14 +319,20 @@ def _to(batch: dict, device: str) -> dict:
     if device == "cpu":
         return batch
     return {
-        k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device) if v is not None else v)
+        k: (
+            {n: t.to(device, non_blocking=True) for n, t in v.items()}
+            if isinstance(v, dict)
+            else v.to(device, non_blocking=True)
+            if v is not None
+            else v
+        )
         for k, v in batch.items()
     }
 
 
-def _full_state(model: MERV, d) -> dict | None:
-    """The whole (unsharded) state dict, on rank 0 only, gathered from the FSDP shards when there are several."""
-    if not d.enabled:
+def _full_state(model: MERV, strategy: Strategy) -> dict | None:
+    """The whole (unsharded) state dict, on rank 0 only, gathered from the FSDP shards when the model is sharded."""
+    if not strategy.fsdp:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -49,13 +49,17 @@ def train(cfg: str, data, out, nproc: int):
     return load_file(str(Path(out) / "model.safetensors")), json.loads((Path(out) / "meta.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["full_shard", "shard_grad_op"])
-def test_two_ranks_equal_one_process(tiny_run, pairs, tmp_path, mode):
-    cfg = config(tiny_run, fsdp=mode)
+@pytest.mark.parametrize(
+    ("mode", "global_batch", "loss_logits"),
+    [("full_shard", 4, "targets"), ("shard_grad_op", 4, "targets"), ("full_shard", 8, "all")],
+)
+def test_two_ranks_equal_one_process(tiny_run, pairs, tmp_path, mode, global_batch, loss_logits):
+    """Global batch 8 gives each rank 2 micro-steps a step: gradients are reduced after the last one only."""
+    cfg = config(tiny_run, fsdp=mode, global_batch_size=global_batch, loss_logits=loss_logits, epochs=global_batch // 4)
     one, meta_one = train(cfg, pairs, tmp_path / "one", 1)
     two, meta_two = train(cfg, pairs, tmp_path / "two", 2)
     assert meta_two["processes"] == 2 and meta_one["step"] == meta_two["step"] == 3
-    assert meta_one["samples_seen"] == meta_two["samples_seen"] == 12
+    assert meta_one["samples_seen"] == meta_two["samples_seen"] == 12 * global_batch // 4
     assert one.keys() == two.keys() and {k.split(".")[0] for k in one} == {"projectors", "fusion", "llm"}
     for k in one:
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k

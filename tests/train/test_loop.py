@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -6,7 +7,9 @@ import torch
 
 from merv.checkpoint import read_meta
 from merv.config import resolve_run_config
-from merv.train.loop import make_optimizer, set_trainable, train_stage, warmup_cosine
+from merv.models.merv import MERV
+from merv.train.loop import set_trainable, train_stage, warmup_cosine
+from merv.train.strategy import make_optimizer
 from tests.conftest import tiny_overrides
 
 
@@ -132,3 +135,55 @@ def test_a_sentencepiece_llm_trains_on_its_answers(tiny_run, shards, spm_llm, tm
     meta = train_stage(run, "finetune", shards["finetune"], tmp_path / "ft", progress=False)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert meta["step"] == 3 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_the_fast_paths_give_the_plain_losses(tiny_run, shards, tmp_path):
+    """The LM head on target positions only ("targets", the default) against every position's logits ("all", the
+    LLM's own forward): the same losses and weights up to float rounding (a matrix product over fewer rows may sum
+    in another order: ~1e-7 relative; 1e-5 catches any real difference, which moves the loss at once)."""
+    runs = {}
+    for logits in ("all", "targets"):
+        run = resolve_run_config(
+            "merv-tiny",
+            tiny_overrides_from(tiny_run) | {"train": {"stages": {"finetune": {"epochs": 2, "loss_logits": logits}}}},
+        )
+        meta = train_stage(run, "finetune", shards["finetune"], tmp_path / logits, progress=False)
+        records = [json.loads(x) for x in (tmp_path / logits / "metrics.jsonl").read_text().splitlines()]
+        runs[logits] = (meta, [r["loss"] for r in records])
+        assert all(r["data_wait_s"] <= r["step_s"] for r in records), "the data wait of each step is logged"
+        assert meta["strategy"] == {"device": "cpu", "precision": "fp32", "fsdp": None, "kernels": "plain",
+                                    "compile": False, "loss_logits": logits}  # fmt: skip
+    assert runs["all"][1] == pytest.approx(runs["targets"][1], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("all", "targets"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards, tmp_path):
+    """What a single GPU runs with mixed_precision bf16 (FSDP2's policy on a one-process group: bf16 compute, fp32
+    master weights), here on the CPU: the losses follow the fp32 run to bf16 precision (~3 significant digits)."""
+    from merv.train.distributed import Dist
+    from merv.train.strategy import Strategy
+
+    run = resolve_run_config("merv-tiny", tiny_overrides_from(tiny_run))
+    stage = dataclasses.replace(run.train.stage("finetune"), mixed_precision="bf16")
+    model = MERV.from_config(run.model)
+    set_trainable(model, stage.trainable)
+    strategy = Strategy(stage, Dist())
+    strategy.fsdp = True  # as on a GPU
+    model = strategy.prepare(model)
+    from merv.data.batching import ExampleBuilder, collate
+    from merv.data.shards import iter_samples
+
+    build = ExampleBuilder(model.cfg, model.tokenizer)
+    batch = collate([build(s) for s, _ in zip(iter_samples(shards["finetune"]), range(4), strict=False)])
+    reference = MERV.from_config(run.model)
+    with torch.no_grad():
+        want, n, _ = reference(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])
+    got, _ = strategy.micro_step(model, batch, 1.0, last=True)
+    assert type(model).__name__.startswith("FSDP") and torch.isfinite(got)
+    assert float(got / n) == pytest.approx(float(want / n), rel=2e-2)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads), "fp32 master weights and gradients"
+    torch.distributed.destroy_process_group()  # the one-process group the strategy made
