@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):  # request lines and headers stay out of the logs
+    # the HTTP clients' request lines and headers stay out of the logs (they may carry a judge's API key)
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from merv.data.shards import DataFormatError
     from merv.data.video import VideoError

@@ -55,7 +55,7 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
     metrics: dict[str, float | None] = {}
     out: dict = {"n": len(rows)}
     if kind == "mcq":
-        metrics["chance"] = _mean([1 / r["num_options"] for r in rows])
+        out["chance"] = _mean([1 / r["num_options"] for r in rows])  # a reference point, not a model metric
         generated = [r for r in rows if "prediction" in r]
         scored = [r for r in rows if "likelihood" in r]
         if generated:
@@ -89,7 +89,7 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
             t: {
                 k: v
                 for k, v in summarise([r for r in rows if r.get("question_type") == t], kind, with_types=False).items()
-                if k in ("n", "metrics", "judged", "unjudged")
+                if k in ("n", "chance", "metrics", "judged", "unjudged")
             }
             for t in types
         }

@@ -47,7 +47,7 @@ def test_mcq_by_generation_and_by_likelihood(tiny_model, shards):
     assert m["accuracy_generate_firstchar"] == sum(r["correct_generate"] for r in rows) / 6
     assert m["accuracy_likelihood"] == sum(r["likelihood"]["correct"] for r in rows) / 6
     assert m["agreement_generate_likelihood"] == sum(r["letter"] == r["likelihood"]["choice"] for r in rows) / 6
-    assert m["chance"] == pytest.approx(sum(1 / r["num_options"] for r in rows) / 6)
+    assert summary["chance"] == pytest.approx(sum(1 / r["num_options"] for r in rows) / 6)
     assert (summary["metric"], summary["value"]) == ("accuracy_generate_firstchar", m["accuracy_generate_firstchar"])
     assert summary["degenerate"]["no_option_letter"] == sum("no_option_letter" in r["degenerate"] for r in rows)
     types = Counter(r["question_type"] for r in rows)
@@ -57,7 +57,8 @@ def test_mcq_by_generation_and_by_likelihood(tiny_model, shards):
     assert manifest["frames"]["encoders"]["vivit"]["num_frames"] == 8 and manifest["prompt"]["format"] == "base"
     assert manifest["packages"]["torch"] and manifest["judge"] is None
 
-    only_ll = evaluate(handle(tiny_model), shards["synth_mcq"], "synth_mcq", EvalSettings(mcq="likelihood", batch_size=4))
+    settings = EvalSettings(mcq="likelihood", batch_size=4)
+    only_ll = evaluate(handle(tiny_model), shards["synth_mcq"], "synth_mcq", settings)
     assert only_ll["summary"]["metric"] == "accuracy_likelihood" and "degenerate" not in only_ll["summary"]
     assert [r["likelihood"] for r in only_ll["rows"]] == [r["likelihood"] for r in rows]
 
