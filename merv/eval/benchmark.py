@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -142,14 +142,17 @@ def _raw_samples(shard_dir: Path):
     yield from wds.DataPipeline(wds.SimpleShardList(shard_urls(shard_dir)), wds.tarfile_to_samples())
 
 
-def read_questions(shard_dir: Path) -> list[Question]:
-    """Every question of a sharded benchmark in stored order, without decoding frames."""
+def read_questions(shard_dir: Path, hash_range: tuple[int, int] | None = None) -> list[Question]:
+    """Every question of a sharded benchmark in stored order, without decoding frames. The stored frames of the
+    questions in ``hash_range`` (default: all) are hashed for the cache keys; the others get ``frames_sha256=""``."""
+    lo, hi = hash_range or (0, float("inf"))
     questions = []
-    for raw in _raw_samples(shard_dir):
+    for i, raw in enumerate(_raw_samples(shard_dir)):
         h = hashlib.sha256()
-        for name in sorted(k for k in raw if not k.startswith("__") and k != "json"):
-            h.update(name.encode() + b"\0" + raw[name])
-        questions.append(Question(json.loads(raw["json"]), h.hexdigest()))
+        if lo <= i < hi:
+            for name in sorted(k for k in raw if not k.startswith("__") and k != "json"):
+                h.update(name.encode() + b"\0" + raw[name])
+        questions.append(Question(json.loads(raw["json"]), h.hexdigest() if lo <= i < hi else ""))
     return questions
 
 
@@ -319,6 +322,45 @@ def _judge_rows(spec: BenchmarkSpec, questions: list[Question], rows: list[dict]
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _plan(handle, spec: BenchmarkSpec, questions: list[Question], modes: set[str], decoding: dict, cache):
+    """Cache keys of every question's answers, and the jobs (questions with an answer missing from the cache)."""
+    jobs, keys = [], []
+    for q in questions:
+        prompt = question_prompt(handle, spec, q.record)
+        base = {"checkpoint": handle.identity, "frames": q.frames_sha256, "positions": q.record.get("frame_positions"),
+                "prompt": prompt, "dtype": decoding["dtype"], "device": decoding["device"]}  # fmt: skip
+        gen_key = ll_key = conts = None
+        if "generate" in modes:
+            gen_key = content_key("generate", {**base, "max_new_tokens": decoding["max_new_tokens"]})
+        if "likelihood" in modes:
+            message = mcq_prompt(q.record["question"], q.record["options"])
+            conts = letter_continuations(handle, message, len(q.record["options"]))
+            ll_key = content_key("likelihood", {**base, "continuations": conts})
+        keys.append((gen_key, ll_key))
+        missing = [k if k and cache.get(k) is None else None for k in (gen_key, ll_key)]
+        if any(missing):
+            jobs.append(_Job(q, prompt, *missing, conts))
+    return keys, jobs
+
+
+def _manifest(handle, spec: BenchmarkSpec, shard_manifest: dict, decoding: dict, batch_size: int, modes, judge_info):
+    mcq = spec.kind == "mcq"
+    return {
+        "checkpoint": {**handle.identity, "path": str(handle.path) if handle.path else None,
+                       "stage": handle.meta.get("stage"), "step": handle.meta.get("step"),
+                       "model": handle.model_cfg.name},
+        "frames": frame_sampling(handle.model_cfg, shard_manifest),
+        "decoding": {**decoding, "batch_size": batch_size, "mcq": sorted(modes) if mcq else None,
+                     "mcq_letter_rule": LETTER_RULE if mcq else None,
+                     "likelihood_continuation": "the option letter" if "likelihood" in modes else None},
+        "prompt": {"format": handle.model_cfg.llm.prompt_format, "suffix": spec.prompt_suffix,
+                   "mcq_instruction": MCQ_INSTRUCTION if mcq else None},
+        "judge": judge_info,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+    }  # fmt: skip
+
+
 def evaluate(
     handle: CheckpointHandle,
     shard_dir: str | Path,
@@ -334,71 +376,41 @@ def evaluate(
     shard_dir = Path(shard_dir)
     cache = cache if cache is not None else ResultCache(None)
     shard_manifest = read_manifest(shard_dir)
-    everything = read_questions(shard_dir)
-    if not everything:
+    total = min(shard_manifest["samples"], settings.limit or shard_manifest["samples"])
+    lo, hi = chunk_bounds(total, settings.num_chunks, settings.chunk_index)
+    stored = read_questions(shard_dir, (lo, hi))
+    if len(stored) != shard_manifest["samples"]:
+        raise ValueError(f"{shard_dir}: manifest.json lists {shard_manifest['samples']} samples, the shards hold "
+                         f"{len(stored)}: reshard the benchmark")  # fmt: skip
+    benchmark = stored[:total]
+    if not benchmark:
         raise ValueError(f"{shard_dir}: benchmark {name!r} has no questions")
-    spec = lookup(name, everything[0].record)
-    benchmark = everything[: settings.limit] if settings.limit else everything
-    lo, hi = chunk_bounds(len(benchmark), settings.num_chunks, settings.chunk_index)
+    spec = lookup(name, benchmark[0].record)
     questions = benchmark[lo:hi]
     for q in questions:
         check_question(spec, q.record)
-    max_new_tokens = settings.max_new_tokens or spec.max_new_tokens
-    modes = {"generate", "likelihood"} if settings.mcq == "both" else {settings.mcq}
     if spec.kind == "open":
         modes = {"generate"}
-    decoding = {"max_new_tokens": max_new_tokens, "greedy": True, "dtype": handle.dtype_name}
-    decoding["device"] = handle.device.type
+    else:
+        modes = {"generate", "likelihood"} if settings.mcq == "both" else {settings.mcq}
+    decoding = {"max_new_tokens": settings.max_new_tokens or spec.max_new_tokens, "greedy": True,
+                "dtype": handle.dtype_name, "device": handle.device.type}  # fmt: skip
 
-    # 1-2: answers from the cache, the misses from the model
-    jobs, keys = [], []
-    for q in questions:
-        prompt = question_prompt(handle, spec, q.record)
-        base = {"checkpoint": handle.identity, "frames": q.frames_sha256, "prompt": prompt, "dtype": handle.dtype_name}
-        base["positions"] = q.record.get("frame_positions")
-        base["device"] = handle.device.type
-        gen_key = content_key("generate", {**base, "max_new_tokens": max_new_tokens}) if "generate" in modes else None
-        ll_key = conts = None
-        if "likelihood" in modes:
-            message = mcq_prompt(q.record["question"], q.record["options"])
-            conts = letter_continuations(handle, message, len(q.record["options"]))
-            ll_key = content_key("likelihood", {**base, "continuations": conts})
-        keys.append((gen_key, ll_key))
-        job = _Job(q, prompt, gen_key if gen_key and cache.get(gen_key) is None else None, None, conts)
-        job.ll_key = ll_key if ll_key and cache.get(ll_key) is None else None
-        if job.gen_key or job.ll_key:
-            jobs.append(job)
+    # answers: from the cache, the misses from the model (stored batch by batch)
+    keys, jobs = _plan(handle, spec, questions, modes, decoding, cache)
     if jobs:
         log.info("%s: %d of %d questions need the model", name, len(jobs), len(questions))
-        _run_model(handle, shard_dir, jobs, settings.batch_size, max_new_tokens, cache)
+        _run_model(handle, shard_dir, jobs, settings.batch_size, decoding["max_new_tokens"], cache)
     rows = [
         _row(spec, q, cache.get(g) if g else None, cache.get(x) if x else None)
         for q, (g, x) in zip(questions, keys, strict=True)
     ]
-
-    # 3: judge
     judge_info = None
     if spec.kind == "open" and judge is not None:
         _judge_rows(spec, questions, rows, judge, cache)
         judge_info = judge.describe()
         judge_info["served_models"] = sorted({r["verdict"]["served_model"] for r in rows if r.get("verdict")})
 
-    # 4: the result
-    manifest = {
-        "checkpoint": {**handle.identity, "path": str(handle.path) if handle.path else None,
-                       "stage": handle.meta.get("stage"), "step": handle.meta.get("step"),
-                       "model": handle.model_cfg.name},
-        "frames": frame_sampling(handle.model_cfg, shard_manifest),
-        "decoding": {**decoding, "batch_size": settings.batch_size,
-                     "mcq": sorted(modes) if spec.kind == "mcq" else None,
-                     "mcq_letter_rule": LETTER_RULE if spec.kind == "mcq" else None,
-                     "likelihood_continuation": "the option letter" if "likelihood" in modes else None},
-        "prompt": {"format": handle.model_cfg.llm.prompt_format, "suffix": spec.prompt_suffix,
-                   "mcq_instruction": MCQ_INSTRUCTION if spec.kind == "mcq" else None},
-        "judge": judge_info,
-        "packages": package_versions(),
-        "git_commit": git_commit(),
-    }  # fmt: skip
     determined_by = {
         "checkpoint": handle.identity,
         "shards": shard_manifest.get("fingerprint"),
@@ -422,7 +434,7 @@ def evaluate(
         },
         "config_fingerprint": fingerprint(determined_by),
         "summary": summarise(rows, spec.kind),
-        "manifest": manifest,
+        "manifest": _manifest(handle, spec, shard_manifest, decoding, settings.batch_size, modes, judge_info),
         "run": {
             "seconds": round(time.time() - start, 2),
             "model_loads": handle.loads,
@@ -436,7 +448,3 @@ def evaluate(
         "assigned": [q.id for q in questions],
         "rows": rows,
     }
-
-
-def settings_dict(settings: EvalSettings) -> dict:
-    return asdict(settings)

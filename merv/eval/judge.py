@@ -201,7 +201,10 @@ class Judge:
     """A chat-completions client for the judge protocol (thread-safe; used from a pool of ``concurrency``)."""
 
     def __init__(self, cfg: JudgeConfig):
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise JudgeConfigError("the judge needs the openai package: pip install 'merv[judge]'") from None
 
         self.cfg = cfg
         self.preset = PRESETS[cfg.preset]

@@ -83,14 +83,17 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
     if any("prediction" in r for r in rows):
         keys = ("empty", "repeated") + (("no_option_letter",) if kind == "mcq" else ())
         out["degenerate"] = {k: degenerate.get(k, 0) for k in keys}
-    types = sorted({r["question_type"] for r in rows if r.get("question_type") is not None})
-    if with_types and types:
-        out["by_type"] = {
-            t: {
-                k: v
-                for k, v in summarise([r for r in rows if r.get("question_type") == t], kind, with_types=False).items()
-                if k in ("n", "chance", "metrics", "judged", "unjudged")
-            }
-            for t in types
-        }
+    if with_types and any(r.get("question_type") is not None for r in rows):
+        out["by_type"] = _by_type(rows, kind)
     return out
+
+
+def _by_type(rows: list[dict], kind: str) -> dict:
+    """The summary of each question type's rows, reduced to counts and metrics."""
+    kept = ("n", "chance", "metrics", "judged", "unjudged")
+    types = sorted({r["question_type"] for r in rows if r.get("question_type") is not None})
+    by_type = {}
+    for qtype in types:
+        summary = summarise([r for r in rows if r.get("question_type") == qtype], kind, with_types=False)
+        by_type[qtype] = {k: v for k, v in summary.items() if k in kept}
+    return by_type

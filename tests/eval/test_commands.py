@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from PIL import Image
 
 from merv.cli import main
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One answer cache for the module: later commands reuse earlier answers (and load no model)."""
+    return tmp_path_factory.mktemp("answers")
 
 
 def _eval(checkpoint, shards, bench, out, cache, *extra) -> int:
@@ -16,9 +23,8 @@ def _eval(checkpoint, shards, bench, out, cache, *extra) -> int:
     return main([*args, "--cache", str(cache), "--batch-size", "2", *map(str, extra)])
 
 
-def test_eval_merge_collect_table(checkpoint, shards, start_judge, tmp_path, capsys):
+def test_eval_merge_collect_table(checkpoint, shards, start_judge, cache, tmp_path, capsys):
     server = start_judge("--model", "judge-13b")
-    cache = tmp_path / "cache"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"eval": {"judge": {"url": server.url, "preset": "merv-original"}}}))
     assert _eval(checkpoint, shards, "synth_open", tmp_path / "open.json", cache, "--pipeline-config", config) == 0
@@ -50,8 +56,7 @@ def test_eval_merge_collect_table(checkpoint, shards, start_judge, tmp_path, cap
     assert Image.open(tmp_path / "table" / "table.png").size[0] > 100
 
 
-def test_merge_and_judge_errors_are_named(checkpoint, shards, start_judge, tmp_path, capsys):
-    cache = tmp_path / "cache"
+def test_merge_and_judge_errors_are_named(checkpoint, shards, start_judge, cache, tmp_path, capsys):
     chunks = [tmp_path / f"c{k}.json" for k in range(3)]
     for k, path in enumerate(chunks):
         assert _eval(checkpoint, shards, "synth_mcq", path, cache, "--num-chunks", 3, "--chunk-index", k) == 0

@@ -1,0 +1,180 @@
+"""Multiple choice by generation vs by likelihood (issue 10), on the synthetic benchmark, from one run:
+
+1. how often the two protocols pick the same option (generation: MERV's first-character letter; likelihood: the
+   option letter with the highest log-probability, all options of a question in one forward pass);
+2. their accuracies, and how often generation gives no option letter at all;
+3. speed: questions/s of each on the same decoded questions and model, and the ratio likelihood / generation,
+   at batch size 1 and at the pipeline's batch size.
+
+    python benchmarks/eval_mcq.py                       # trains merv_tiny on the synthetic data first (minutes)
+    python benchmarks/eval_mcq.py --model results/merv_tiny/finetune --data data/shards/eval/synth_mcq
+
+Without --model, the real pipeline (Snakemake, this repository's Snakefile) renders the synthetic dataset, builds the
+tiny weights, shards and trains merv_tiny in a work folder, exactly as `make demo` does but with fewer clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_tiny(work: Path, train_videos: int, eval_videos: int, epochs: int) -> tuple[Path, Path]:
+    """Run the pipeline up to the finetuned checkpoint and the sharded MCQ benchmark; returns both paths."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["synth"].update(train_videos=train_videos, eval_videos=eval_videos)
+    cfg["models"]["merv_tiny"]["overrides"] = {"train": {"stages": {"finetune": {"epochs": epochs}}}}
+    (work / "config").mkdir(parents=True, exist_ok=True)
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    targets = ["results/merv_tiny/finetune", "data/shards/eval/synth_mcq"]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work)]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    print(f"training merv_tiny on {train_videos} synthetic clips ({epochs} finetune epochs) in {work} ...", flush=True)
+    subprocess.run([*cmd, "--cores", str(os.cpu_count() or 2), *targets], check=True, env=env)
+    return work / targets[0], work / targets[1]
+
+
+def load_questions(handle, data: Path, limit: int | None):
+    """Decoded, transformed questions in memory, so the timings below measure the model only."""
+    from merv.data.batching import encoder_frames
+    from merv.data.shards import iter_samples
+    from merv.eval.benchmark import letter_continuations, question_prompt
+    from merv.eval.registry import lookup
+    from merv.models.prompting import mcq_prompt, option_letters
+
+    spec = lookup("synth_mcq")
+    out = []
+    for sample in iter_samples(data):
+        rec = sample["meta"]
+        out.append(
+            {
+                "videos": encoder_frames(handle.model, sample),
+                "prompt": question_prompt(handle, spec, rec),
+                "continuations": letter_continuations(
+                    handle, mcq_prompt(rec["question"], rec["options"]), len(rec["options"])
+                ),
+                "answer": option_letters(len(rec["options"]))[rec["answer_id"]],
+            }
+        )
+        if limit and len(out) == limit:
+            break
+    return out
+
+
+def by_generation(model, questions, batch_size: int, max_new_tokens: int) -> list[str]:
+    from merv.eval.metrics import first_char_letter
+
+    letters = []
+    for i in range(0, len(questions), batch_size):
+        batch = questions[i : i + batch_size]
+        videos = {n: torch.stack([q["videos"][n] for q in batch]) for n in model.encoders}
+        texts = model.generate_batch(videos, [q["prompt"] for q in batch], max_new_tokens)
+        letters += [first_char_letter(t) for t in texts]
+    return letters
+
+
+def by_likelihood(model, questions, batch_size: int) -> list[str]:
+    from merv.eval.likelihood import continuation_logprobs
+    from merv.models.prompting import option_letters
+
+    letters = []
+    for i in range(0, len(questions), batch_size):
+        batch = questions[i : i + batch_size]
+        videos = {n: torch.stack([q["videos"][n] for q in batch]) for n in model.encoders}
+        contexts, conts, index = [], [], []
+        for j, q in enumerate(batch):
+            contexts += [q["prompt"]] * len(q["continuations"])
+            conts += q["continuations"]
+            index += [j] * len(q["continuations"])
+        scores = continuation_logprobs(model, videos, contexts, conts, video_index=index)
+        pos = 0
+        for q in batch:
+            mine = [s for s, _ in scores[pos : pos + len(q["continuations"])]]
+            pos += len(q["continuations"])
+            letters.append(option_letters(len(mine))[mine.index(max(mine))])
+    return letters
+
+
+def timed(fn, repeats: int) -> tuple[float, list[str]]:
+    """Median seconds over ``repeats`` runs (after one warm-up run) and the last run's letters."""
+    letters = fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        letters = fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), letters
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder (default: train merv_tiny first)")
+    p.add_argument("--data", help="shard folder of synth_mcq (with --model)")
+    p.add_argument("--work", help="work folder for the training run (default: a temporary one)")
+    p.add_argument("--train-videos", type=int, default=800)
+    p.add_argument("--eval-videos", type=int, default=200)
+    p.add_argument("--finetune-epochs", type=int, default=4, help="(merv-tiny's preset: 14)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=32, help="the pipeline's eval batch size")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="synth_mcq's generation limit")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args()
+
+    from merv.eval.benchmark import CheckpointHandle
+    from merv.models.prompting import option_letters
+
+    if args.model:
+        model_dir, data = Path(args.model), Path(args.data or REPO / "data" / "shards" / "eval" / "synth_mcq")
+    else:
+        model_dir, data = train_tiny(Path(args.work or tempfile.mkdtemp(prefix="merv-evalmcq-")),
+                                     args.train_videos, args.eval_videos, args.finetune_epochs)  # fmt: skip
+    torch.manual_seed(0)
+    handle = CheckpointHandle(model_dir, device=args.device, dtype=args.dtype)
+    model = handle.model
+    questions = load_questions(handle, data, args.limit)
+    n = len(questions)
+    answers = [q["answer"] for q in questions]
+    print(f"{n} questions of {data}, model {model_dir} on {handle.device} ({handle.dtype_name}), "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+
+    rows = []
+    with torch.no_grad():
+        for bs in sorted({1, args.batch_size}):
+            gen_s, gen = timed(lambda bs=bs: by_generation(model, questions, bs, args.max_new_tokens), args.repeats)
+            ll_s, ll = timed(lambda bs=bs: by_likelihood(model, questions, bs), args.repeats)
+            rows.append((bs, gen_s, ll_s, gen, ll))
+
+    _, _, _, gen, ll = rows[-1]
+    valid = [i for i, (q, letter) in enumerate(zip(questions, gen, strict=True))
+             if letter in option_letters(len(q["continuations"]))]  # fmt: skip
+    agree = sum(g == x for g, x in zip(gen, ll, strict=True))
+    gen_acc = sum(g == a for g, a in zip(gen, answers, strict=True)) / n
+    ll_acc = sum(x == a for x, a in zip(ll, answers, strict=True)) / n
+    print(f"accuracy, generation (first character, MERV): {gen_acc:.3f}")
+    print(f"accuracy, likelihood (best option letter):    {ll_acc:.3f}")
+    print(f"generation gave no option letter: {n - len(valid)} of {n}")
+    print(f"agreement: {agree}/{n} = {agree / n:.3f}"
+          f" ({sum(gen[i] == ll[i] for i in valid)}/{len(valid)} where generation gave a letter)")  # fmt: skip
+    for bs, gen_s, ll_s, g, x in rows:
+        same = "same" if (g, x) == (rows[-1][3], rows[-1][4]) else "DIFFERENT"
+        print(f"batch {bs:>3}: generation {n / gen_s:7.1f} q/s, likelihood {n / ll_s:7.1f} q/s -> likelihood is "
+              f"{gen_s / ll_s:.2f}x the speed of generation (median of {args.repeats}; letters {same} as batch "
+              f"{rows[-1][0]})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
