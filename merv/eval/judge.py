@@ -14,6 +14,7 @@ on timeouts, connection errors, HTTP 408/409/429/5xx; a reply that does not pars
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import random
@@ -197,6 +198,13 @@ def _transient(error: Exception) -> bool:
     )
 
 
+def _reply_text(reply) -> str | None:
+    """The first choice's message text of a chat completion, None when the reply has none."""
+    choices = getattr(reply, "choices", None) or []
+    message = getattr(choices[0], "message", None) if choices else None
+    return getattr(message, "content", None)
+
+
 class Judge:
     """A chat-completions client for the judge protocol (thread-safe; used from a pool of ``concurrency``)."""
 
@@ -302,13 +310,16 @@ class Judge:
         for _ in range(self.cfg.parse_attempts):
             try:
                 reply = self._with_retries(lambda: self._complete(messages), what)
+                served = getattr(reply, "model", None) or self.model
+                verdict = parse_verdict(_reply_text(reply))
+                with self._lock:
+                    self.served_models.add(served)
+                return {**verdict, "served_model": served}
             except openai.APIStatusError as e:  # e.g. 400: this request cannot be judged; others may
                 return {"unjudged": f"http {e.status_code}: {str(e)[:200]}"}
-            with self._lock:
-                self.served_models.add(reply.model)
-            content = reply.choices[0].message.content if reply.choices else None
-            try:
-                return {**parse_verdict(content), "served_model": reply.model}
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as e:
+                problem = f"not a chat completion ({type(e).__name__})"  # e.g. a proxy's HTML error page
+                self._count("unparseable")
             except VerdictError as e:
                 problem = str(e)
                 self._count("unparseable")

@@ -112,6 +112,15 @@ class Handler(BaseHTTPRequestHandler):
         if None in fields.values():
             st.record({**entry, "outcome": "400"})
             return self._send(400, {"error": {"message": "not a judge prompt", "type": "invalid_request_error"}})
+        if attempt <= args.garbage_first:
+            st.record({**entry, "outcome": "garbage"})
+            payload = b"<html>502 Bad Gateway</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return None
         if attempt <= args.error_first:
             st.record({**entry, "outcome": "500"})
             return self._send(500, {"error": {"message": "overloaded", "type": "server_error"}})
@@ -154,6 +163,7 @@ def main(argv=None) -> None:
     p.add_argument("--malformed-first", type=int, default=0, help="malformed replies to the first N asks of a pair")
     p.add_argument("--always-malformed", help="malformed replies whenever the prediction contains this text")
     p.add_argument("--error-first", type=int, default=0, help="HTTP 500 to the first N asks of a pair")
+    p.add_argument("--garbage-first", type=int, default=0, help="HTTP 200 with a non-JSON body to the first N asks")
     p.add_argument("--sleep-first", type=int, default=0, help="sleep --sleep-s before the first N replies of a pair")
     p.add_argument("--sleep-s", type=float, default=5.0)
     p.add_argument("--die-after", type=int, default=0, help="SIGKILL itself on receiving request N")

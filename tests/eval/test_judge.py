@@ -135,6 +135,15 @@ def test_malformed_replies_are_retried_then_counted_unjudged(start_judge):
     assert judge.retries == {"unparseable": 5 + 3}
 
 
+def test_a_reply_that_is_not_a_chat_completion_is_asked_again(start_judge):
+    server = start_judge("--garbage-first", "1")  # HTTP 200 with an HTML body, as a misconfigured proxy sends
+    judge = _judge(server, model="stand-in-judge")
+    verdicts = _judge_items(judge)
+    assert [(verdicts[i]["pred"], verdicts[i]["score"]) for i in range(len(ITEMS))] == EXPECTED
+    assert judge.retries == {"unparseable": len(ITEMS)}
+    assert Counter(r["outcome"] for r in server.requests()) == {"garbage": len(ITEMS), "ok": len(ITEMS)}
+
+
 def test_http_500_and_timeouts_are_retried_with_nothing_double_counted(start_judge):
     server = start_judge("--error-first", "2", "--sleep-first", "3", "--sleep-s", "1.5")
     judge = _judge(server, timeout_s=0.5, max_attempts=4, concurrency=6)
