@@ -106,20 +106,58 @@ def by_likelihood(model, questions, batch_size: int) -> list[str]:
     return letters
 
 
-def timed(fn, repeats: int) -> tuple[float, list[str]]:
-    """Median seconds over ``repeats`` runs (after one warm-up run) and the last run's letters."""
-    letters = fn()
-    seconds = []
+def timed_pair(gen_fn, ll_fn, repeats: int) -> tuple[float, float, list[str], list[str]]:
+    """Median seconds of each over ``repeats`` rounds, the two alternating so both see the same machine load
+    (after one warm-up run each), and the letters of the last round."""
+    gen, ll = gen_fn(), ll_fn()
+    gen_s, ll_s = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        letters = fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), letters
+        gen = gen_fn()
+        gen_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ll = ll_fn()
+        ll_s.append(time.perf_counter() - start)
+    return statistics.median(gen_s), statistics.median(ll_s), gen, ll
+
+
+def speed_report(model, questions, batch_sizes, max_new_tokens: int, repeats: int) -> tuple[list[str], list[str]]:
+    """Questions/s of both protocols at each batch size; returns the letters of the last."""
+    n = len(questions)
+    for bs in batch_sizes:
+        gen_s, ll_s, gen, ll = timed_pair(
+            lambda bs=bs: by_generation(model, questions, bs, max_new_tokens),
+            lambda bs=bs: by_likelihood(model, questions, bs),
+            repeats,
+        )
+        print(f"batch {bs:>3}: generation {n / gen_s:7.1f} q/s, likelihood {n / ll_s:7.1f} q/s -> "
+              f"likelihood/generation speed {gen_s / ll_s:.2f}x")  # fmt: skip
+    return gen, ll
+
+
+def agreement_report(name: str, questions, gen: list[str], ll: list[str]) -> None:
+    from merv.models.prompting import option_letters
+
+    n = len(questions)
+    answers = [q["answer"] for q in questions]
+    valid = [i for i, (q, letter) in enumerate(zip(questions, gen, strict=True))
+             if letter in option_letters(len(q["continuations"]))]  # fmt: skip
+    agree = sum(g == x for g, x in zip(gen, ll, strict=True))
+    gen_acc = sum(g == a for g, a in zip(gen, answers, strict=True)) / n
+    ll_acc = sum(x == a for x, a in zip(ll, answers, strict=True)) / n
+    print(f"[{name}] accuracy: generation (first character, MERV) {gen_acc:.3f}, likelihood {ll_acc:.3f}; "
+          f"generation gave no option letter {n - len(valid)}/{n}; agreement {agree}/{n} = {agree / n:.3f} "
+          f"({sum(gen[i] == ll[i] for i in valid)}/{len(valid)} where generation gave a letter)")  # fmt: skip
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint folder (default: train merv_tiny first)")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        help="checkpoint folders; speed is timed on the last (default: train "
+        "merv_tiny first, then its align checkpoint, whose LLM is untrained, and its finetune one)",
+    )
     p.add_argument("--data", help="shard folder of synth_mcq (with --model)")
     p.add_argument("--work", help="work folder for the training run (default: a temporary one)")
     p.add_argument("--train-videos", type=int, default=800)
@@ -128,51 +166,35 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=32, help="the pipeline's eval batch size")
     p.add_argument("--max-new-tokens", type=int, default=8, help="synth_mcq's generation limit")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    args = p.parse_args()
+    args = p.parse_args()  # fmt: skip
 
     from merv.eval.benchmark import CheckpointHandle
-    from merv.models.prompting import option_letters
 
     if args.model:
-        model_dir, data = Path(args.model), Path(args.data or REPO / "data" / "shards" / "eval" / "synth_mcq")
+        models, data = [Path(m) for m in args.model], Path(args.data or REPO / "data" / "shards" / "eval" / "synth_mcq")
     else:
-        model_dir, data = train_tiny(Path(args.work or tempfile.mkdtemp(prefix="merv-evalmcq-")),
-                                     args.train_videos, args.eval_videos, args.finetune_epochs)  # fmt: skip
+        work = Path(args.work or tempfile.mkdtemp(prefix="merv-evalmcq-")).resolve()
+        finetuned, data = train_tiny(work, args.train_videos, args.eval_videos, args.finetune_epochs)
+        models = [finetuned.with_name("align"), finetuned]
+        os.chdir(work)  # the checkpoint names its frozen weights relative to the pipeline's folder
     torch.manual_seed(0)
-    handle = CheckpointHandle(model_dir, device=args.device, dtype=args.dtype)
-    model = handle.model
-    questions = load_questions(handle, data, args.limit)
-    n = len(questions)
-    answers = [q["answer"] for q in questions]
-    print(f"{n} questions of {data}, model {model_dir} on {handle.device} ({handle.dtype_name}), "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
-
-    rows = []
-    with torch.no_grad():
-        for bs in sorted({1, args.batch_size}):
-            gen_s, gen = timed(lambda bs=bs: by_generation(model, questions, bs, args.max_new_tokens), args.repeats)
-            ll_s, ll = timed(lambda bs=bs: by_likelihood(model, questions, bs), args.repeats)
-            rows.append((bs, gen_s, ll_s, gen, ll))
-
-    _, _, _, gen, ll = rows[-1]
-    valid = [i for i, (q, letter) in enumerate(zip(questions, gen, strict=True))
-             if letter in option_letters(len(q["continuations"]))]  # fmt: skip
-    agree = sum(g == x for g, x in zip(gen, ll, strict=True))
-    gen_acc = sum(g == a for g, a in zip(gen, answers, strict=True)) / n
-    ll_acc = sum(x == a for x, a in zip(ll, answers, strict=True)) / n
-    print(f"accuracy, generation (first character, MERV): {gen_acc:.3f}")
-    print(f"accuracy, likelihood (best option letter):    {ll_acc:.3f}")
-    print(f"generation gave no option letter: {n - len(valid)} of {n}")
-    print(f"agreement: {agree}/{n} = {agree / n:.3f}"
-          f" ({sum(gen[i] == ll[i] for i in valid)}/{len(valid)} where generation gave a letter)")  # fmt: skip
-    for bs, gen_s, ll_s, g, x in rows:
-        same = "same" if (g, x) == (rows[-1][3], rows[-1][4]) else "DIFFERENT"
-        print(f"batch {bs:>3}: generation {n / gen_s:7.1f} q/s, likelihood {n / ll_s:7.1f} q/s -> likelihood is "
-              f"{gen_s / ll_s:.2f}x the speed of generation (median of {args.repeats}; letters {same} as batch "
-              f"{rows[-1][0]})")  # fmt: skip
+    for i, model_dir in enumerate(models):
+        handle = CheckpointHandle(model_dir, device=args.device, dtype=args.dtype)
+        model = handle.model
+        questions = load_questions(handle, data, args.limit)
+        n = len(questions)
+        with torch.no_grad():
+            if i < len(models) - 1:
+                gen = by_generation(model, questions, args.batch_size, args.max_new_tokens)
+                agreement_report(model_dir.name, questions, gen, by_likelihood(model, questions, args.batch_size))
+                continue
+            print(f"timing {model_dir} on {n} questions of {data}, {handle.device} ({handle.dtype_name}), "
+                  f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds")  # fmt: skip
+            gen, ll = speed_report(model, questions, sorted({1, args.batch_size}), args.max_new_tokens, args.repeats)
+        agreement_report(model_dir.name, questions, gen, ll)
     return 0
 
 

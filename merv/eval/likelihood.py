@@ -1,8 +1,9 @@
 """Log-likelihood of continuations given a video and a text context: multiple choice without generation.
 
 ``continuation_logprobs`` is general (an lmms-eval ``loglikelihood`` request is exactly one (context, continuation)
-pair): the videos are encoded once, every continuation is scored in one batched forward pass, and only the logits
-of the continuation positions are computed.
+pair): the videos are encoded once, every continuation is scored in one batched forward pass, only the logits of
+the continuation positions are computed, and pairs that feed the model the same tokens share a row -- so the
+option letters of a question cost one forward pass over its prompt, not one per option.
 
 Tokenisation follows the language-model harnesses: the context and the continuation are tokenised *together* and
 the continuation's tokens are the suffix beyond the context's tokens. Tokenising the continuation alone is wrong for
@@ -60,21 +61,28 @@ def continuation_logprobs(
         raise ValueError(f"video_index must give each of the {len(contexts)} pairs one of the {batch} videos")
 
     pairs = [split_continuation(model.tokenizer, c, x) for c, x in zip(contexts, continuations, strict=True)]
+    # A continuation's tokens are predicted from the sequence context + continuation[:-1]; pairs whose sequences
+    # coincide (all options of a question when each is one token, e.g. option letters) share one row.
+    rows: dict[tuple, int] = {}
+    row_of = [rows.setdefault((v, tuple(c + x[:-1])), len(rows)) for v, (c, x) in zip(video_index, pairs, strict=True)]
     videos = {k: v.to(device=model.device, dtype=model.dtype) for k, v in videos.items()}
     visual, _ = model.encode(videos)  # [B, V, D], once per video
-    visual = visual[torch.as_tensor(list(video_index), device=visual.device)]  # [N, V, D]
-    # Left padding puts every continuation at the end of its row: the last K positions hold all of them.
-    embeds, mask, _ = model.splice(visual, [c + x for c, x in pairs], None, pad_left=True)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding must not shift the positions of real tokens
+    visual = visual[torch.as_tensor([v for v, _ in rows], device=visual.device)]  # [R, V, D]
+    # Left padding ends every row at the same position: the last K positions predict all continuation tokens.
+    embeds, mask, _ = model.splice(visual, [list(seq) for _, seq in rows], None, pad_left=True)
+    # Real tokens get positions 0, 1, ... as in generation. Padding counts up to them (-2, -1) instead of repeating
+    # 0: it is masked anyway, and a repeated position would make transformers treat each row as packed sequences
+    # and build a slower mask.
+    position_ids = torch.arange(mask.shape[1], device=mask.device) - (mask == 0).sum(-1, keepdim=True)
     longest = max(len(x) for _, x in pairs)
     logits = model.llm(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=longest + 1
-    ).logits[:, :-1]  # [N, K, vocab]: position j predicts the token at row position S-K+j
+        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=longest
+    ).logits  # [R, K, vocab]: the last K positions of each row
     logprobs = F.log_softmax(logits.float(), dim=-1)
     out = []
-    for row, (_, cont) in enumerate(pairs):
+    for row, (_, cont) in zip(row_of, pairs, strict=True):
         tokens = torch.as_tensor(cont, device=logprobs.device)
-        steps = logprobs[row, longest - len(cont) :]  # [len(cont), vocab]
+        steps = logprobs[row, longest - len(cont) :]  # [len(cont), vocab]: step j predicts cont[j]
         total = steps.gather(-1, tokens[:, None]).sum().item()
         greedy = bool((steps.argmax(-1) == tokens).all())
         out.append((total, greedy))

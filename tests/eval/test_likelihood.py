@@ -41,9 +41,16 @@ def test_batched_scores_equal_single_unpadded_ones(tiny_model, shards):
         (1, short_prompt, " red then blue"),
         (1, long_prompt, " left"),
     ]
-    scores = continuation_logprobs(
-        model, videos, [c for _, c, _ in pairs], [x for _, _, x in pairs], video_index=[v for v, _, _ in pairs]
-    )
+    rows = []
+    hook = model.llm.register_forward_pre_hook(lambda _, args, kw: rows.append(kw["inputs_embeds"].shape[0]),
+                                               with_kwargs=True)  # fmt: skip
+    try:
+        scores = continuation_logprobs(
+            model, videos, [c for _, c, _ in pairs], [x for _, _, x in pairs], video_index=[v for v, _, _ in pairs]
+        )
+    finally:
+        hook.remove()
+    assert rows == [3], "one forward pass; ' A' and ' B' after the same prompt and video share one row"
     for (v, context, cont), (total, greedy) in zip(pairs, scores, strict=True):
         ref_total, ref_greedy, _ = _reference(model, {k: t[v] for k, t in videos.items()}, context, cont)
         assert total == pytest.approx(ref_total, abs=1e-4) and greedy == ref_greedy
