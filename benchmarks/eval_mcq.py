@@ -4,7 +4,10 @@
    option letter with the highest log-probability, all options of a question in one forward pass);
 2. their accuracies, and how often generation gives no option letter at all;
 3. speed: questions/s of each on the same decoded questions and model, and the ratio likelihood / generation,
-   at batch size 1 and at the pipeline's batch size.
+   one question at a time and at the pipeline's batch size.
+
+Both are measured on the trained checkpoint (answers a letter, then stops) and on the same run's align checkpoint,
+whose LLM is still untrained (it answers with whatever it likes, until max_new_tokens).
 
     python benchmarks/eval_mcq.py                       # trains merv_tiny on the synthetic data first (minutes)
     python benchmarks/eval_mcq.py --model results/merv_tiny/finetune --data data/shards/eval/synth_mcq
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,66 +74,56 @@ def load_questions(handle, data: Path, limit: int | None):
     return out
 
 
-def by_generation(model, questions, batch_size: int, max_new_tokens: int) -> list[str]:
+def by_generation(model, batch, max_new_tokens: int) -> list[str]:
+    """MERV's protocol on one batch: greedy answers, scored by their first character."""
     from merv.eval.metrics import first_char_letter
 
-    letters = []
-    for i in range(0, len(questions), batch_size):
-        batch = questions[i : i + batch_size]
-        videos = {n: torch.stack([q["videos"][n] for q in batch]) for n in model.encoders}
-        texts = model.generate_batch(videos, [q["prompt"] for q in batch], max_new_tokens)
-        letters += [first_char_letter(t) for t in texts]
-    return letters
+    videos = {n: torch.stack([q["videos"][n] for q in batch]) for n in model.encoders}
+    return [first_char_letter(t) for t in model.generate_batch(videos, [q["prompt"] for q in batch], max_new_tokens)]
 
 
-def by_likelihood(model, questions, batch_size: int) -> list[str]:
+def by_likelihood(model, batch) -> list[str]:
+    """The likelihood protocol on one batch: the option letter with the highest log-probability."""
     from merv.eval.likelihood import continuation_logprobs
     from merv.models.prompting import option_letters
 
+    videos = {n: torch.stack([q["videos"][n] for q in batch]) for n in model.encoders}
+    contexts, conts, index = [], [], []
+    for j, q in enumerate(batch):
+        contexts += [q["prompt"]] * len(q["continuations"])
+        conts += q["continuations"]
+        index += [j] * len(q["continuations"])
+    scores = iter(s for s, _ in continuation_logprobs(model, videos, contexts, conts, video_index=index))
     letters = []
-    for i in range(0, len(questions), batch_size):
-        batch = questions[i : i + batch_size]
-        videos = {n: torch.stack([q["videos"][n] for q in batch]) for n in model.encoders}
-        contexts, conts, index = [], [], []
-        for j, q in enumerate(batch):
-            contexts += [q["prompt"]] * len(q["continuations"])
-            conts += q["continuations"]
-            index += [j] * len(q["continuations"])
-        scores = continuation_logprobs(model, videos, contexts, conts, video_index=index)
-        pos = 0
-        for q in batch:
-            mine = [s for s, _ in scores[pos : pos + len(q["continuations"])]]
-            pos += len(q["continuations"])
-            letters.append(option_letters(len(mine))[mine.index(max(mine))])
+    for q in batch:
+        mine = [next(scores) for _ in q["continuations"]]
+        letters.append(option_letters(len(mine))[mine.index(max(mine))])
     return letters
 
 
-def timed_pair(gen_fn, ll_fn, repeats: int) -> tuple[float, float, list[str], list[str]]:
-    """Median seconds of each over ``repeats`` rounds, the two alternating so both see the same machine load
-    (after one warm-up run each), and the letters of the last round."""
-    gen, ll = gen_fn(), ll_fn()
-    gen_s, ll_s = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        gen = gen_fn()
-        gen_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ll = ll_fn()
-        ll_s.append(time.perf_counter() - start)
-    return statistics.median(gen_s), statistics.median(ll_s), gen, ll
+def speed_report(name: str, model, questions, batch_size: int, max_new_tokens: int, repeats: int):
+    """Questions/s of both protocols at one batch size; returns the letters of each.
 
-
-def speed_report(model, questions, batch_sizes, max_new_tokens: int, repeats: int) -> tuple[list[str], list[str]]:
-    """Questions/s of both protocols at each batch size; returns the letters of the last."""
+    Each batch is timed with both protocols back to back, ``repeats`` times, and its fastest time counts (other
+    processes on the machine only ever add time): the two see the same load, batch by batch."""
+    gen_s = ll_s = 0.0
+    gen, ll = [], []
+    for i in range(0, len(questions), batch_size):
+        batch = questions[i : i + batch_size]
+        by_generation(model, batch, max_new_tokens), by_likelihood(model, batch)  # warm-up
+        times = {"gen": [], "ll": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            letters_gen = by_generation(model, batch, max_new_tokens)
+            times["gen"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            letters_ll = by_likelihood(model, batch)
+            times["ll"].append(time.perf_counter() - start)
+        gen_s, ll_s = gen_s + min(times["gen"]), ll_s + min(times["ll"])
+        gen, ll = gen + letters_gen, ll + letters_ll
     n = len(questions)
-    for bs in batch_sizes:
-        gen_s, ll_s, gen, ll = timed_pair(
-            lambda bs=bs: by_generation(model, questions, bs, max_new_tokens),
-            lambda bs=bs: by_likelihood(model, questions, bs),
-            repeats,
-        )
-        print(f"batch {bs:>3}: generation {n / gen_s:7.1f} q/s, likelihood {n / ll_s:7.1f} q/s -> "
-              f"likelihood/generation speed {gen_s / ll_s:.2f}x")  # fmt: skip
+    print(f"[{name}] batch {batch_size:>2}, {n} questions: generation {n / gen_s:6.1f} q/s, likelihood "
+          f"{n / ll_s:6.1f} q/s -> likelihood is {gen_s / ll_s:.2f}x as fast")  # fmt: skip
     return gen, ll
 
 
@@ -167,6 +159,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32, help="the pipeline's eval batch size")
     p.add_argument("--max-new-tokens", type=int, default=8, help="synth_mcq's generation limit")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--single-questions", type=int, default=50, help="questions timed one at a time (batch 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()  # fmt: skip
@@ -181,19 +174,15 @@ def main() -> int:
         models = [finetuned.with_name("align"), finetuned]
         os.chdir(work)  # the checkpoint names its frozen weights relative to the pipeline's folder
     torch.manual_seed(0)
-    for i, model_dir in enumerate(models):
+    print(f"synth_mcq shards {data}; per batch the best of {args.repeats} back-to-back rounds; "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    for model_dir in models:
         handle = CheckpointHandle(model_dir, device=args.device, dtype=args.dtype)
-        model = handle.model
         questions = load_questions(handle, data, args.limit)
-        n = len(questions)
+        print(f"[{model_dir.name}] {model_dir} on {handle.device} ({handle.dtype_name})")
         with torch.no_grad():
-            if i < len(models) - 1:
-                gen = by_generation(model, questions, args.batch_size, args.max_new_tokens)
-                agreement_report(model_dir.name, questions, gen, by_likelihood(model, questions, args.batch_size))
-                continue
-            print(f"timing {model_dir} on {n} questions of {data}, {handle.device} ({handle.dtype_name}), "
-                  f"{torch.get_num_threads()} threads, median of {args.repeats} alternating rounds")  # fmt: skip
-            gen, ll = speed_report(model, questions, sorted({1, args.batch_size}), args.max_new_tokens, args.repeats)
+            for bs, subset in ((1, questions[: args.single_questions]), (args.batch_size, questions)):
+                gen, ll = speed_report(model_dir.name, handle.model, subset, bs, args.max_new_tokens, args.repeats)
         agreement_report(model_dir.name, questions, gen, ll)
     return 0
 

@@ -22,14 +22,20 @@ import torch.nn.functional as F
 from merv.models.prompting import prompt_to_ids
 
 
-def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def split_continuation(
+    tokenizer, context: str, continuation: str, context_lengths: dict[str, int] | None = None
+) -> tuple[list[int], list[int]]:
     """``(context_ids, continuation_ids)`` whose concatenation is the joint tokenisation of context+continuation
-    (with BOS when the tokenizer has one). Raises ValueError when the continuation yields no token of its own."""
+    (with BOS when the tokenizer has one). Raises ValueError when the continuation yields no token of its own.
+    ``context_lengths`` memoises the token count of contexts shared by several continuations."""
     trailing = len(context) - len(context.rstrip())
     if trailing:
         context, continuation = context[:-trailing], context[-trailing:] + continuation
     whole = prompt_to_ids(tokenizer, context + continuation)
-    n_context = len(prompt_to_ids(tokenizer, context))
+    lengths = {} if context_lengths is None else context_lengths
+    if context not in lengths:
+        lengths[context] = len(prompt_to_ids(tokenizer, context))
+    n_context = lengths[context]
     if n_context >= len(whole):
         raise ValueError(f"continuation {continuation!r} adds no token to its context (it merges into it)")
     return whole[:n_context], whole[n_context:]
@@ -60,7 +66,8 @@ def continuation_logprobs(
     if len(video_index) != len(contexts) or not all(0 <= i < batch for i in video_index):
         raise ValueError(f"video_index must give each of the {len(contexts)} pairs one of the {batch} videos")
 
-    pairs = [split_continuation(model.tokenizer, c, x) for c, x in zip(contexts, continuations, strict=True)]
+    lengths: dict[str, int] = {}
+    pairs = [split_continuation(model.tokenizer, c, x, lengths) for c, x in zip(contexts, continuations, strict=True)]
     # A continuation's tokens are predicted from the sequence context + continuation[:-1]; pairs whose sequences
     # coincide (all options of a question when each is one token, e.g. option letters) share one row.
     rows: dict[tuple, int] = {}
