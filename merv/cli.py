@@ -226,40 +226,107 @@ def cmd_features(args):
 
 
 def cmd_eval(args):
-    from merv.checkpoint import load_checkpoint
-    from merv.config import fingerprint
-    from merv.eval.benchmark import evaluate
+    from merv.eval.benchmark import CheckpointHandle, EvalSettings, evaluate
+    from merv.eval.cache import ResultCache
+    from merv.eval.judge import Judge, resolve_judge_config
 
-    model, _, meta = load_checkpoint(args.model)
-    result = evaluate(model, Path(args.data), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    settings = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
-    result = {
-        "benchmark": args.name or Path(args.data).name,
-        "model_fingerprint": meta["config_fingerprint"],
-        "eval_settings": settings,
-        "config_fingerprint": fingerprint([meta["config_fingerprint"], settings]),
-        **result,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    log.info("%s: %s = %.3f (n=%d)", result["benchmark"], result["metric"], result["value"], result["n"])
+    settings = EvalSettings(
+        mcq=args.mcq,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_chunks=args.num_chunks,
+        chunk_index=args.chunk_index,
+        limit=args.limit,
+    )
+    judge = None
+    if not args.no_judge:
+        section = {}
+        if args.pipeline_config:
+            section = (yaml.safe_load(Path(args.pipeline_config).read_text()).get("eval") or {}).get("judge") or {}
+        flags = {
+            "url": args.judge_url,
+            "model": args.judge_model,
+            "preset": args.judge_preset,
+            "api_key_env": args.judge_api_key_env,
+            "api_key_file": args.judge_api_key_file,
+            "concurrency": args.judge_concurrency,
+            "timeout_s": args.judge_timeout,
+            "max_attempts": args.judge_max_attempts,
+        }
+        cfg = resolve_judge_config(flags, section=section)
+        judge = Judge(cfg) if cfg else None
+    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype)
+    cache = ResultCache(None if args.no_cache else args.cache)
+    name = args.name or Path(args.data).name
+    try:
+        result = evaluate(handle, Path(args.data), name, settings, cache=cache, judge=judge)
+    finally:
+        cache.close()
+    write_json(args.out, result)
+    summary, run = result["summary"], result["run"]
+    log.info(
+        "%s chunk %d/%d: %s = %s (n=%d); model answered %d, loads %d; judge requests %d",
+        name,
+        settings.chunk_index,
+        settings.num_chunks,
+        summary["metric"],
+        "n/a" if summary["value"] is None else f"{summary['value']:.4f}",
+        summary["n"],
+        run["answered_by_model"],
+        run["model_loads"],
+        run["judge_requests"],
+    )
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (a temp file renamed into place), so a killed job never leaves half a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def cmd_merge(args):
+    from merv.eval.merge import merge_files
+
+    result = merge_files(args.chunks)
+    write_json(args.out, result)
+    s = result["summary"]
+    log.info("%s: merged %d chunks, %d questions; %s = %s", result["benchmark"], len(args.chunks), s["n"],
+             s["metric"], s["value"])  # fmt: skip
 
 
 def cmd_collect(args):
     from merv.config import fingerprint
 
-    benchmarks, fingerprints = {}, []
+    benchmarks = {}
     for path in args.results:
         r = json.loads(Path(path).read_text())
-        benchmarks[r["benchmark"]] = {k: r[k] for k in ("metric", "value", "n", "chance") if k in r}
-        fingerprints.append(r["config_fingerprint"])
+        if r.get("chunk", {}).get("count", 1) != 1:
+            raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
+        benchmarks[r["benchmark"]] = {
+            **r["summary"],
+            "questions": r["questions"],
+            "config_fingerprint": r["config_fingerprint"],
+            "manifest": r["manifest"],
+        }
     out = {
         "model": args.model,
-        "config_fingerprint": fingerprint(sorted(fingerprints)),
+        "config_fingerprint": fingerprint(sorted(b["config_fingerprint"] for b in benchmarks.values())),
         "benchmarks": benchmarks,
     }
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    write_json(args.out, out)
+    for name, b in benchmarks.items():
+        log.info("%s: %s = %s (n=%d)", name, b["metric"], b["value"], b["n"])
+
+
+def cmd_table(args):
+    from merv.eval.table import write_table
+
+    files = write_table(args.results, args.out)
+    print(files["markdown"].read_text(), end="")
+    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
 
 
 def cmd_import_original(args):
@@ -404,20 +471,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_options(s)
     s.set_defaults(func=cmd_features)
 
-    s = sub.add_parser("eval", help="evaluate a checkpoint on one sharded benchmark")
+    s = sub.add_parser("eval", help="evaluate a checkpoint on one sharded benchmark (or one chunk of it)")
     s.add_argument("--model", required=True, help="checkpoint folder")
     s.add_argument("--data", required=True, help="shard folder of the benchmark")
-    s.add_argument("--name", help="benchmark name (default: the shard folder's name)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--name", help="benchmark name, looked up in the registry (default: the shard folder's name)")
+    s.add_argument("--out", required=True, help="result JSON (rows, summary, manifest)")
+    s.add_argument("--mcq", choices=["generate", "likelihood", "both"], default="both", help="how MCQ is answered")
     s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-new-tokens", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=int, help="generation limit (default: the benchmark's, e.g. 512)")
+    s.add_argument("--num-chunks", type=int, default=1, help="split the benchmark into N chunks ...")
+    s.add_argument("--chunk-index", type=int, default=0, help="... and evaluate chunk K (0-based)")
+    s.add_argument("--limit", type=int, help="only the first N questions of the benchmark (a quick look)")
+    s.add_argument("--cache", default="results/eval_cache", help="cache folder of answers and verdicts")
+    s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    add_runtime_options(s)
+    g = s.add_argument_group(
+        "judge (open-ended)",
+        "an OpenAI-compatible chat-completions endpoint; each setting also comes from MERV_JUDGE_URL, "
+        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE or the eval.judge section of "
+        "--pipeline-config. Without a URL open-ended answers are scored by exact match.",
+    )
+    g.add_argument("--judge-url", help="e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
+    g.add_argument("--judge-model", help="model name (default: the one model the endpoint serves)")
+    g.add_argument("--judge-preset", help="video-chatgpt (ours: temperature 0) or merv-original (max_tokens 500)")
+    g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default MERV_JUDGE_API_KEY)")
+    g.add_argument("--judge-api-key-file", help="file holding the API key")
+    g.add_argument("--judge-concurrency", type=int, help="requests in flight (default 8)")
+    g.add_argument("--judge-timeout", type=float, help="seconds per request (default 60)")
+    g.add_argument("--judge-max-attempts", type=int, help="tries per request on timeouts/5xx/refused (default 5)")
+    g.add_argument("--pipeline-config", help="read eval.judge from this config (e.g. config/config.yaml)")
+    g.add_argument("--no-judge", action="store_true", help="no judge even if the environment names one")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("merge", help="join a benchmark's chunk results (every question exactly once)")
+    s.add_argument("chunks", nargs="+", help="chunk result files of one benchmark")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("collect", help="merge per-benchmark results into one eval.json")
     s.add_argument("results", nargs="+")
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_collect)
+
+    s = sub.add_parser("table", help="Markdown + CSV + bar chart PNG across models' eval.json")
+    s.add_argument("results", nargs="+", help="eval.json files (results/*/eval.json)")
+    s.add_argument("--out", required=True, help="folder for table.md, table.csv, table.png")
+    s.set_defaults(func=cmd_table)
 
     s = sub.add_parser("import-original", help="convert a checkpoint of the original MERV code into a merv folder")
     s.add_argument("checkpoint", help="the original's .pt file (read with weights_only=True)")
@@ -496,12 +596,16 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # the HTTP clients' request lines and headers stay out of the logs (they may carry a judge's API key)
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from merv.data.shards import DataFormatError
     from merv.data.video import VideoError
+    from merv.eval.judge import JudgeUnavailable
 
     try:
         args.func(args)
-    except (VideoError, DataFormatError, FileNotFoundError, ValueError) as e:
+    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable) as e:
         if args.verbose:
             raise
         print(f"merv {args.command}: error: {e}", file=sys.stderr)

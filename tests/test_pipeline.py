@@ -66,7 +66,8 @@ def test_eval_json_has_the_promised_shape(pipeline):
     result = json.loads((workdir / "results" / "merv_tiny" / "eval.json").read_text())
     assert result["model"] == "merv_tiny" and re.fullmatch(r"[0-9a-f]{16}", result["config_fingerprint"])
     mcq, open_ended = result["benchmarks"]["synth_mcq"], result["benchmarks"]["synth_open"]
-    assert mcq["metric"] == "accuracy" and mcq["n"] == 4 and 0 <= mcq["value"] <= 1
+    assert mcq["metric"] == "accuracy_generate_firstchar" and mcq["n"] == 4 and 0 <= mcq["value"] <= 1
+    assert 0 <= mcq["metrics"]["accuracy_likelihood"] <= 1 and set(mcq["degenerate"]) >= {"empty", "no_option_letter"}
     assert 0.25 <= mcq["chance"] <= 1 / 3
     assert open_ended["metric"] == "exact_match" and open_ended["n"] == 4 and "chance" not in open_ended
     for stage in ("align", "finetune"):
@@ -89,7 +90,7 @@ def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
     try:
         res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
         assert res.returncode == 0, res.stderr
-        assert planned_jobs(res.stdout + res.stderr) == {"eval_benchmark": 2, "collect_eval": 1}
+        assert planned_jobs(res.stdout + res.stderr) == {"eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}
         # and a training change reruns that stage and what follows, not the data stages
         changed["models"]["merv_tiny"]["overrides"]["train"]["stages"]["finetune"]["lr"] = 1e-3
         write_config(workdir, changed)
@@ -97,6 +98,7 @@ def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
         assert planned_jobs(res.stdout + res.stderr) == {
             "train_stage": 1,
             "eval_benchmark": 2,
+            "merge_eval": 2,
             "collect_eval": 1,
         }
     finally:

@@ -199,11 +199,14 @@ def write_dataset(
                         "question": question,
                         "options": list(options),
                         "num_option": len(options),
+                        "question_type": qtype,
                     }
                 )
                 answers.append({"question_id": qid, "answer_id": options.index(answer), "answer": answer})
             else:
-                questions.append({"video_name": c.name, "question_id": qid, "question": question})
+                questions.append(
+                    {"video_name": c.name, "question_id": qid, "question": question, "question_type": qtype}
+                )
                 answers.append({"question_id": qid, "answer": answer})
         _write_json(bench_dir / "test_q.json", questions)
         _write_json(bench_dir / "test_a.json", answers)

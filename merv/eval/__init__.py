@@ -1,0 +1,5 @@
+"""Evaluation stage: benchmark registry, answering (generation, likelihood), LLM judge, cache, merge, tables.
+
+Entry points: :func:`merv.eval.benchmark.evaluate` (one benchmark or chunk), :func:`merv.eval.merge.merge_results`,
+:func:`merv.eval.table.write_table`, :func:`merv.eval.likelihood.continuation_logprobs`.
+"""

@@ -1,88 +1,450 @@
-"""Benchmark evaluation on sharded ``eval_data`` benchmarks: batched greedy generation, then scoring.
+"""Evaluate a checkpoint on one sharded benchmark (or one chunk of it): answer, score, judge, record provenance.
 
-Multiple-choice: the prediction's option letter must equal the answer's (original MERV protocol); ``chance`` is the
-mean over questions of 1/num_options. Open-ended: normalised exact match against the reference answer, a local
-metric for the synthetic benchmark (the LLM-judge protocol of Video-ChatGPT comes with the evaluation stage).
+Steps, each resumable through the cache (merv.eval.cache):
+
+1. read the chunk's questions from the shards (metadata and a hash of the stored frames; nothing decoded);
+2. compute each answer's content key; only the misses load the model and run it, batch by batch, and every
+   batch is stored as soon as it is done -- multiple choice by greedy generation and/or by likelihood (every option
+   letter scored in one forward pass), open-ended by greedy generation;
+3. open-ended answers go to the LLM judge when one is configured (verdicts stored as they arrive);
+4. the rows, their summary (merv.eval.metrics) and the manifest make the result file.
+
+A result holds its chunk's rows; ``merv merge`` (merv.eval.merge) joins chunks with an exactly-once check.
 """
 
 from __future__ import annotations
 
-import re
-import string
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 
-from merv.data.batching import encoder_frames
-from merv.data.shards import iter_samples
-from merv.models.merv import MERV
-from merv.prompting import mcq_prompt, option_letters
+from merv.config import fingerprint
+from merv.eval.cache import ResultCache, content_key
+from merv.eval.metrics import degenerate_kinds, first_char_letter, normalise, summarise
+from merv.eval.provenance import file_sha256, frame_sampling, git_commit, package_versions
+from merv.eval.registry import BenchmarkSpec, check_question, lookup
+from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_letters
+
+log = logging.getLogger(__name__)
+RESULT_FORMAT = "merv-eval-result/1"
+McqMode = Literal["generate", "likelihood", "both"]
+LETTER_RULE = "first character of the stripped prediction (MERV)"
 
 
-def question_prompt(model: MERV, record: dict) -> str:
-    builder = model.get_prompt_builder()
-    if record["kind"] == "mcq":
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a benchmark is evaluated (what its numbers depend on, except the chunking)."""
+
+    mcq: McqMode = "both"
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: the benchmark's registry default
+    num_chunks: int = 1
+    chunk_index: int = 0
+    limit: int | None = None  # only the first N questions of the benchmark (a quick look)
+
+    def __post_init__(self):
+        if self.mcq not in ("generate", "likelihood", "both"):
+            raise ValueError(f"--mcq must be generate, likelihood or both, got {self.mcq!r}")
+        if self.batch_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if not 0 <= self.chunk_index < self.num_chunks:
+            raise ValueError(f"--chunk-index {self.chunk_index} must be in [0, --num-chunks {self.num_chunks})")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The model, loaded only when an answer is missing from the cache
+
+
+class CheckpointHandle:
+    """A checkpoint folder: its fingerprint and prompt format at once, the model itself on first use."""
+
+    def __init__(self, path: str | Path, device: str | None = None, dtype: str | None = None):
+        from merv.checkpoint import WEIGHTS, read_meta
+        from merv.config import load_run_config
+        from merv.runtime import dtype_name, resolve_device, resolve_dtype
+
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.model_cfg = load_run_config(self.path / "config.json").model
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype_name = dtype_name(self.dtype)
+        self.identity = {
+            "config_fingerprint": self.meta["config_fingerprint"],
+            "weights_sha256": file_sha256(self.path / WEIGHTS),
+        }
+        self._model = None
+        self._tokenizer = None
+        self.calls, self.loads = {"generate": 0, "likelihood": 0}, 0
+
+    @classmethod
+    def of_model(cls, model, identity: dict) -> CheckpointHandle:
+        """A handle on a model already in memory (tests, notebooks); ``identity`` names it in cache keys."""
+        from merv.runtime import dtype_name
+
+        handle = cls.__new__(cls)
+        handle.path, handle.meta, handle.model_cfg = None, {}, model.cfg
+        handle.device, handle.dtype, handle.dtype_name = model.device, model.dtype, dtype_name(model.dtype)
+        handle.identity = dict(identity)
+        handle._model, handle._tokenizer = model.eval(), model.tokenizer
+        handle.calls, handle.loads = {"generate": 0, "likelihood": 0}, 0
+        return handle
+
+    @property
+    def model(self):
+        if self._model is None:
+            from merv.checkpoint import load_checkpoint
+
+            log.info("loading %s on %s (%s)", self.path, self.device, self.dtype_name)
+            model, _, _ = load_checkpoint(self.path)
+            self._model = model.place(self.device, self.dtype).eval()
+            self._tokenizer = self._model.tokenizer
+            self.loads += 1
+        return self._model
+
+    def prompt_builder(self) -> PromptBuilder:
+        fmt = self.model_cfg.llm.prompt_format
+        if fmt == "chat-template" and self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.llm.weights)
+        return PromptBuilder(fmt, self._tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Questions
+
+
+@dataclass
+class Question:
+    record: dict  # the shard sample's metadata: question fields, answer, frame positions, key
+    frames_sha256: str  # of the stored frames, as stored (so a re-shard with other frames misses the cache)
+
+    @property
+    def id(self):
+        return self.record["question_id"]
+
+
+def _raw_samples(shard_dir: Path):
+    import webdataset as wds
+
+    from merv.data.shards import shard_urls
+
+    yield from wds.DataPipeline(wds.SimpleShardList(shard_urls(shard_dir)), wds.tarfile_to_samples())
+
+
+def read_questions(shard_dir: Path, hash_range: tuple[int, int] | None = None) -> list[Question]:
+    """Every question of a sharded benchmark in stored order, without decoding frames. The stored frames of the
+    questions in ``hash_range`` (default: all) are hashed for the cache keys; the others get ``frames_sha256=""``."""
+    lo, hi = hash_range or (0, float("inf"))
+    questions = []
+    for i, raw in enumerate(_raw_samples(shard_dir)):
+        h = hashlib.sha256()
+        if lo <= i < hi:
+            for name in sorted(k for k in raw if not k.startswith("__") and k != "json"):
+                h.update(name.encode() + b"\0" + raw[name])
+        questions.append(Question(json.loads(raw["json"]), h.hexdigest() if lo <= i < hi else ""))
+    return questions
+
+
+def chunk_bounds(n: int, num_chunks: int, index: int) -> tuple[int, int]:
+    """Questions ``[lo, hi)`` of chunk ``index``: chunks of ceil(n / num_chunks) in benchmark order (MERV's split)."""
+    size = math.ceil(n / num_chunks) if n else 0
+    return min(n, index * size), min(n, (index + 1) * size)
+
+
+def ids_digest(ids: list) -> str:
+    return hashlib.sha256(json.dumps([str(i) for i in ids]).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def question_prompt(handle: CheckpointHandle, spec: BenchmarkSpec, record: dict) -> str:
+    builder = handle.prompt_builder()
+    if spec.kind == "mcq":
         builder.add_turn("human", mcq_prompt(record["question"], record["options"]))
     else:
-        builder.add_turn("human", record["question"])
+        builder.add_turn("human", f"{record['question']} {spec.prompt_suffix}".strip())
     return builder.get_prompt()
 
 
-def parse_letter(prediction: str, num_options: int) -> str | None:
-    """The first standalone option letter in the prediction (``"B"``, ``"B."``, ``"(B) dog"``), else None."""
-    valid = "".join(option_letters(num_options))
-    match = re.search(rf"(?<![A-Za-z])([{valid}])(?![a-z])", prediction.strip())
-    return match.group(1) if match else None
+def letter_continuations(handle: CheckpointHandle, prompt_message: str, num_options: int) -> list[str]:
+    """Each option letter as the prompt format writes the start of an answer (``" A"`` after ``Out:``), cut after the
+    letter so chat templates' end-of-turn text is not scored."""
+    out = []
+    for letter in option_letters(num_options):
+        builder = handle.prompt_builder()
+        prompt = builder.add_turn("human", prompt_message)
+        full = builder.add_turn("gpt", letter)
+        start = len(prompt)
+        out.append(full[start : full.index(letter, start) + 1])
+    return out
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.lower().translate(str.maketrans("", "", string.punctuation)).split())
+# ------------------------------------------------------------------------------------------------------------------
+# Running the model on cache misses
 
 
-def score(record: dict, prediction: str) -> bool:
-    if record["kind"] == "mcq":
-        return parse_letter(prediction, len(record["options"])) == option_letters(26)[record["answer_id"]]
-    return normalise(prediction) == normalise(str(record["answer"]))
+@dataclass
+class _Job:
+    question: Question
+    prompt: str
+    gen_key: str | None  # set when the generation is missing
+    ll_key: str | None  # set when the likelihood scores are missing
+    continuations: list[str] | None = None
 
 
-@torch.no_grad()
-def evaluate(model: MERV, shard_dir, batch_size: int = 16, max_new_tokens: int = 8) -> dict:
-    """Answer every question of a sharded benchmark; returns the metric and per-question predictions."""
-    model.eval()
-    rows, chance = [], []
-    pending: list[tuple[dict, dict]] = []
+def _run_model(handle, shard_dir: Path, jobs: list[_Job], batch_size: int, max_new_tokens: int, cache) -> None:
+    """Decode only the samples of ``jobs``, answer them batch by batch, store each batch at once."""
+    from merv.data.batching import encoder_frames
+    from merv.data.shards import decode_sample
+    from merv.eval.likelihood import continuation_logprobs
 
-    def flush():
-        videos = {n: torch.stack([v[n] for _, v in pending]) for n in model.encoders}
-        prompts = [question_prompt(model, rec) for rec, _ in pending]
-        for (rec, _), pred in zip(pending, model.generate_batch(videos, prompts, max_new_tokens), strict=True):
-            rows.append(
-                {
-                    "question_id": rec["question_id"],
-                    "prediction": pred,
-                    "answer": rec["answer"],
-                    "correct": score(rec, pred),
-                }
-            )
-        pending.clear()
+    model = handle.model
+    by_key = {j.question.record["key"]: j for j in jobs}
+    done = 0
 
-    kind = None
-    for sample in iter_samples(shard_dir):
-        record = sample["meta"]
-        kind = kind or record["kind"]
-        if record["kind"] == "mcq":
-            chance.append(1.0 / len(record["options"]))
-        pending.append((record, encoder_frames(model, sample)))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    if not rows:
-        raise ValueError(f"{shard_dir}: benchmark has no questions")
-    result = {
-        "metric": "accuracy" if kind == "mcq" else "exact_match",
-        "value": sum(r["correct"] for r in rows) / len(rows),
-        "n": len(rows),
+    def flush(batch: list[tuple[_Job, dict]]) -> None:
+        nonlocal done
+        stored = {}
+        gen = [(j, v) for j, v in batch if j.gen_key]
+        if gen:
+            videos = {n: torch.stack([v[n] for _, v in gen]) for n in model.encoders}
+            texts = model.generate_batch(videos, [j.prompt for j, _ in gen], max_new_tokens)
+            handle.calls["generate"] += 1
+            stored |= {j.gen_key: {"prediction": t} for (j, _), t in zip(gen, texts, strict=True)}
+        scored = [(j, v) for j, v in batch if j.ll_key]
+        if scored:
+            videos = {n: torch.stack([v[n] for _, v in scored]) for n in model.encoders}
+            contexts, continuations, index = [], [], []
+            for i, (j, _) in enumerate(scored):
+                contexts += [j.prompt] * len(j.continuations)
+                continuations += j.continuations
+                index += [i] * len(j.continuations)
+            scores = continuation_logprobs(model, videos, contexts, continuations, video_index=index)
+            handle.calls["likelihood"] += 1
+            pos = 0
+            for j, _ in scored:
+                mine = scores[pos : pos + len(j.continuations)]
+                pos += len(j.continuations)
+                stored[j.ll_key] = {"logprobs": [s for s, _ in mine], "greedy": [g for _, g in mine]}
+        cache.put_many(stored)
+        done += len(batch)
+        log.info("answered %d/%d questions", done, len(jobs))
+
+    batch: list[tuple[_Job, dict]] = []
+    for raw in _raw_samples(shard_dir):
+        job = by_key.get(raw["__key__"])
+        if job is None:
+            continue
+        batch.append((job, encoder_frames(model, decode_sample(raw))))
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    if done != len(jobs):
+        raise RuntimeError(f"{shard_dir}: {len(jobs) - done} questions vanished from the shards while evaluating")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _row(spec: BenchmarkSpec, q: Question, gen: dict | None, ll: dict | None) -> dict:
+    rec = q.record
+    row = {"question_id": q.id}
+    if rec.get("question_type") is not None:
+        row["question_type"] = rec["question_type"]
+    if spec.kind == "mcq":
+        n = len(rec["options"])
+        letters = option_letters(n)
+        answer = letters[rec[spec.answer_field]]
+        row |= {"answer": answer, "answer_text": rec["options"][rec[spec.answer_field]], "num_options": n}
+        if gen is not None:
+            letter = first_char_letter(gen["prediction"])
+            row |= {"prediction": gen["prediction"], "letter": letter, "correct_generate": letter == answer}
+            row["degenerate"] = degenerate_kinds(gen["prediction"], n)
+        if ll is not None:
+            choice = letters[max(range(n), key=lambda i: ll["logprobs"][i])]
+            row["likelihood"] = {**ll, "choice": choice, "correct": choice == answer}
+    else:
+        answer = str(rec[spec.answer_field])
+        row |= {"answer": answer, "prediction": gen["prediction"]}
+        row["exact_match"] = normalise(gen["prediction"]) == normalise(answer)
+        row["degenerate"] = degenerate_kinds(gen["prediction"])
+    return row
+
+
+def _judge_rows(spec: BenchmarkSpec, questions: list[Question], rows: list[dict], judge, cache) -> None:
+    """Attach a verdict (or the reason there is none) to every open-ended row; new verdicts are stored on arrival."""
+    fixed = judge.verdict_key_fields()
+    keys, todo, asked = [], [], set()
+    for q, row in zip(questions, rows, strict=True):
+        item = {"question": q.record["question"], "answer": row["answer"], "prediction": row["prediction"]}
+        key = content_key("verdict", {**fixed, **item})
+        if cache.get(key) is None and key not in asked:  # identical triples are asked once
+            todo.append((key, {**item, "id": q.id}))
+            asked.add(key)
+        keys.append(key)
+    fresh: dict[str, dict] = {}
+
+    def on_verdict(key: str, verdict: dict) -> None:
+        fresh[key] = verdict
+        if "unjudged" not in verdict:  # an unjudged question is asked again by the next run
+            cache.put(key, verdict)
+
+    if todo:
+        log.info("judging %d answers with %s (%d cached)", len(todo), judge.model, len(rows) - len(todo))
+        try:
+            judge.judge_all(todo, on_verdict)
+        finally:
+            log.info("judge: %d requests, retries %s, %d verdicts stored", judge.requests, judge.retries, len(fresh))
+    for key, row in zip(keys, rows, strict=True):
+        verdict = fresh.get(key) or cache.get(key)
+        if "unjudged" in verdict:
+            row["unjudged"] = verdict["unjudged"]
+        else:
+            row["verdict"] = verdict
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _plan(handle, spec: BenchmarkSpec, questions: list[Question], modes: set[str], decoding: dict, cache):
+    """Cache keys of every question's answers, and the jobs (questions with an answer missing from the cache)."""
+    jobs, keys = [], []
+    for q in questions:
+        prompt = question_prompt(handle, spec, q.record)
+        base = {"checkpoint": handle.identity, "frames": q.frames_sha256, "positions": q.record.get("frame_positions"),
+                "prompt": prompt, "dtype": decoding["dtype"], "device": decoding["device"]}  # fmt: skip
+        gen_key = ll_key = conts = None
+        if "generate" in modes:
+            gen_key = content_key("generate", {**base, "max_new_tokens": decoding["max_new_tokens"]})
+        if "likelihood" in modes:
+            message = mcq_prompt(q.record["question"], q.record["options"])
+            conts = letter_continuations(handle, message, len(q.record["options"]))
+            ll_key = content_key("likelihood", {**base, "continuations": conts})
+        keys.append((gen_key, ll_key))
+        missing = [k if k and cache.get(k) is None else None for k in (gen_key, ll_key)]
+        if any(missing):
+            jobs.append(_Job(q, prompt, *missing, conts))
+    return keys, jobs
+
+
+def _manifest(handle, spec: BenchmarkSpec, shard_manifest: dict, decoding: dict, batch_size: int, modes, judge_info):
+    mcq = spec.kind == "mcq"
+    return {
+        "checkpoint": {**handle.identity, "path": str(handle.path) if handle.path else None,
+                       "stage": handle.meta.get("stage"), "step": handle.meta.get("step"),
+                       "model": handle.model_cfg.name},
+        "frames": frame_sampling(handle.model_cfg, shard_manifest),
+        "decoding": {**decoding, "batch_size": batch_size, "mcq": sorted(modes) if mcq else None,
+                     "mcq_letter_rule": LETTER_RULE if mcq else None,
+                     "likelihood_continuation": "the option letter" if "likelihood" in modes else None},
+        "prompt": {"format": handle.model_cfg.llm.prompt_format, "suffix": spec.prompt_suffix,
+                   "mcq_instruction": MCQ_INSTRUCTION if mcq else None},
+        "judge": judge_info,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+    }  # fmt: skip
+
+
+def evaluate(
+    handle: CheckpointHandle,
+    shard_dir: str | Path,
+    name: str,
+    settings: EvalSettings = EvalSettings(),
+    cache: ResultCache | None = None,
+    judge=None,
+) -> dict:
+    """Evaluate one chunk of a sharded benchmark; returns the result (rows, summary, manifest)."""
+    from merv.data.shards import read_manifest
+
+    start = time.time()
+    shard_dir = Path(shard_dir)
+    cache = cache if cache is not None else ResultCache(None)
+    shard_manifest = read_manifest(shard_dir)
+    total = min(shard_manifest["samples"], settings.limit or shard_manifest["samples"])
+    lo, hi = chunk_bounds(total, settings.num_chunks, settings.chunk_index)
+    stored = read_questions(shard_dir, (lo, hi))
+    if len(stored) != shard_manifest["samples"]:
+        raise ValueError(f"{shard_dir}: manifest.json lists {shard_manifest['samples']} samples, the shards hold "
+                         f"{len(stored)}: reshard the benchmark")  # fmt: skip
+    benchmark = stored[:total]
+    if not benchmark:
+        raise ValueError(f"{shard_dir}: benchmark {name!r} has no questions")
+    spec = lookup(name, benchmark[0].record)
+    questions = benchmark[lo:hi]
+    for q in questions:
+        check_question(spec, q.record)
+    if spec.kind == "open":
+        modes = {"generate"}
+    else:
+        modes = {"generate", "likelihood"} if settings.mcq == "both" else {settings.mcq}
+    decoding = {"max_new_tokens": settings.max_new_tokens or spec.max_new_tokens, "greedy": True,
+                "dtype": handle.dtype_name, "device": handle.device.type}  # fmt: skip
+
+    # answers: from the cache, the misses from the model (stored batch by batch)
+    keys, jobs = _plan(handle, spec, questions, modes, decoding, cache)
+    if jobs:
+        log.info("%s: %d of %d questions need the model", name, len(jobs), len(questions))
+        _run_model(handle, shard_dir, jobs, settings.batch_size, decoding["max_new_tokens"], cache)
+    rows = [
+        _row(spec, q, cache.get(g) if g else None, cache.get(x) if x else None)
+        for q, (g, x) in zip(questions, keys, strict=True)
+    ]
+    judge_info = None
+    if spec.kind == "open" and judge is not None:
+        _judge_rows(spec, questions, rows, judge, cache)
+        judge_info = judge.describe()
+        judge_info["served_models"] = sorted({r["verdict"]["served_model"] for r in rows if r.get("verdict")})
+
+    determined_by = {
+        "checkpoint": handle.identity,
+        "shards": shard_manifest.get("fingerprint"),
+        "spec": spec.to_dict(),
+        "modes": sorted(modes),
+        "decoding": decoding,
+        "limit": settings.limit,
+        "judge": {k: v for k, v in judge_info.items() if k not in ("url", "served_models")} if judge_info else None,
     }
-    if chance:
-        result["chance"] = sum(chance) / len(chance)
-    return {**result, "predictions": rows}
+    return {
+        "format": RESULT_FORMAT,
+        "benchmark": name,
+        "spec": spec.to_dict(),
+        "chunk": {"index": settings.chunk_index, "count": settings.num_chunks},
+        "questions": {
+            "total": len(benchmark),
+            "ids_sha256": ids_digest([q.id for q in benchmark]),
+            "limit": settings.limit,
+            "in_benchmark": shard_manifest.get("input"),
+            "quarantined_at_sharding": shard_manifest.get("bad"),
+        },
+        "config_fingerprint": fingerprint(determined_by),
+        "summary": summarise(rows, spec.kind),
+        "manifest": _manifest(handle, spec, shard_manifest, decoding, settings.batch_size, modes, judge_info),
+        "run": {
+            "seconds": round(time.time() - start, 2),
+            "model_loads": handle.loads,
+            "model_calls": dict(handle.calls),
+            "answered_by_model": len(jobs),
+            "cache_writes": cache.writes,
+            "judge_requests": judge.requests if judge is not None else 0,
+            "judge_retries": dict(judge.retries) if judge is not None else {},
+        },
+        "benchmark_ids": [q.id for q in benchmark],
+        "assigned": [q.id for q in questions],
+        "rows": rows,
+    }

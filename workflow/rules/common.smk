@@ -1,6 +1,7 @@
 # Input functions and config resolution shared by the rules. No rules here.
 import dataclasses
 import json
+import shlex
 
 from merv.pipeline import check_stage_data, model_run, selected_models, shard_set, weights_kind, weights_marker
 
@@ -141,6 +142,37 @@ def final_checkpoint(wildcards):
 
 def eval_results(wildcards):
     return [f"results/{wildcards.model}/eval/{b}.json" for b in config["data"]["benchmarks"]]
+
+
+def eval_chunks(wildcards):
+    n = config["eval"]["num_chunks"]
+    return [f"results/{wildcards.model}/eval/{wildcards.bench}/chunk-{k}-of-{n}.json" for k in range(n)]
+
+
+def eval_options():
+    """What the numbers depend on; changing one reruns the evaluation jobs (their answers come from the cache)."""
+    cfg = config["eval"]
+    flags = [f"--mcq {cfg['mcq']}", f"--batch-size {cfg['batch_size']}"]
+    if cfg["max_new_tokens"]:
+        flags.append(f"--max-new-tokens {cfg['max_new_tokens']}")
+    for key in ("url", "model", "preset"):
+        if cfg["judge"][key]:
+            flags.append(f"--judge-{key} {shlex.quote(str(cfg['judge'][key]))}")
+    return " ".join(flags)
+
+
+def judge_access_flags(wildcards):
+    """How the judge is reached, not what it answers: a resource, so changing it reruns nothing."""
+    judge = config["eval"]["judge"]
+    flags = [
+        f"--judge-api-key-env {shlex.quote(judge['api_key_env'])}",
+        f"--judge-concurrency {judge['concurrency']}",
+        f"--judge-timeout {judge['timeout_s']}",
+        f"--judge-max-attempts {judge['max_attempts']}",
+    ]
+    if judge["api_key_file"]:
+        flags.append(f"--judge-api-key-file {shlex.quote(judge['api_key_file'])}")
+    return " ".join(flags)
 
 
 def launch_flags(wildcards, attempt=1):

@@ -1,0 +1,102 @@
+"""The evaluation rules of the real Snakemake workflow (eval_benchmark -> merge_eval -> collect_eval), run on a
+checkpoint and shards made by the session fixtures, with a stand-in judge over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from merv.eval.benchmark import CheckpointHandle, EvalSettings, evaluate
+from merv.eval.cache import ResultCache
+from merv.eval.judge import Judge, JudgeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+# Only the evaluation stage: the checkpoint and the shards are inputs here, not outputs of other rules.
+SNAKEFILE = f"""
+from snakemake.utils import validate
+configfile: "config/config.yaml"
+validate(config, "{REPO}/workflow/schemas/config.schema.yaml")
+include: "{REPO}/workflow/rules/common.smk"
+include: "{REPO}/workflow/rules/eval.smk"
+"""
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "snakemake", "-s", "Snakefile", "--cores", "2", *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+
+
+def jobs(res: subprocess.CompletedProcess) -> dict[str, int]:
+    from tests.test_pipeline import planned_jobs
+
+    return planned_jobs(res.stdout + res.stderr)
+
+
+def comparable(result: dict) -> dict:
+    return {k: result[k] for k in ("benchmark", "questions", "config_fingerprint", "summary", "rows")}
+
+
+def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, shards, start_judge, tmp_path):
+    server = start_judge("--model", "judge-z")
+    work = tmp_path / "work"
+    shutil.copytree(checkpoint, work / "results" / "merv_tiny" / "finetune")
+    shutil.copytree(shards["synth_open"], work / "data" / "shards" / "eval" / "synth_open")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    # one benchmark keeps the test short: chunked MCQ results are compared with unchunked ones in test_benchmark.py
+    cfg["data"]["benchmarks"] = {"synth_open": "data/synth/eval_data/synth_open"}
+    cfg["eval"].update(batch_size=2, num_chunks=3)
+    cfg["eval"]["judge"].update(url=server.url, model="judge-z")
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (work / "Snakefile").write_text(SNAKEFILE)
+
+    res = snakemake(work, "results/merv_tiny/eval.json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert jobs(res) == {"eval_benchmark": 3, "merge_eval": 1, "collect_eval": 1}
+    eval_json = json.loads((work / "results" / "merv_tiny" / "eval.json").read_text())
+    assert eval_json["benchmarks"]["synth_open"]["metric"] == "judge_accuracy"
+
+    # the unchunked evaluation, in this process with its own cache (so everything is computed again)
+    judge = Judge(JudgeConfig(url=server.url, model="judge-z"))
+    merged = json.loads((work / "results" / "merv_tiny" / "eval" / "synth_open.json").read_text())
+    whole = evaluate(
+        CheckpointHandle(checkpoint), shards["synth_open"], "synth_open", EvalSettings(batch_size=2),
+        ResultCache(tmp_path / "own-cache"), judge,
+    )  # fmt: skip
+    assert merged["chunk"]["merged_from"] == 3 and whole["summary"]["judged"] == 6
+    assert comparable(merged) == comparable(whole)
+    summary = {k: v for k, v in eval_json["benchmarks"]["synth_open"].items() if k in whole["summary"]}
+    assert summary == whole["summary"]
+
+    # nothing to do again; other chunking plans only evaluation jobs (whose answers the cache holds)
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(work, "-n", "results/merv_tiny/eval.json"))
+    cfg["eval"]["num_chunks"] = 2
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert jobs(snakemake(work, "-n", "results/merv_tiny/eval.json")) == {
+        "eval_benchmark": 2,
+        "merge_eval": 1,
+        "collect_eval": 1,
+    }
+    cfg["eval"]["num_chunks"] = 3
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    # a chunk that lost an answer: the merge fails naming the question, and writes nothing
+    chunk = work / "results" / "merv_tiny" / "eval" / "synth_open" / "chunk-1-of-3.json"
+    data = json.loads(chunk.read_text())
+    lost = data["rows"].pop()["question_id"]
+    chunk.write_text(json.dumps(data))
+    res = snakemake(work, "results/merv_tiny/eval.json")
+    assert res.returncode != 0
+    log = (work / "results" / "merv_tiny" / "logs" / "merge_eval_synth_open.log").read_text()
+    assert f"missing question ids '{lost}'" in log and "Traceback" not in log
+    assert not (work / "results" / "merv_tiny" / "eval" / "synth_open.json").exists()
