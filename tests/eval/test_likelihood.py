@@ -22,7 +22,8 @@ def _reference(model, video: dict, context: str, continuation: str) -> tuple[flo
     """One pair alone, no padding, full logits: the definition the batched scorer must match."""
     ctx, cont = split_continuation(model.tokenizer, context, continuation)
     visual, _ = model.encode({k: v[None] for k, v in video.items()})
-    embeds, mask, _ = model.splice(visual, [ctx + cont], None, pad_left=False)
+    ids = torch.tensor([ctx + cont])
+    embeds, mask, _ = model.splice(visual, torch.tensor([True]), ids, torch.tensor([ids.shape[1]]))
     logprobs = F.log_softmax(model.llm(inputs_embeds=embeds, attention_mask=mask).logits[0].float(), -1)
     steps = logprobs[-len(cont) - 1 : -1]
     tokens = torch.tensor(cont)
@@ -68,7 +69,7 @@ def test_greedy_flag_marks_the_argmax_continuation(tiny_model, shards):
     context = model.get_prompt_builder().add_turn("human", "What colour is the moving shape?")
     _, _, ctx = _reference(model, video, context, " red")
     visual, _ = model.encode({k: v[None] for k, v in video.items()})
-    embeds, mask, _ = model.splice(visual, [ctx], None, pad_left=False)
+    embeds, mask, _ = model.splice(visual, torch.tensor([True]), torch.tensor([ctx]), torch.tensor([len(ctx)]))
     best = int(model.llm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1].argmax())
     text = model.tokenizer.decode([best])
     assert split_continuation(model.tokenizer, context, text)[1] == [best], "the argmax token round-trips"

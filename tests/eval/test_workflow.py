@@ -49,8 +49,8 @@ def comparable(result: dict) -> dict:
 def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, shards, start_judge, tmp_path):
     server = start_judge("--model", "judge-z")
     work = tmp_path / "work"
-    shutil.copytree(checkpoint, work / "results" / "merv_tiny" / "finetune")
-    shutil.copytree(shards["synth_open"], work / "data" / "shards" / "eval" / "synth_open")
+    shutil.copytree(checkpoint, work / "results" / "merv_tiny" / "train" / "finetune")
+    shutil.copytree(shards["synth_open"], work / "data" / "shards" / "small" / "eval" / "synth_open")
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     # one benchmark keeps the test short: chunked MCQ results are compared with unchunked ones in test_benchmark.py
     cfg["data"]["benchmarks"] = {"synth_open": "data/synth/eval_data/synth_open"}
