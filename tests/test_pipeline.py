@@ -122,6 +122,7 @@ def test_changing_one_encoders_frame_count_re_extracts_only_that_encoder(pipelin
             "extract_features": 2,
             "train_stage": 2,
             "eval_benchmark": 2,
+            "merge_eval": 2,
             "collect_eval": 1,
         }
         caches = re.findall(r"output: data/features/(\S+)", out)
@@ -194,7 +195,7 @@ def test_default_target_is_the_selected_models_and_any_configured_model_is_a_tar
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = planned_jobs(res.stdout + res.stderr)
     assert jobs == {"fetch_weights": 1, "shard_train": 2, "shard_benchmark": 2, "train_stage": 2,
-                    "eval_benchmark": 2, "collect_eval": 1}, jobs  # fmt: skip
+                    "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}, jobs  # fmt: skip
     assert "data/shards/paper/train/align" in res.stdout
 
 
