@@ -125,7 +125,7 @@ def test_changing_one_encoders_frame_count_re_extracts_only_that_encoder(pipelin
             "merge_eval": 2,
             "collect_eval": 1,
         }
-        caches = re.findall(r"output: data/features/(\S+)", out)
+        caches = re.findall(r"output: data/features/merv_tiny/(\S+)", out)
         assert sorted(c.split("-")[:2] for c in caches) == [["align", "vit"], ["finetune", "vit"]], caches
     finally:
         write_config(workdir, cfg)

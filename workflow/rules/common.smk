@@ -203,10 +203,10 @@ def train_gpus(wildcards, attempt=1):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Feature caches (features.smk). A cache is named by what determines it and is known before anything runs: the
-# encoder's config, the pooling when pooled, the stored dtype, the split and how it is sharded, except the frame
-# counts of other encoders. Models sharing an encoder share its cache; another encoder's frame count never touches
-# it. Whether the shards still hold the cached frames is checked by content when training opens the cache.
+# Feature caches (features.smk): data/features/<model>/<split>-<encoder>-<key>. The key is what determines the
+# cache and is known before anything runs: the encoder's config, the pooling when pooled, the stored dtype, the split
+# and how it is sharded, except the frame counts of other encoders, so another encoder's frame count never touches a
+# cache. Whether the shards still hold the cached frames is checked by content when training opens the cache.
 
 
 def cache_name(model, split, encoder_id):
@@ -228,7 +228,7 @@ def cache_name(model, split, encoder_id):
 
 
 FEATURE_CACHES = {
-    cache_name(m, stage.data, e): {"model": m, "split": stage.data, "encoder": e}
+    (m, cache_name(m, stage.data, e)): {"split": stage.data, "encoder": e}
     for m, run in RUNS.items()
     for stage in run.train.stages
     for e in run.train.cached_encoders(run.model)
@@ -237,16 +237,19 @@ FEATURE_CACHES = {
 
 def feature_cache(wildcards):
     try:
-        return FEATURE_CACHES[wildcards.cache]
+        return FEATURE_CACHES[wildcards.model, wildcards.cache]
     except KeyError:
-        raise ValueError(f"no configured model caches features as {wildcards.cache!r}") from None
+        raise ValueError(f"model {wildcards.model!r} caches no features as {wildcards.cache!r}") from None
 
 
 def stage_features(wildcards):
     """``{encoder: cache folder}`` of a training stage (empty when its model runs its encoders on the fly)."""
     run = RUNS[wildcards.model]
     split = run.train.stage(wildcards.stage).data
-    return {e: f"data/features/{cache_name(wildcards.model, split, e)}" for e in run.train.cached_encoders(run.model)}
+    return {
+        e: f"data/features/{wildcards.model}/{cache_name(wildcards.model, split, e)}"
+        for e in run.train.cached_encoders(run.model)
+    }
 
 
 def features_flags(wildcards):

@@ -1,26 +1,27 @@
-# Feature stage: each frozen encoder's outputs over a training split, computed once and shared by every stage,
-# epoch and model that uses the same encoder the same way (train.features: cached in a model's preset).
+# Feature stage: each frozen encoder's outputs over a training split, computed once for every stage and epoch of a
+# model that caches them (train.features: cached in its preset).
 
 
 rule extract_features:
     input:
         # the shards are checked by content (the frames this encoder reads) when training opens the cache; by time
         # they would make every encoder's cache stale whenever another encoder's frame count changes
-        shards=lambda w: ancient(train_shards(feature_cache(w)["model"], feature_cache(w)["split"])),
+        shards=lambda w: ancient(train_shards(w.model, feature_cache(w)["split"])),
         # built weights are a function of the encoder's config, which names the cache; their content hash is in the
         # cache key, checked when training opens it
-        weights=lambda w: ancient(weights_marker(config, feature_cache(w)["model"])),
+        weights=lambda w: ancient(weights_marker(config, w.model)),
     output:
-        directory("data/features/{cache}"),
+        directory("data/features/{model}/{cache}"),
     params:
         # only the model: a change to a training stage does not touch the features
-        config=lambda w: json.dumps({"model": RUNS[feature_cache(w)["model"]].to_dict()["model"]}, sort_keys=True),
+        config=lambda w: json.dumps({"model": RUNS[w.model].to_dict()["model"]}, sort_keys=True),
         encoder=lambda w: feature_cache(w)["encoder"],
-        dtype=lambda w: RUNS[feature_cache(w)["model"]].train.feature_dtype,
+        dtype=lambda w: RUNS[w.model].train.feature_dtype,
     log:
-        "results/logs/extract_features_{cache}.log",
+        "results/{model}/logs/extract_features_{cache}.log",
     conda:
         MERV_ENV
     shell:
         "merv features {input.shards} --config {params.config:q} --encoder {params.encoder} --dtype {params.dtype}"
         " --out {output} --no-progress > {log} 2>&1"
+
