@@ -2,7 +2,8 @@
 
 - :mod:`merv.integrations.lmms_eval`: a model for lmms-eval (``--model merv``), registered through lmms-eval's
   ``lmms_eval.models`` entry-point group by :func:`lmms_eval_manifest`;
-- ``lmms_tasks/``: lmms-eval tasks over MERV ``eval_data`` benchmarks (``--include_path``).
+- ``lmms_tasks/``: lmms-eval tasks over MERV ``eval_data`` benchmarks (``--include_path``);
+- :mod:`merv.integrations.install_lmms_eval`: installs that release next to merv's test dependencies.
 
 Nothing here is imported by merv itself: lmms-eval is an optional dependency (``pip install 'merv[lmms-eval]'``).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 LMMS_MODEL_NAME = "merv"
+LMMS_EVAL_REQUIREMENT = "lmms-eval==0.6.1"  # the release the tests run (pyproject's extra `lmms-eval` says the same)
 LMMS_TASKS_DIR = Path(__file__).with_name("lmms_tasks")
 
 

@@ -1,6 +1,6 @@
 """merv as an lmms-eval model: ``python -m lmms_eval --model merv --model_args pretrained=<checkpoint folder>``.
 
-lmms-eval (0.7) finds the class through the ``lmms_eval.models`` entry point that merv's ``pyproject.toml``
+lmms-eval (0.6.1 and later) finds the class through the ``lmms_eval.models`` entry point that merv's ``pyproject.toml``
 declares (:func:`merv.integrations.lmms_eval_manifest`). It is a "simple" model: each request brings the task's text
 (its context), a ``doc_to_visual`` function and the document's id, and
 
@@ -229,8 +229,8 @@ class MervLmms(lmms):
     ``model_args``: ``pretrained`` (a checkpoint folder, or a preset name for smoke tests), ``device`` (auto, cpu,
     cuda, cuda:N), ``dtype`` (auto, bf16, fp16, fp32; auto: bf16 on CUDA, fp32 on CPU), ``batch_size``,
     ``max_new_tokens`` (when a task gives none; default 512, as MERV), ``frame_size`` (short side frames are decoded
-    at; default: what the encoders need, as ``merv serve``; set it to a shard set's size to see the frames ``merv
-    eval`` saw). Under ``accelerate launch`` each process takes its share of the requests on its own GPU.
+    at; default: what the encoders need, as ``merv serve``; give a shard set's size to decode at the size of the
+    shards ``merv eval`` read). Under ``accelerate launch`` each process takes its share of the requests on its GPU.
     """
 
     is_simple = True

@@ -12,7 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from lmms_eval.api.instance import Instance  # the extra lmms-eval (in dev)
+
+try:
+    from lmms_eval.api.instance import Instance
+except ImportError as e:  # not in `dev`: lmms-eval pins PyAV < 16, which merv's test helpers cannot use
+    raise ImportError("lmms-eval is not installed: python -m merv.integrations.install_lmms_eval") from e
 
 from tests.integrations.conftest import EVAL_VIDEOS, REPO, TAUGHT, pyproject
 
@@ -212,6 +216,19 @@ def test_visual_forms_and_errors(lm, questions, tmp_path):
         lm.generate_until_multi_round([])
     with pytest.raises(NotImplementedError, match="without a video"):
         lm.loglikelihood([instance("loglikelihood", ("", "A"), 0)])
+
+
+def test_installer_keeps_pyav_and_the_pinned_release():
+    from packaging.requirements import Requirement
+
+    from merv.integrations import LMMS_EVAL_REQUIREMENT
+    from merv.integrations.install_lmms_eval import requirements
+
+    assert pyproject()["optional-dependencies"]["lmms-eval"] == [LMMS_EVAL_REQUIREMENT]
+    needed = [Requirement(r) for r in requirements()]
+    names = {r.name.lower() for r in needed}
+    assert "av" not in names and {"datasets", "transformers", "loguru"} <= names
+    assert all(r.marker is None or "extra" not in str(r.marker) for r in needed), "extras are not installed"
 
 
 def test_entry_point_names_the_model():
