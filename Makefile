@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo miniature test lint unit clean help slurm-profile slurm-packages browser-packages
+.PHONY: setup demo miniature test lint unit clean help slurm-profile slurm-packages browser-packages lmms-eval-packages
 
 help:
 	@echo "make demo   - set up and run the pipeline on the built-in default -> results/merv_tiny/eval.json"
@@ -60,7 +60,12 @@ browser-packages:
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -q && $$sudo apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); fi
 
-test: lint slurm-packages browser-packages
+# lmms-eval (the plugin test runs its real CLI) pins PyAV < 16, which the video tests need: its installer keeps PyAV
+lmms-eval-packages: setup
+	@$(BIN)/python -c "import lmms_eval" 2>/dev/null && echo "lmms-eval already installed" || \
+	  $(BIN)/python -m merv.integrations.install_lmms_eval
+
+test: lint slurm-packages browser-packages lmms-eval-packages
 	pytest -q
 
 # lets `snakemake --profile slurm ...` find profiles/slurm (Snakemake looks in the user's config folder)
