@@ -68,7 +68,7 @@ def test_every_job_ran_on_slurm_and_the_result_is_there(slurm_run):
             rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
             by_rule.setdefault(rule, []).append(job)
     expected = {"synth_dataset": 1, "build_tiny_weights": 1, "shard_train": 2, "shard_benchmark": 2,
-                "train_stage": 2, "eval_benchmark": 2, "collect_eval": 1}  # fmt: skip
+                "train_stage": 2, "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}  # fmt: skip
     assert {rule: len(js) for rule, js in by_rule.items()} == expected, jobs
     assert all(j["State"] == "COMPLETED" for js in by_rule.values() for j in js), jobs
     # the profile's per-rule resources reached Slurm: GPUs for evaluation, CPUs for sharding

@@ -1,13 +1,14 @@
 """The training loader: WebDataset shards -> padded batches, split by rank and worker, resumable mid-epoch.
 
-Per epoch the shard list is shuffled with ``seed + epoch`` and dealt to ranks, then to DataLoader workers, each shard
-going to whoever holds the fewest samples so far (with equal shards: round-robin, ``rank::world_size``). A worker
-reads only its own shards and shuffles their samples in a buffer seeded by (seed, epoch, rank, worker).
+Per epoch the shard list is shuffled with ``seed + epoch`` and read as one sequence of samples, which is cut into
+``world_size`` equal contiguous ranges, one a rank, and each rank's range into near-equal ranges, one a DataLoader
+worker (:func:`split_ranges`). A range may start or end inside a shard: the samples before it are read past as tar
+bytes, never decoded. A worker shuffles its samples in a buffer seeded by (seed, epoch, rank, worker).
 
-Every rank yields the same number of batches in an epoch, the least any rank's shards make
-(:meth:`ShardLoader.batches_per_epoch`): a rank never runs into the next epoch while another is still in this one.
-With shards of unequal sizes the samples a rank holds beyond that count (its last batches of the epoch) are dropped
-for that epoch; the next epoch deals the shards anew. Size-targeted shards (``merv shard``) differ by little.
+Every rank holds the same number of samples, so every rank yields the same number of batches in an epoch
+(:meth:`ShardLoader.batches_per_epoch`) whatever the shard sizes: a rank never runs into the next epoch while
+another is still in this one. At most ``world_size - 1`` samples (the remainder) sit out an epoch; the next epoch's
+shuffle leaves out others.
 
 A position is ``(epoch, batches consumed in it)``, the same on every rank: resuming there skips each worker's
 consumed samples as raw tar bytes, before any JPEG decoding, and yields exactly the batches an uninterrupted run
@@ -47,16 +48,32 @@ def worker_order(per_worker: list[int]) -> list[int]:
     return order
 
 
-def deal(sizes: list[int], parts: int) -> list[list[int]]:
-    """Indices of ``sizes`` dealt in order to ``parts`` bins, each to the bin with the smallest total so far (the
-    lowest bin on ties: round-robin for equal sizes)."""
-    bins: list[list[int]] = [[] for _ in range(parts)]
-    totals = [0] * parts
-    for i, size in enumerate(sizes):
-        b = min(range(parts), key=lambda j: (totals[j], j))
-        bins[b].append(i)
-        totals[b] += size
-    return bins
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``[first, first + count)`` of one shard (``shard``: its manifest entry)."""
+
+    shard: dict
+    first: int
+    count: int
+
+
+def split_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    """``[0, total)`` cut into ``parts`` contiguous ``(start, end)`` ranges whose lengths differ by at most one (the
+    longer ones first)."""
+    q, r = divmod(total, parts)
+    bounds = [i * q + min(i, r) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def pieces(shards: list[dict], start: int, end: int) -> list[Piece]:
+    """The samples ``[start, end)`` of ``shards`` read as one sequence, as per-shard pieces in order."""
+    out, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(end, offset + shard["samples"])
+        if lo < hi:
+            out.append(Piece(shard, lo - offset, hi - lo))
+        offset += shard["samples"]
+    return out
 
 
 class ShardLoader:
@@ -94,38 +111,42 @@ class ShardLoader:
         starts = itertools.accumulate((s["samples"] for s in self.manifest["shards"]), initial=0)
         self.first = {s["name"]: start for s, start in zip(self.manifest["shards"], starts, strict=False)}
         self.shards = [s for s in self.manifest["shards"] if s["samples"]]
-        if len(self.shards) < world_size * max(1, num_workers):
+        self.samples_per_rank = sum(s["samples"] for s in self.shards) // world_size
+        if self.samples_per_rank < max(1, num_workers):
             raise ValueError(
-                f"{shard_dir}: {len(self.shards)} shards cannot feed {world_size} ranks x "
-                f"{max(1, num_workers)} workers; reshard with a smaller --shard-size"
+                f"{shard_dir}: {sum(s['samples'] for s in self.shards)} samples cannot feed {world_size} ranks x "
+                f"{max(1, num_workers)} workers"
             )
 
     def opened_caches(self) -> list:
         """The feature caches this loader reads (the leading one first)."""
         return ([self.lead] if self.lead else []) + self.feature_sets
 
-    # -- the deal -------------------------------------------------------------------------------------------------
-    def shards_by_worker(self, epoch: int, rank: int | None = None) -> list[list[dict]]:
-        """The shards each DataLoader worker of ``rank`` reads in ``epoch``."""
+    # -- the split ------------------------------------------------------------------------------------------------
+    def pieces_by_worker(self, epoch: int, rank: int | None = None) -> list[list[Piece]]:
+        """The pieces of shards each DataLoader worker of ``rank`` reads in ``epoch``."""
         shards = list(self.shards)
         random.Random(self.seed + epoch).shuffle(shards)
-        mine = [
-            shards[i]
-            for i in deal([s["samples"] for s in shards], self.world_size)[self.rank if rank is None else rank]
+        first = (self.rank if rank is None else rank) * self.samples_per_rank
+        return [
+            pieces(shards, first + lo, first + hi)
+            for lo, hi in split_ranges(self.samples_per_rank, max(1, self.num_workers))
         ]
-        return [[mine[i] for i in part] for part in deal([s["samples"] for s in mine], max(1, self.num_workers))]
 
-    def batches_per_worker(self, epoch: int, rank: int | None = None) -> list[int]:
-        return [-(-sum(s["samples"] for s in part) // self.batch_size) for part in self.shards_by_worker(epoch, rank)]
+    def batches_per_worker(self, epoch: int = 0) -> list[int]:
+        """The same on every rank and in every epoch: ranks and workers hold fixed sample counts."""
+        return [
+            -(-(hi - lo) // self.batch_size) for lo, hi in split_ranges(self.samples_per_rank, max(1, self.num_workers))
+        ]
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        """Batches every rank yields in ``epoch``: the least any rank's shards make."""
-        return min(sum(self.batches_per_worker(epoch, r)) for r in range(self.world_size))
+        """Batches every rank yields in an epoch."""
+        return sum(self.batches_per_worker(epoch))
 
     # -- iteration ------------------------------------------------------------------------------------------------
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
         """Batches of ``epoch`` from batch number ``start_batch`` on."""
-        order = worker_order(self.batches_per_worker(epoch))[: self.batches_per_epoch(epoch)]
+        order = worker_order(self.batches_per_worker(epoch))
         skips = [order[:start_batch].count(w) for w in range(max(1, self.num_workers))]
         dataset = _EpochDataset(self, epoch, skips)
         tagged = (
@@ -171,8 +192,8 @@ class _EpochDataset(IterableDataset):
         ld = self.loader
         raw = (
             sample
-            for shard in ld.shards_by_worker(self.epoch)[worker]
-            for sample in _with_features(ld, shard, _read(ld.shard_dir / shard["name"]))
+            for piece in ld.pieces_by_worker(self.epoch)[worker]
+            for sample in _with_features(ld, piece, _read(ld.shard_dir / piece.shard["name"], piece.first, piece.count))
         )
         if ld.shuffle_buffer:
             rng = random.Random(f"{ld.seed}-{self.epoch}-{ld.rank}-{worker}")
@@ -211,16 +232,17 @@ def _cache_range(feature_set, first: int, count: int) -> Iterator[dict]:
         start = end
 
 
-def _with_features(ld: ShardLoader, shard: dict, lead: Iterator[dict]) -> Iterator[dict]:
+def _with_features(ld: ShardLoader, piece: Piece, lead: Iterator[dict]) -> Iterator[dict]:
     """The lead shard's samples with every other cache's feature members joined in, checked key by key."""
     from merv.features.cache import FeatureCacheError, member
 
-    others = [_cache_range(fs, ld.first[shard["name"]], shard["samples"]) for fs in ld.feature_sets]
+    start = ld.first[piece.shard["name"]] + piece.first
+    others = [_cache_range(fs, start, piece.count) for fs in ld.feature_sets]
     for sample, *joined in itertools.zip_longest(lead, *others):
         for fs, extra in zip(ld.feature_sets, joined, strict=True):
             if sample is None or extra is None or extra["__key__"] != sample["__key__"]:
                 raise FeatureCacheError(
-                    f"{fs.folder}: its samples do not line up with {ld.shard_dir / shard['name']} (at "
+                    f"{fs.folder}: its samples do not line up with {ld.shard_dir / piece.shard['name']} (at "
                     f"{(sample or {}).get('__key__')!r} vs {(extra or {}).get('__key__')!r}): extract it again"
                 )
             name = member(fs.encoder)

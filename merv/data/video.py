@@ -80,15 +80,19 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     """``[F, H, W, 3]`` uint8 -> ``[F, H', W', 3]`` uint8 with the short side ``size`` and the aspect ratio kept
     (bilinear, antialiased), so that each encoder's transform can still centre-crop or squash as its own processor
     does."""
-    out_h, out_w = short_side_size(frames.shape[1], frames.shape[2], size)
-    if (out_h, out_w) == frames.shape[1:3]:
+    return resize_to(frames, short_side_size(frames.shape[1], frames.shape[2], size))
+
+
+def resize_to(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``[F, H, W, 3]`` uint8 -> ``[F, *shape, 3]`` uint8 (bilinear, antialiased; unchanged when already that size)."""
+    if tuple(shape) == frames.shape[1:3]:
         return frames
     import torch
     import torch.nn.functional as F
 
     # uint8 in, channels-last: torch's vectorised uint8 path, ~20x faster than resizing floats (issue 13)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 

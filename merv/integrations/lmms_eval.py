@@ -36,7 +36,7 @@ try:
 except ImportError as e:  # an optional dependency
     raise ImportError("merv's lmms-eval model needs lmms-eval: pip install 'merv[lmms-eval]'") from e
 
-from merv.data.video import VideoError, read_frames, resize_frames, sample_frame_indices
+from merv.data.video import VideoError, read_frames, resize_to, sample_frame_indices, short_side_size
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,9 @@ def visual_frames(visuals, counts: list[int], size: int) -> tuple[np.ndarray, di
     if not items:
         return None
     if all(_is_frame(v) for v in items):
-        stacks = [resize_frames(_frames_of(v), size) for v in items]
-        shapes = sorted({s.shape[1:] for s in stacks})
-        if len(shapes) > 1:
-            raise ValueError(f"the frames of one video differ in size after resizing ({shapes[:2]})")
-        frames = np.concatenate(stacks)
+        stacks = [_frames_of(v) for v in items]
+        shape = short_side_size(stacks[0].shape[1], stacks[0].shape[2], size)  # all take the first frame's shape
+        frames = np.concatenate([resize_to(s, shape) for s in stacks])
         return frames, {c: sample_frame_indices(len(frames), c) for c in sorted(set(counts))}
     if len(items) > 1:
         kinds = sorted({type(v).__name__ for v in items})

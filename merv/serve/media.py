@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import torch
 
-from merv.data.video import VideoError, read_frames, resize_frames, sample_frame_indices
+from merv.data.video import VideoError, read_frames, resize_to, sample_frame_indices, short_side_size
 from merv.serve.protocol import ServeError
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"}
@@ -183,8 +183,9 @@ def decode_image(source: Path | bytes, param: str) -> np.ndarray:
 
 def frame_list_tensors(model, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """A list of frames (one video, in order) -> each encoder's frames, sampled uniformly from the list."""
-    size = frame_size(model)
-    frames = np.concatenate([resize_frames(im[None], size) for im in images])  # frames may differ in size
+    # frames may differ in size: all take the first frame's shape at the decode size, as one video's frames would
+    shape = short_side_size(images[0].shape[0], images[0].shape[1], frame_size(model))
+    frames = np.concatenate([resize_to(im[None], shape) for im in images])
     counts = sorted({enc.num_frames for enc in model.encoders.values()})
     positions = {c: sample_frame_indices(len(frames), c) for c in counts}
     return frames_per_encoder(model, frames, positions)

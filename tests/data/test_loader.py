@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import merv.data.loader as loader_module
-from merv.data.loader import Position, ShardLoader, pad_sequences, worker_order
+from merv.data.loader import Position, ShardLoader, pad_sequences, pieces, split_ranges, worker_order
 from merv.data.shards import ShardSettings, collect_items, write_shards
 
 
@@ -74,9 +74,10 @@ def test_skipped_samples_are_not_decoded(many_shards, monkeypatch):
     assert len(decoded) == 12 - 4 * 2
 
 
-def test_too_few_shards_is_a_clear_error(many_shards):
-    with pytest.raises(ValueError, match="6 shards cannot feed 4 ranks x 2 workers"):
-        make(many_shards, world_size=4, num_workers=2)
+def test_too_few_samples_is_a_clear_error(many_shards):
+    make(many_shards, world_size=4, num_workers=3)  # fewer shards than workers is fine: the split is by samples
+    with pytest.raises(ValueError, match="12 samples cannot feed 4 ranks x 4 workers"):
+        make(many_shards, world_size=4, num_workers=4)
 
 
 def test_padding():
@@ -98,7 +99,7 @@ def test_real_training_batches(tiny_model, shards):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_rank_yields_the_same_batches_per_epoch_on_unequal_shards(unequal_shards, workers):
     """No rank runs into the next epoch while another is still in this one: per epoch, both ranks yield exactly
-    ``batches_per_epoch`` batches, read disjoint samples, and the dealing balances the unequal shards by size."""
+    ``batches_per_epoch`` batches, reads disjoint samples, and every sample is read: the split is by samples."""
     loaders = [make(unequal_shards, rank=r, world_size=2, num_workers=workers, batch_size=2) for r in range(2)]
     for epoch in range(3):
         counts = {ld.batches_per_epoch(epoch) for ld in loaders}
@@ -106,12 +107,20 @@ def test_every_rank_yields_the_same_batches_per_epoch_on_unequal_shards(unequal_
         batches = [list(ld.epoch(epoch)) for ld in loaders]
         assert [len(b) for b in batches] == [counts.pop()] * 2
         keys = [{k for b in bs for k in b} for bs in batches]
-        held = [sum(s["samples"] for part in ld.shards_by_worker(epoch) for s in part) for ld in loaders]
-        assert sum(held) == 12 and abs(held[0] - held[1]) <= 3, "shards dealt by size: at most one shard apart"
+        held = [sum(p.count for part in ld.pieces_by_worker(epoch) for p in part) for ld in loaders]
+        assert held == [6, 6]
         assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == sum(len(b) for bs in batches for b in bs)
-        assert len(keys[0] | keys[1]) >= 12 - 3 * max(1, workers), "at most the extra tail of a rank is dropped"
+        assert len(keys[0] | keys[1]) == 12, "no sample sits out the epoch"
     # positions after the same number of batches are the same on both ranks, across epochs
     streams = [ld() for ld in loaders]
     for _ in range(3 * loaders[0].batches_per_epoch(0)):
         positions = [next(s)[0] for s in streams]
         assert positions[0] == positions[1]
+
+
+def test_split_ranges_and_pieces_cut_the_sample_sequence_across_shard_boundaries():
+    assert split_ranges(7, 3) == [(0, 3), (3, 5), (5, 7)] and split_ranges(2, 3) == [(0, 1), (1, 2), (2, 2)]
+    shards = [{"name": "a", "samples": 3}, {"name": "b", "samples": 2}, {"name": "c", "samples": 4}]
+    got = [(p.shard["name"], p.first, p.count) for p in pieces(shards, 2, 7)]
+    assert got == [("a", 2, 1), ("b", 0, 2), ("c", 0, 2)]
+    assert pieces(shards, 3, 3) == []

@@ -126,14 +126,16 @@ def test_killed_extraction_resumes_to_the_same_bytes(tiny_run, shards, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_ranks_from_the_cache_equal_one_process(tiny_run, synth_dir, tmp_path):
-    """The cache is dealt to ranks like the shards it mirrors: 2 gloo ranks reading only the cache (no video shard)
-    train the same weights as 1 process (shards of 2 samples, micro batch 2: the same global batches)."""
-    from merv.data.shards import ShardSettings, collect_items, write_shards
+def test_two_ranks_from_the_cache_equal_two_ranks_on_the_fly(tiny_run, synth_dir, tmp_path):
+    """The cache is split to ranks like the shards it mirrors: 2 gloo ranks reading only the cache (no video shard)
+    train the same weights as 2 ranks running the encoders on the frames. Shards of 4 samples: each rank's 6 samples
+    start or end inside a shard, so the cache is joined from the middle of a shard too."""
+    from merv.data.shards import ShardSettings, collect_items, read_manifest, write_shards
 
-    shards = tmp_path / "pairs"
-    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=250_000, frame_format="npy")
+    shards = tmp_path / "fours"
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=500_000, frame_format="npy")
     write_shards(collect_items(synth_dir / "train" / "finetune.json"), shards, settings)
+    assert [s["samples"] for s in read_manifest(shards)["shards"]] == [4, 4, 4]
     model = resolve_model(tiny_run.model)
     flags = []
     for enc in model.encoders:
@@ -141,21 +143,21 @@ def test_two_ranks_from_the_cache_equal_one_process(tiny_run, synth_dir, tmp_pat
         flags += ["--features", f"{enc.id}={tmp_path / enc.id}"]
     overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
     stage = {"epochs": 1, "global_batch_size": 4, "micro_batch_size": 2, "shuffle_buffer": 0, "num_workers": 0}
-    overrides["train"] = {"stages": {"finetune": stage}}
+    overrides["train"] = {"stages": {"align": stage}}
     config = json.dumps(resolve_run_config("merv-tiny", overrides).to_dict())
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    metas = {}
-    for nproc in (1, 2):
-        launcher = [sys.executable, "-m"] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m"]  # fmt: skip
-        out = tmp_path / f"n{nproc}"
-        cmd = [*launcher, "merv.cli", "train", "--config", config, "--stage", "finetune", "--data", str(shards),
-               "--out", str(out), "--no-progress", *flags]  # fmt: skip
+    runs = {}
+    for name, extra in (("fly", []), ("cache", flags)):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "merv.cli", "train",
+               "--config", config, "--stage", "align", "--data", str(shards), "--out", str(out), "--no-progress",
+               *extra]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
-        metas[nproc] = (load_file(str(out / "model.safetensors")), json.loads((out / "meta.json").read_text()))
-    (one, meta1), (two, meta2) = metas[1], metas[2]
-    assert meta2["processes"] == 2 and meta1["step"] == meta2["step"] == 3
-    assert set(meta2["data"]["feature_caches"]) == {"vit", "vivit"}
-    for k in one:
-        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
+        runs[name] = (load_file(str(out / "model.safetensors")), json.loads((out / "meta.json").read_text()))
+    (fly, meta_fly), (cache, meta_cache) = runs["fly"], runs["cache"]
+    assert meta_cache["processes"] == 2 and meta_fly["step"] == meta_cache["step"] == 3
+    assert meta_cache["samples_seen"] == 12 and set(meta_cache["data"]["feature_caches"]) == {"vit", "vivit"}
+    assert losses(tmp_path / "fly") == pytest.approx(losses(tmp_path / "cache"), rel=1e-4)
+    for k in fly:
+        assert torch.allclose(fly[k], cache[k], rtol=1e-4, atol=1e-6), k
