@@ -54,12 +54,29 @@ def cmd_build_tiny(args):
     from merv.fetch import build_local_weights
 
     run = load_config_spec(args.config)
-    written = build_local_weights(run, args.kind, seed=args.seed)
+    written = build_local_weights(run, args.kind, seed=args.seed, skip_encoders=tuple(args.skip_encoder))
     if args.manifest:
         manifest = {"model": run.model.name, "kind": args.kind, "seed": args.seed, "paths": [str(p) for p in written]}
         Path(args.manifest).parent.mkdir(parents=True, exist_ok=True)
         Path(args.manifest).write_text(json.dumps(manifest, indent=1))
     log.info("built %s weights for %s: %s", args.kind, run.model.name, ", ".join(map(str, written)))
+
+
+def cmd_pretrain(args):
+    from merv.pretrain.config import pretrain_config_from_dict
+    from merv.pretrain.train import pretrain_encoder
+
+    cfg = pretrain_config_from_dict(json.loads(args.config), where="--config")
+    report = pretrain_encoder(cfg, Path(args.out), threads=args.threads)
+    log.info("held-out pretext accuracy %s (chance %s)", report["held_out_accuracy"], report["chance"])
+
+
+def cmd_report(args):
+    from merv.report.tables import report_config_from_dict, write_report
+
+    written = write_report(report_config_from_dict(json.loads(args.spec), where="--spec"), Path(args.out))
+    print((Path(args.out) / "main.md").read_text(), end="")
+    log.info("wrote %s", ", ".join(str(p) for p in written))
 
 
 def cmd_fetch_weights(args):
@@ -403,7 +420,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--manifest", help="write a JSON listing what was built")
+    s.add_argument("--skip-encoder", action="append", default=[], help="an encoder whose weights come elsewhere")
     s.set_defaults(func=cmd_build_tiny)
+
+    s = sub.add_parser("pretrain", help="pretrain a tiny encoder on its synthetic pretext task (merv.pretrain)")
+    s.add_argument("--config", required=True, help="inline JSON of one config `pretrain:` entry")
+    s.add_argument("--out", required=True, help="folder for the weights and pretext.json")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("report", help="the paper's tables and figures across models (merv.report)")
+    s.add_argument("--spec", required=True, help="inline JSON: models, their results and checkpoints, benchmarks")
+    s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("fetch-weights", help="download a model's missing weights from their sources (hub, timm)")
     s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")

@@ -172,8 +172,11 @@ def with_local_weights(run: RunConfig, folder: str | Path) -> RunConfig:
     return dataclasses.replace(run, model=dataclasses.replace(run.model, encoders=encoders, llm=llm))
 
 
-def build_local_weights(run: RunConfig, kind: BuildKind, seed: int = 0) -> list[Path]:
-    """Write random toy weights where ``run`` points; returns the paths written.
+def build_local_weights(
+    run: RunConfig, kind: BuildKind, seed: int = 0, skip_encoders: tuple[str, ...] = ()
+) -> list[Path]:
+    """Write random toy weights where ``run`` points; returns the paths written. ``skip_encoders`` (``tiny`` only):
+    encoders whose weights come from elsewhere (the pipeline's ``pretrain_encoder`` stage).
 
     ``tiny`` builds exactly the configured architectures (merv-tiny's encoder kinds only); ``standin`` builds any
     preset's families at toy size (:mod:`merv.models.standins`), in the layout of :func:`with_local_weights`, and
@@ -183,7 +186,9 @@ def build_local_weights(run: RunConfig, kind: BuildKind, seed: int = 0) -> list[
         from merv.data.synth import tokenizer_corpus
         from merv.models.tiny import build_tiny_weights
 
-        return build_tiny_weights(run, tokenizer_corpus(), seed=seed)
+        return build_tiny_weights(run, tokenizer_corpus(), seed=seed, skip_encoders=skip_encoders)
+    if skip_encoders:
+        raise ValueError("stand-in weights are built for every encoder: skip_encoders is for tiny weights")
     from merv.models.standins import build_standin_weights
 
     folder = Path(run.model.llm.weights).parent

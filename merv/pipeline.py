@@ -31,12 +31,38 @@ def selected_models(config: dict) -> list[str]:
 
 
 def model_run(config: dict, model: str) -> RunConfig:
-    """The typed run config of a configured model: its preset, patched by its overrides, with built weights' paths."""
+    """The typed run config of a configured model: its preset, patched by its overrides, with built weights' paths
+    (and pretrained encoders' paths where the entry names them)."""
+    from merv.pretrain.config import with_pretrained_encoders
+
     entry = config["models"][model]
     run = resolve_run_config(entry["preset"], entry.get("overrides") or {})
     if weights_kind(config, model) != "fetch":
         run = with_local_weights(run, BUILT_WEIGHTS.format(model=model))
-    return run
+    return with_pretrained_encoders(run, pretrained_encoders(config, model), pretrain_specs(config))
+
+
+def pretrain_specs(config: dict) -> dict:
+    """``{name: PretrainConfig}`` of config ``pretrain`` (typed and checked)."""
+    from merv.pretrain.config import pretrain_config_from_dict
+
+    return {
+        name: pretrain_config_from_dict(spec, f"pretrain.{name}")
+        for name, spec in (config.get("pretrain") or {}).items()
+    }
+
+
+def pretrained_encoders(config: dict, model: str) -> dict[str, str]:
+    """``{encoder id: pretrain name}`` of a model: the encoders whose weights the pretrain stage makes."""
+    return config["models"][model].get("pretrained_encoders") or {}
+
+
+def weights_inputs(config: dict, model: str) -> list[str]:
+    """Everything a model's weights are: the marker of its built or fetched weights and its pretrained encoders."""
+    from merv.pretrain.config import PRETRAINED_DIR
+
+    names = sorted(set(pretrained_encoders(config, model).values()))
+    return [weights_marker(config, model)] + [f"{PRETRAINED_DIR}/{name}" for name in names]
 
 
 def weights_kind(config: dict, model: str) -> str:
@@ -65,6 +91,18 @@ def shard_set(config: dict, model: str, run: RunConfig) -> str:
             f"(shards.sets has {have}); add a set or extend one"
         )
     return min(fitting, key=lambda n: (sets[n]["size"], len(sets[n]["frames"]), n))
+
+
+def report_models(config: dict) -> list[str]:
+    """Every model the report shows, in config order (checked against ``models``)."""
+    report = config.get("report") or {}
+    named = set(report.get("main", [])) | set(report.get("fusion_ablation", []))
+    if report.get("fusion_weights"):
+        named.add(report["fusion_weights"]["model"])
+    unknown = sorted(named - set(config["models"]))
+    if unknown:
+        raise ValueError(f"report names model(s) {unknown} that config models does not define")
+    return [m for m in config["models"] if m in named]
 
 
 def check_stage_data(config: dict, model: str, run: RunConfig) -> None:

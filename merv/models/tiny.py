@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from merv.config import RunConfig
+from merv.config import EncoderConfig, RunConfig
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -43,33 +43,60 @@ def save_module(module: torch.nn.Module, path: str | Path) -> None:
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
-def build_tiny_weights(run: RunConfig, texts: list[str], seed: int = 0) -> list[Path]:
-    """Write randomly initialised weights for every part of ``run.model`` to the paths it names; returns them."""
-    import timm
-    from transformers import LlamaConfig, LlamaForCausalLM, VivitConfig, VivitModel
+# Architecture of the tiny ViViT when the preset gives none: ``model_kwargs`` of an hf_video encoder overrides these
+# (VivitConfig fields); the built folder's config.json then records the architecture.
+TINY_VIVIT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+
+
+def init_encoder(enc: EncoderConfig) -> torch.nn.Module:
+    """A randomly initialised encoder module of the architecture ``enc`` describes (a timm model or a ViViT)."""
+    if enc.kind == "timm_image":
+        import timm
+
+        return timm.create_model(enc.arch, pretrained=False, num_classes=0, **enc.model_kwargs)
+    if enc.kind == "hf_video":
+        from transformers import VivitConfig, VivitModel
+
+        patch = max(8, enc.image_size // 4)
+        kwargs = {"tubelet_size": [2, patch, patch], **TINY_VIVIT, **enc.model_kwargs}
+        return VivitModel(VivitConfig(image_size=enc.image_size, num_frames=enc.num_frames, **kwargs))
+    raise ValueError(f"merv-tiny cannot build encoder kind {enc.kind!r}")
+
+
+def save_encoder(enc: EncoderConfig, module: torch.nn.Module, path: str | Path | None = None) -> Path:
+    """Save an encoder module the way its real weights ship (timm: a safetensors file; ViViT: a ``save_pretrained``
+    folder with ``preprocessor_config.json``) at ``path`` (default: the path the config names)."""
+    path = Path(path or enc.weights)
+    if enc.kind == "timm_image":
+        save_module(module, path)
+    elif enc.kind == "hf_video":
+        module.save_pretrained(path)
+        stats = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        (path / "preprocessor_config.json").write_text(json.dumps(stats))
+    else:
+        raise ValueError(f"merv-tiny cannot save encoder kind {enc.kind!r}")
+    return path
+
+
+def build_tiny_weights(
+    run: RunConfig, texts: list[str], seed: int = 0, skip_encoders: tuple[str, ...] = ()
+) -> list[Path]:
+    """Write randomly initialised weights for every part of ``run.model`` to the paths it names; returns them.
+
+    Encoders named in ``skip_encoders`` are left out (their weights come from elsewhere: ``merv pretrain``). Each
+    part is seeded on its own, so the LLM is the same whichever encoders a model has (the ablation grid)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    unknown = sorted(set(skip_encoders) - {e.id for e in run.model.encoders})
+    if unknown:
+        raise ValueError(f"build-tiny: cannot skip encoder(s) {unknown}: model {run.model.name!r} has no such encoder")
+    written = []
+    for enc in run.model.encoders:
+        if enc.id not in skip_encoders:
+            torch.manual_seed(seed + sum(map(ord, enc.id)))  # by id, not position: the same encoder in every model
+            written.append(save_encoder(enc, init_encoder(enc)))
 
     torch.manual_seed(seed)
-    for enc in run.model.encoders:
-        if enc.kind == "timm_image":
-            save_module(timm.create_model(enc.arch, pretrained=False, num_classes=0, **enc.model_kwargs), enc.weights)
-        elif enc.kind == "hf_video":
-            tubelet = 2
-            patch = max(8, enc.image_size // 4)
-            cfg = VivitConfig(
-                image_size=enc.image_size,
-                num_frames=enc.num_frames,
-                tubelet_size=[tubelet, patch, patch],
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=128,
-            )
-            VivitModel(cfg).save_pretrained(enc.weights)
-            stats = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-            (Path(enc.weights) / "preprocessor_config.json").write_text(json.dumps(stats))
-        else:
-            raise ValueError(f"merv-tiny cannot build encoder kind {enc.kind!r}")
-
     tokenizer = train_tokenizer(texts)
     llm_cfg = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -86,4 +113,4 @@ def build_tiny_weights(run: RunConfig, texts: list[str], seed: int = 0) -> list[
     )
     LlamaForCausalLM(llm_cfg).save_pretrained(run.model.llm.weights)
     tokenizer.save_pretrained(run.model.llm.weights)
-    return [Path(e.weights) for e in run.model.encoders] + [Path(run.model.llm.weights)]
+    return written + [Path(run.model.llm.weights)]

@@ -3,7 +3,17 @@ import dataclasses
 import json
 import shlex
 
-from merv.pipeline import check_stage_data, model_run, selected_models, shard_set, weights_kind, weights_marker
+from merv.pipeline import (
+    check_stage_data,
+    model_run,
+    pretrained_encoders,
+    report_models,
+    selected_models,
+    shard_set,
+    weights_inputs,
+    weights_kind,
+)
+from merv.pretrain.config import PRETRAINED_DIR
 
 MERV_ENV = "../../envs/merv.yaml"
 
@@ -74,8 +84,17 @@ def synth_outputs():
 
 
 def weights_input(wildcards):
-    """The marker of a model's weights: its built folder, or the record of fetched weights."""
-    return weights_marker(config, wildcards.model)
+    """A model's weights: its built folder or the record of fetched weights, and its pretrained encoders."""
+    return weights_inputs(config, wildcards.model)
+
+
+def skip_encoder_flags(wildcards):
+    """build-tiny leaves out the encoders that come from the pretrain stage."""
+    return " ".join(f"--skip-encoder {e}" for e in pretrained_encoders(config, wildcards.model))
+
+
+def pretrain_config_json(wildcards):
+    return json.dumps(config["pretrain"][wildcards.name], sort_keys=True)
 
 
 def build_kind(wildcards):
@@ -254,3 +273,58 @@ def stage_features(wildcards):
 
 def features_flags(wildcards):
     return " ".join(f"--features {e}={path}" for e, path in stage_features(wildcards).items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report (report.smk): the tables and figures across the models config `report` names.
+
+REPORTED = report_models(config)
+
+
+def report_benchmark_shards(bench):
+    """A benchmark's shards in the shard set of the fusion-weight model (the one model the report runs)."""
+    model = (config["report"].get("fusion_weights") or {}).get("model") or (REPORTED or [None])[0]
+    return f"data/shards/{SHARD_SETS[model]}/eval/{bench}" if model else None
+
+
+def report_inputs(wildcards):
+    """Each reported model's eval.json and final checkpoint, the benchmarks' questions (question types) and the
+    shards the fusion-weight figure runs on."""
+    inputs = {
+        "results": [f"results/{m}/eval.json" for m in REPORTED],
+        "checkpoints": [checkpoint(m, stage_names(m)[-1]) for m in REPORTED],
+        "questions": [f"{d}/test_q.json" for d in config["data"]["benchmarks"].values()],
+    }
+    if config["report"].get("fusion_weights"):
+        inputs["shards"] = report_benchmark_shards(config["report"]["fusion_weights"]["benchmark"])
+    return inputs
+
+
+def report_outputs():
+    tables = config["report"]
+    names = ["main.md", "main.csv", "by_type.csv", "metrics.json", "accuracy_by_type.png"]
+    if tables["fusion_ablation"]:
+        names += ["fusion_ablation.md", "fusion_ablation.csv"]
+    if tables.get("fusion_weights"):
+        names += ["fusion_weights.csv", "fusion_weights.png"]
+    return [f"results/tables/{n}" for n in names]
+
+
+def report_spec_json(wildcards):
+    """merv report's spec: models with their results and checkpoints, benchmarks, and what each table shows."""
+    tables = config["report"]
+    weights = tables.get("fusion_weights") or {}
+    spec = {
+        "models": [
+            {"name": m, "results": f"results/{m}/eval.json", "checkpoint": checkpoint(m, stage_names(m)[-1])}
+            for m in REPORTED
+        ],
+        "benchmarks": [
+            {"name": b, "data": d, "shards": report_benchmark_shards(b)} for b, d in config["data"]["benchmarks"].items()
+        ],
+        "main": tables["main"],
+        "fusion_ablation": tables["fusion_ablation"],
+        "fusion_weights_model": weights.get("model"),
+        "fusion_weights_benchmark": weights.get("benchmark"),
+    }
+    return json.dumps(spec, sort_keys=True)

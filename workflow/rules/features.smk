@@ -9,7 +9,7 @@ rule extract_features:
         shards=lambda w: ancient(train_shards(w.model, feature_cache(w)["split"])),
         # built weights are a function of the encoder's config, which names the cache; their content hash is in the
         # cache key, checked when training opens it
-        weights=lambda w: ancient(weights_marker(config, w.model)),
+        weights=lambda w: [ancient(p) for p in weights_inputs(config, w.model)],
     output:
         directory("data/features/{model}/{cache}"),
     params:

@@ -7,12 +7,13 @@ rule build_tiny_weights:
     params:
         config=weights_config_json,
         kind=build_kind,
+        skip=skip_encoder_flags,
     log:
         "results/{model}/logs/build_tiny_weights.log",
     conda:
         MERV_ENV
     shell:
-        "merv build-tiny --config {params.config:q} --kind {params.kind} > {log} 2>&1"
+        "merv build-tiny --config {params.config:q} --kind {params.kind} {params.skip} > {log} 2>&1"
 
 
 # Downloads need the network, which cluster compute nodes often lack: this job runs where snakemake runs.

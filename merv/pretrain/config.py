@@ -1,0 +1,96 @@
+"""Typed config of the ``pretrain_encoder`` stage, and how a model's encoders are pointed at pretrained weights.
+
+A config ``pretrain.<name>`` entry trains one encoder *architecture* of a preset (``preset`` + ``encoder`` id) on a
+pretext task; the result lives in ``data/weights/pretrained/<name>``. A model entry's ``pretrained_encoders:
+{<encoder id>: <name>}`` makes that encoder load those weights; its architecture must be the one that was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from merv.config import EncoderConfig, ModelConfig, RunConfig, _parse, resolve_run_config
+
+PretextTask = Literal["appearance", "motion"]
+PRETRAINED_DIR = "data/weights/pretrained"
+TASK_ENCODER_KIND = {"appearance": "timm_image", "motion": "hf_video"}
+# what may differ between the trained encoder and a model's use of it: where the weights are read from
+_NOT_ARCHITECTURE = {"weights"}
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One encoder of a preset, pretrained on a synthetic pretext task (config ``pretrain.<name>``)."""
+
+    preset: str  # the preset whose encoder architecture is trained (e.g. merv-tiny)
+    encoder: str  # that encoder's id
+    task: PretextTask
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    seed: int = 1  # pretext data and initialisation; the benchmark's data never enters
+    render_size: int = 64  # frames are rendered at this size, then resized by the encoder's own transform
+    eval_samples: int = 256  # held-out pretext samples for the accuracy in pretext.json
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1:
+            raise ValueError("pretrain: steps, batch_size and eval_samples must be >= 1")
+        if self.lr <= 0 or self.render_size < 16:
+            raise ValueError(f"pretrain: lr must be > 0 and render_size >= 16, got {self.lr}, {self.render_size}")
+
+    def encoder_config(self, out: str | Path | None = None) -> EncoderConfig:
+        """The encoder's config from the preset; with ``out``, its weights pointed at the pretrained copy there."""
+        encoders = {e.id: e for e in resolve_run_config(self.preset).model.encoders}
+        if self.encoder not in encoders:
+            raise ValueError(
+                f"pretrain: preset {self.preset!r} has no encoder {self.encoder!r}; it has {list(encoders)}"
+            )
+        enc = encoders[self.encoder]
+        if enc.kind != TASK_ENCODER_KIND[self.task]:
+            raise ValueError(
+                f"pretrain: task {self.task!r} trains a {TASK_ENCODER_KIND[self.task]} encoder, but "
+                f"{self.preset}:{self.encoder} is {enc.kind!r}"
+            )
+        return dataclasses.replace(enc, weights=str(weights_path(enc, out))) if out is not None else enc
+
+
+def pretrain_config_from_dict(data: dict, where: str = "pretrain") -> PretrainConfig:
+    return _parse(PretrainConfig, data, where)
+
+
+def weights_path(enc: EncoderConfig, out: str | Path) -> Path:
+    """Where a pretrained encoder lives in its output folder: a timm file, or the transformers folder itself."""
+    return Path(out) / "model.safetensors" if enc.kind == "timm_image" else Path(out)
+
+
+def with_pretrained_encoders(
+    run: RunConfig, use: dict[str, str], specs: dict[str, PretrainConfig], root: str = PRETRAINED_DIR
+) -> RunConfig:
+    """``run`` with the encoders named in ``use`` (encoder id -> pretrain name) reading the pretrained weights.
+
+    Fails with the model, encoder and differing fields named when an encoder is not the architecture trained."""
+    encoders = {e.id: e for e in run.model.encoders}
+    replaced = {}
+    for enc_id, name in use.items():
+        where = f"model {run.model.name!r}: pretrained_encoders.{enc_id}"
+        if enc_id not in encoders:
+            raise ValueError(f"{where}: the model has no encoder {enc_id!r} (it has {list(encoders)})")
+        if name not in specs:
+            raise ValueError(f"{where}: no pretrain entry {name!r} in the config (it has {sorted(specs)})")
+        trained, used = dataclasses.asdict(specs[name].encoder_config()), dataclasses.asdict(encoders[enc_id])
+        differ = sorted(k for k in trained if k not in _NOT_ARCHITECTURE and trained[k] != used[k])
+        if differ:
+            details = ", ".join(f"{k}: trained {trained[k]!r}, model {used[k]!r}" for k in differ)
+            raise ValueError(f"{where}: encoder differs from the one pretrain.{name} trains ({details})")
+        replaced[enc_id] = dataclasses.replace(
+            encoders[enc_id], weights=str(weights_path(encoders[enc_id], f"{root}/{name}"))
+        )
+    model: ModelConfig = dataclasses.replace(
+        run.model, encoders=tuple(replaced.get(e.id, e) for e in run.model.encoders)
+    )
+    return dataclasses.replace(run, model=model)

@@ -1,0 +1,1 @@
+"""Result tables and figures across the configured models (the ``make_tables`` stage, ``merv report``)."""

@@ -1,0 +1,248 @@
+"""The paper's result tables, from the configured models' evaluation results.
+
+- ``main.md`` / ``main.csv``: models x benchmarks (headline metric), then per question type for benchmarks whose
+  questions have a ``question_type``;
+- ``fusion_ablation.md`` / ``.csv``: per fusion variant its encoders, visual tokens the LLM sees, measured
+  forward FLOPs for one question, and its scores;
+- ``by_type.csv``: one row per model, benchmark and question type (``all`` = overall), what ``dvc plots`` draws;
+- ``metrics.json``: the same numbers nested ``model -> benchmark -> type``, what ``dvc metrics`` compares;
+- figures (:mod:`merv.report.figures`): accuracy by question type per model, and the cross-attention fusion
+  weights per question type.
+
+Numbers are percentages with one decimal in the Markdown tables, fractions in CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from merv.config import _parse
+from merv.report.results import OVERALL, BenchmarkResult, model_results, question_types
+
+
+@dataclass(frozen=True)
+class ReportModel:
+    name: str
+    results: str  # results/<model>/eval.json
+    checkpoint: str | None = None  # final checkpoint folder: needed for the ablation's cost and the fusion weights
+
+
+@dataclass(frozen=True)
+class ReportBenchmark:
+    name: str
+    data: str | None = None  # eval_data folder (its test_q.json gives question types)
+    shards: str | None = None  # shard folder (the fusion-weight figure runs the model over it)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    models: tuple[ReportModel, ...]
+    benchmarks: tuple[ReportBenchmark, ...]
+    main: tuple[str, ...]  # rows of the main table
+    fusion_ablation: tuple[str, ...] = ()  # rows of the fusion-ablation table
+    fusion_weights_model: str | None = None  # a model with per-sample fusion weights (cross_attention)
+    fusion_weights_benchmark: str | None = None
+
+    def __post_init__(self):
+        names = [m.name for m in self.models]
+        for key in ("main", "fusion_ablation"):
+            unknown = [m for m in getattr(self, key) if m not in names]
+            if unknown:
+                raise ValueError(f"report.{key}: unknown model(s) {unknown}; configured: {names}")
+        if self.fusion_weights_model is not None:
+            model = self.model(self.fusion_weights_model)
+            bench = self.benchmark(self.fusion_weights_benchmark)
+            if model.checkpoint is None or bench.shards is None:
+                raise ValueError(
+                    "report: the fusion-weight figure needs the model's checkpoint and the benchmark's shards"
+                )
+        for name in self.fusion_ablation:
+            if self.model(name).checkpoint is None:
+                raise ValueError(f"report.fusion_ablation: model {name!r} needs a checkpoint (for its cost)")
+
+    def model(self, name: str) -> ReportModel:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ValueError(f"report: unknown model {name!r}; configured: {[m.name for m in self.models]}")
+
+    def benchmark(self, name: str | None) -> ReportBenchmark:
+        for b in self.benchmarks:
+            if b.name == name:
+                return b
+        raise ValueError(f"report: unknown benchmark {name!r}; configured: {[b.name for b in self.benchmarks]}")
+
+
+def report_config_from_dict(data: dict, where: str = "report") -> ReportConfig:
+    return _parse(ReportConfig, data, where)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    """A GitHub Markdown table; ``align`` per column: 'l' or 'r'."""
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _value(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tables
+
+Results = dict[str, dict[str, BenchmarkResult]]  # model -> benchmark -> result
+
+
+def load_results(cfg: ReportConfig) -> Results:
+    types = {b.name: question_types(b.data) for b in cfg.benchmarks if b.data}
+    return {m.name: model_results(m.results, types) for m in cfg.models}
+
+
+def benchmark_names(cfg: ReportConfig, results: Results, models: tuple[str, ...]) -> list[str]:
+    """Configured benchmarks, in config order, that at least one of ``models`` was evaluated on."""
+    return [b.name for b in cfg.benchmarks if any(b.name in results[m] for m in models)]
+
+
+def type_names(results: Results, models: tuple[str, ...], bench: str) -> list[str]:
+    """The question types of ``bench`` across models, in first-seen order (overall excluded)."""
+    seen: list[str] = []
+    for m in models:
+        for qtype in results[m].get(bench, BenchmarkResult("", None, {})).scores:
+            if qtype != OVERALL and qtype not in seen:
+                seen.append(qtype)
+    return seen
+
+
+def _metric_label(results: Results, models: tuple[str, ...], bench: str) -> str:
+    metrics = sorted({results[m][bench].metric for m in models if bench in results[m]})
+    return f"{bench} ({'/'.join(metrics)})"
+
+
+def _score(results: Results, model: str, bench: str, qtype: str = OVERALL) -> float | None:
+    result = results[model].get(bench)
+    score = result.scores.get(qtype) if result else None
+    return score.value if score else None
+
+
+def main_table(cfg: ReportConfig, results: Results) -> tuple[str, str]:
+    """Markdown and CSV of the main table: models x benchmarks, then each typed benchmark by question type."""
+    models = cfg.main
+    benches = benchmark_names(cfg, results, models)
+    header = ["model"] + [_metric_label(results, models, b) for b in benches]
+    rows = [[m] + [pct(_score(results, m, b)) for b in benches] for m in models]
+    md = "## Main table\n\nScores in %, one row per model, one column per benchmark.\n\n"
+    md += markdown_table(header, rows)
+    csv_rows = [[m] + [_value(_score(results, m, b)) for b in benches] for m in models]
+    for bench in benches:
+        types = type_names(results, models, bench)
+        if not types:
+            continue
+        chance = [results[m][bench].chance for m in models if bench in results[m]]
+        md += f"\n### {bench} by question type\n\n"
+        if chance and chance[0] is not None:
+            md += f"Chance: {pct(chance[0])}.\n\n"
+        header_t = ["model", "overall"] + [t.replace("_", " ") for t in types]
+        rows_t = [[m] + [pct(_score(results, m, bench, t)) for t in [OVERALL, *types]] for m in models]
+        md += markdown_table(header_t, rows_t)
+    return md, csv_text(["model", *benches], csv_rows)
+
+
+def by_type_rows(cfg: ReportConfig, results: Results) -> list[list]:
+    """``[model, benchmark, question_type, value, n]`` for every model of the report (overall as ``all``)."""
+    rows = []
+    for m in cfg.models:
+        for bench, result in results[m.name].items():
+            for qtype, score in result.scores.items():
+                rows.append([m.name, bench, qtype, _value(score.value), score.n])
+    return rows
+
+
+def metrics_json(cfg: ReportConfig, results: Results, costs: dict[str, dict] | None = None) -> dict:
+    """``model -> benchmark -> {type: value}`` (+ the model's cost when measured): DVC's metrics file."""
+    out: dict = {}
+    for m in cfg.models:
+        entry: dict = {
+            bench: {qtype: score.value for qtype, score in result.scores.items()}
+            for bench, result in results[m.name].items()
+        }
+        if costs and m.name in costs:
+            entry["cost"] = {k: costs[m.name][k] for k in ("visual_tokens", "gflops")}
+        out[m.name] = entry
+    return out
+
+
+def ablation_table(cfg: ReportConfig, results: Results, costs: dict[str, dict]) -> tuple[str, str]:
+    """Markdown and CSV of the fusion ablation: fusion, encoders, visual tokens, GFLOPs per question, scores."""
+    models = cfg.fusion_ablation
+    benches = benchmark_names(cfg, results, models)
+    header = ["model", "fusion", "encoders", "visual tokens", "GFLOPs / question"]
+    header += [_metric_label(results, models, b) for b in benches]
+    rows, csv_rows = [], []
+    for m in models:
+        c = costs[m]
+        rows.append(
+            [m, c["fusion"], "+".join(c["encoders"]), str(c["visual_tokens"]), f"{c['gflops']:.3f}"]
+            + [pct(_score(results, m, b)) for b in benches]
+        )
+        csv_rows.append(
+            [m, c["fusion"], "+".join(c["encoders"]), c["visual_tokens"], f"{c['gflops']:.4f}"]
+            + [_value(_score(results, m, b)) for b in benches]
+        )
+    md = (
+        "## Fusion ablation\n\nThe same encoders, projectors and recipe, fused differently. GFLOPs: measured "
+        "forward FLOPs of one multiple-choice question (encoders, projectors, fusion and the LLM's prefill).\n\n"
+    )
+    md += markdown_table(header, rows, ["l", "l", "l", "r", "r"] + ["r"] * len(benches))
+    csv_header = ["model", "fusion", "encoders", "visual_tokens", "gflops", *benches]
+    return md, csv_text(csv_header, csv_rows)
+
+
+def write_report(cfg: ReportConfig, out: Path) -> list[Path]:
+    """Write every table and figure of the report under ``out``; returns the written paths."""
+    from merv.report.figures import accuracy_by_type_png, fusion_weights_png
+    from merv.report.models import fusion_weights_by_type, model_costs
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = load_results(cfg)
+    files: dict[str, str | bytes] = {}
+    files["main.md"], files["main.csv"] = main_table(cfg, results)
+    costs = model_costs(cfg) if cfg.fusion_ablation else {}
+    if cfg.fusion_ablation:
+        files["fusion_ablation.md"], files["fusion_ablation.csv"] = ablation_table(cfg, results, costs)
+    files["by_type.csv"] = csv_text(["model", "benchmark", "question_type", "value", "n"], by_type_rows(cfg, results))
+    files["metrics.json"] = json.dumps(metrics_json(cfg, results, costs), indent=1, sort_keys=True) + "\n"
+    files["accuracy_by_type.png"] = accuracy_by_type_png(cfg, results)
+    if cfg.fusion_weights_model:
+        weights = fusion_weights_by_type(cfg)
+        files["fusion_weights.csv"] = csv_text(
+            ["question_type", "encoder", "mean", "std", "n"], [list(r) for r in weights]
+        )
+        files["fusion_weights.png"] = fusion_weights_png(cfg, weights)
+    written = []
+    for name, content in files.items():
+        path = out / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        written.append(path)
+    return written

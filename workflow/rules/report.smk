@@ -1,0 +1,16 @@
+# Report stage: the paper's tables and figures across the models config `report` lists (results/tables/).
+
+
+rule make_tables:
+    input:
+        unpack(report_inputs),
+    output:
+        report_outputs(),
+    params:
+        spec=report_spec_json,
+    log:
+        "results/logs/make_tables.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv report --spec {params.spec:q} --out results/tables > {log} 2>&1"
