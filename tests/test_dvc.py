@@ -61,6 +61,10 @@ def clone(tmp_path_factory, home) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             (dest / rel).write_bytes(src.read_bytes())
     write_config(dest, small_config())
+    # the small config reports two models: the tables stage lists their eval.json (as a user editing `report` would)
+    dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
+    dvc["stages"]["tables"]["deps"] = [f"results/{m}/eval.json" for m in small_config()["pipeline"]["models"]]
+    (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
     assert run(["git", "init", "-q"], dest, home).returncode == 0
     commit(dest, home, "copy")
     res = run(["dvc", "repro"], dest, home)
@@ -74,7 +78,12 @@ def test_dvc_repro_runs_the_pipeline_and_tracks_params(clone, home):
     assert "synth_mcq" in json.dumps(metrics) and "accuracy" in json.dumps(metrics)
     assert changed_stages(clone, home) == set()
     stages = run(["dvc", "stage", "list", "--name-only"], clone, home).stdout.split()
-    assert stages == ["synth", "shards", "train@merv_tiny", "eval@merv_tiny"]
+    assert stages == ["synth", "pretrain", "shards", "train@merv_tiny", "train@tiny_motion", "eval@merv_tiny",
+                      "eval@tiny_motion", "tables"]  # fmt: skip
+    assert "results/tables/metrics.json" in json.dumps(metrics), "the tables are a metric of dvc repro"
+    assert (clone / "results" / "tables" / "main.md").is_file() and (
+        clone / "results/tables/fusion_weights.png"
+    ).is_file()
 
 
 def test_status_after_an_edit_names_the_stages_snakemake_would_rerun(clone, home):
@@ -82,13 +91,17 @@ def test_status_after_an_edit_names_the_stages_snakemake_would_rerun(clone, home
     try:
         cfg["eval"]["max_new_tokens"] = 4  # Snakemake: the evaluation jobs only
         write_config(clone, cfg)
-        assert changed_stages(clone, home) == {"eval@merv_tiny"}
+        evals = {"eval@merv_tiny", "eval@tiny_motion"}
+        assert changed_stages(clone, home) == evals
         cfg["models"]["merv_tiny"]["overrides"]["train"]["stages"]["finetune"]["lr"] = 1e-3  # + train_stage
         write_config(clone, cfg)
-        assert changed_stages(clone, home) == {"train@merv_tiny", "eval@merv_tiny"}
+        assert changed_stages(clone, home) == {"train@merv_tiny"} | evals
         cfg["models"]["merv_full"]["overrides"] = {"train": {"stages": {"align": {"lr": 1e-3}}}}  # not selected
         write_config(clone, cfg)
-        assert changed_stages(clone, home) == {"train@merv_tiny", "eval@merv_tiny"}
+        assert changed_stages(clone, home) == {"train@merv_tiny"} | evals
+        cfg["report"]["main"] = ["tiny_motion", "merv_tiny"]  # the tables only
+        write_config(clone, cfg)
+        assert changed_stages(clone, home) == {"train@merv_tiny", "tables"} | evals
     finally:
         write_config(clone, small_config())
     assert changed_stages(clone, home) == set()
@@ -131,6 +144,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_everything(clone, home, tmp_
         "results/merv_tiny/train/finetune/model.safetensors",
         "results/merv_tiny/eval/synth_mcq.json",
         "results/merv_tiny/eval.json",
+        "data/weights/pretrained/motion/model.safetensors",
     ]
     for rel in restored:
         assert (fresh / rel).is_file(), rel

@@ -20,6 +20,12 @@ def small_config() -> dict:
     cfg["shards"]["target_size"] = "200KB"
     cfg["models"]["merv_tiny"]["overrides"] = {"train": {"stages": {"finetune": {"epochs": 2}}}}
     cfg["eval"]["batch_size"] = 4
+    for spec in cfg["pretrain"].values():  # a few pretext steps: the pipeline's shape, not the encoders' quality
+        spec.update(steps=3, batch_size=4, eval_samples=4)
+    # two models of the grid and the tables over them (the whole grid: benchmarks/thesis_fresh_clone.py)
+    cfg["pipeline"]["models"] = ["merv_tiny", "tiny_motion"]
+    cfg["report"] = {"main": ["merv_tiny", "tiny_motion"], "fusion_ablation": ["merv_tiny"],
+                     "fusion_weights": {"model": "merv_tiny", "benchmark": "synth_mcq"}}  # fmt: skip
     return cfg
 
 
@@ -188,8 +194,15 @@ def test_config_error_stops_before_any_job(pipeline):
 
 def test_default_target_is_the_selected_models_and_any_configured_model_is_a_target(pipeline):
     workdir, _ = pipeline
-    res = snakemake(workdir, "-n")
-    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr
+    res = snakemake(workdir, "-n")  # merv_tiny is done: the other selected model, then the tables
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = planned_jobs(res.stdout + res.stderr)
+    assert jobs == {"build_tiny_weights": 1, "extract_features": 2, "train_stage": 2, "eval_benchmark": 2,
+                    "merge_eval": 2, "collect_eval": 1, "make_tables": 1, "all": 1}, jobs  # fmt: skip
+    assert (
+        "output: results/tiny_motion/train/finetune" in res.stdout
+        and "output: results/merv_tiny/train" not in res.stdout
+    )
     # merv_full is configured (real weights, fetched): a target, planned on its own 224 px shard set
     res = snakemake(workdir, "-n", "results/merv_full/eval.json")
     assert res.returncode == 0, res.stderr[-3000:]

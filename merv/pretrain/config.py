@@ -17,8 +17,10 @@ from merv.config import EncoderConfig, ModelConfig, RunConfig, _parse, resolve_r
 PretextTask = Literal["appearance", "motion"]
 PRETRAINED_DIR = "data/weights/pretrained"
 TASK_ENCODER_KIND = {"appearance": "timm_image", "motion": "hf_video"}
-# what may differ between the trained encoder and a model's use of it: where the weights are read from
-_NOT_ARCHITECTURE = {"weights"}
+# what must match between the trained encoder and a model's use of it: the shape of its weights. How a model feeds it
+# (frames of a per-frame encoder, resize, feature layer, caching) may differ; a video model's frame count may not.
+ARCHITECTURE = ("kind", "arch", "model_kwargs", "image_size")
+VIDEO_ARCHITECTURE = (*ARCHITECTURE, "num_frames")
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ def with_pretrained_encoders(
         if name not in specs:
             raise ValueError(f"{where}: no pretrain entry {name!r} in the config (it has {sorted(specs)})")
         trained, used = dataclasses.asdict(specs[name].encoder_config()), dataclasses.asdict(encoders[enc_id])
-        differ = sorted(k for k in trained if k not in _NOT_ARCHITECTURE and trained[k] != used[k])
+        fields = VIDEO_ARCHITECTURE if trained["kind"] == "hf_video" else ARCHITECTURE
+        differ = [k for k in fields if trained[k] != used[k]]
         if differ:
             details = ", ".join(f"{k}: trained {trained[k]!r}, model {used[k]!r}" for k in differ)
             raise ValueError(f"{where}: encoder differs from the one pretrain.{name} trains ({details})")

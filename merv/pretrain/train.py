@@ -40,8 +40,8 @@ def tubelet_frames(encoder: VisualEncoder) -> int:
 
 class PretextHead(nn.Module):
     """Linear heads on the encoder's patch tokens: per token for ``*_map`` labels (what the patch shows) and
-    ``*_mask`` labels (the object's mask inside the patch), else on attention-pooled tokens (one learned query over the N spatial tokens), per clip (appearance) or per
-    temporal position (motion)."""
+    ``*_mask`` labels (the object's mask inside the patch), else on attention-pooled tokens (one learned query over
+    the N spatial tokens), per clip (appearance) or per temporal position (motion)."""
 
     def __init__(self, dim: int, classes: dict[str, int], per_position: bool):
         super().__init__()
