@@ -21,13 +21,36 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pairs(synth_dir, tiny_run, tmp_path_factory):
-    """Shards of exactly 2 samples: with micro batch 2 and no sample shuffle, 1 process and 2 ranks see the same
-    global batches (1 process: shards a, b in one step; 2 ranks: a on rank 0, b on rank 1)."""
+    """24 samples (the 12 training clips twice) in shards of exactly 2 samples."""
     out = tmp_path_factory.mktemp("pairs")
     settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=250_000, frame_format="npy")
-    write_shards(collect_items(synth_dir / "train" / "finetune.json"), out, settings)
-    assert {s["samples"] for s in read_manifest(out)["shards"]} == {2}
+    write_shards(collect_items(synth_dir / "train" / "finetune.json") * 2, out, settings)
+    assert [s["samples"] for s in read_manifest(out)["shards"]] == [2] * 12
     return out
+
+
+def one_process_order(folder: Path, dest: Path, seed: int, world: int, per_rank_step: int) -> Path:
+    """The shards of ``folder`` (linked) under a manifest that makes one process read, in epoch 0, exactly the global
+    batches ``world`` ranks read from ``folder``: each rank takes a contiguous range of the shuffled shard order,
+    and a step takes the next ``per_rank_step`` samples of every rank, in rank order. The loader shuffles the
+    manifest with ``Random(seed)``: a fixed permutation of positions, inverted here."""
+    manifest = read_manifest(folder)
+    shards = manifest["shards"]
+    n, per_shard = len(shards), shards[0]["samples"]
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    shuffled = [shards[p] for p in perm]
+    ranks = [shuffled[r * n // world : (r + 1) * n // world] for r in range(world)]
+    k = per_rank_step // per_shard
+    wanted = [s for step in range(n // world // k) for rank in ranks for s in rank[step * k : (step + 1) * k]]
+    order = [None] * n
+    for i, p in enumerate(perm):
+        order[p] = wanted[i]
+    dest.mkdir()
+    for shard in shards:
+        os.link(folder / shard["name"], dest / shard["name"])
+    (dest / "manifest.json").write_text(json.dumps({**manifest, "shards": order}))
+    return dest
 
 
 def config(tiny_run, **stage) -> str:
@@ -54,12 +77,15 @@ def train(cfg: str, data, out, nproc: int):
     [("full_shard", 4, "targets"), ("shard_grad_op", 4, "targets"), ("full_shard", 8, "all")],
 )
 def test_two_ranks_equal_one_process(tiny_run, pairs, tmp_path, mode, global_batch, loss_logits):
-    """Global batch 8 gives each rank 2 micro-steps a step: gradients are reduced after the last one only."""
-    cfg = config(tiny_run, fsdp=mode, global_batch_size=global_batch, loss_logits=loss_logits, epochs=global_batch // 4)
-    one, meta_one = train(cfg, pairs, tmp_path / "one", 1)
+    """Global batch 8 gives each rank 2 micro-steps a step: gradients are reduced after the last one only. The one
+    process reads the same global batches as the two ranks (see one_process_order)."""
+    cfg = config(tiny_run, fsdp=mode, global_batch_size=global_batch, loss_logits=loss_logits, epochs=1)
+    seed = json.loads(cfg)["train"]["seed"]
+    same_batches = one_process_order(pairs, tmp_path / "ordered", seed, world=2, per_rank_step=global_batch // 2)
+    one, meta_one = train(cfg, same_batches, tmp_path / "one", 1)
     two, meta_two = train(cfg, pairs, tmp_path / "two", 2)
-    assert meta_two["processes"] == 2 and meta_one["step"] == meta_two["step"] == 3
-    assert meta_one["samples_seen"] == meta_two["samples_seen"] == 12 * global_batch // 4
+    assert meta_two["processes"] == 2 and meta_one["step"] == meta_two["step"] == 24 // global_batch
+    assert meta_one["samples_seen"] == meta_two["samples_seen"] == 24
     assert one.keys() == two.keys() and {k.split(".")[0] for k in one} == {"projectors", "fusion", "llm"}
     for k in one:
         assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-5), k
@@ -70,7 +96,7 @@ def test_bf16_and_activation_checkpointing_on_two_ranks(tiny_run, pairs, tmp_pat
     cfg = config(tiny_run, mixed_precision="bf16", activation_checkpointing=True)
     state, meta = train(cfg, pairs, tmp_path / "bf16", 2)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values()), "fp32 master weights"
-    assert meta["step"] == 3
+    assert meta["step"] == 6  # 24 samples, global batch 4
 
 
 @pytest.fixture(scope="module")
