@@ -212,6 +212,22 @@ def test_default_target_is_the_selected_models_and_any_configured_model_is_a_tar
     assert "data/shards/paper/train/align" in res.stdout
 
 
+def test_the_default_target_ends_in_the_tables(pipeline):
+    """`snakemake` trains the other selected model, then writes the tables and figures over both."""
+    workdir, _ = pipeline
+    res = snakemake(workdir)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    tables = workdir / "results" / "tables"
+    main = (tables / "main.md").read_text()
+    assert "| merv_tiny |" in main and "| tiny_motion |" in main and "synth_mcq by question type" in main
+    metrics = json.loads((tables / "metrics.json").read_text())
+    assert set(metrics) >= {"merv_tiny", "tiny_motion"}
+    assert (tables / "fusion_weights.png").stat().st_size > 0 and (tables / "accuracy_by_type.png").is_file()
+    for name in ("appearance", "motion"):
+        pretext = json.loads((workdir / "data" / "weights" / "pretrained" / name / "pretext.json").read_text())
+        assert pretext["config"]["steps"] == 3
+
+
 def test_report_builds_with_loss_curves(pipeline):
     workdir, _ = pipeline
     res = snakemake(workdir, "--report", "report.html")
