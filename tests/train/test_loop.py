@@ -160,6 +160,22 @@ def test_the_fast_paths_give_the_plain_losses(tiny_run, shards, tmp_path):
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_give_the_plain_losses(tiny_run, shards, tmp_path):
+    """``compile: true`` (each LLM block through torch.compile; Inductor's C++ backend here, Triton on GPUs) trains
+    the same model as the plain path: kernels fuse and reorder float sums (~1e-6 relative on this model), so 1e-4
+    leaves room and still catches a real difference (a wrong mask or position moves the loss at the first digit)."""
+    losses = {}
+    for compiled in (False, True):
+        stages = {"finetune": {"epochs": 1, "compile": compiled}}
+        run = resolve_run_config("merv-tiny", tiny_overrides_from(tiny_run) | {"train": {"stages": stages}})
+        meta = train_stage(run, "finetune", shards["finetune"], tmp_path / str(compiled), progress=False)
+        assert meta["strategy"]["compile"] is compiled
+        lines = (tmp_path / str(compiled) / "metrics.jsonl").read_text().splitlines()
+        losses[compiled] = [json.loads(x)["loss"] for x in lines]
+    assert len(losses[True]) >= 1 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards, tmp_path):
     """What a single GPU runs with mixed_precision bf16 (FSDP2's policy on a one-process group: bf16 compute, fp32
     master weights), here on the CPU: the losses follow the fp32 run to bf16 precision (~3 significant digits)."""
