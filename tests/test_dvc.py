@@ -145,6 +145,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_everything(clone, home, tmp_
         "results/merv_tiny/eval/synth_mcq.json",
         "results/merv_tiny/eval.json",
         "data/weights/pretrained/motion/model.safetensors",
+        "results/tables/main.md",
     ]
     for rel in restored:
         assert (fresh / rel).is_file(), rel
