@@ -28,7 +28,9 @@ def test_shipped_configs_validate_and_resolve_every_model(extra):
     for name in config["models"]:
         run = model_run(config, name)
         assert shard_set(config, name, run) in config["shards"]["sets"]
-    assert selected_models(config) == (["merv_full"] if extra else ["merv_tiny"])
+    grid = ["merv_tiny", "tiny_appearance", "tiny_motion", "tiny_channel_concat", "tiny_learnable_scalar",
+            "tiny_sequence_concat"]  # fmt: skip
+    assert selected_models(config) == (["merv_full"] if extra else grid)
 
 
 def test_default_config_offers_merv_full_and_the_paper_presets():
@@ -65,11 +67,15 @@ def test_shard_set_is_the_smallest_that_fits_or_a_clear_error():
     config = load()
     config["shards"]["sets"]["mid"] = {"size": 112, "frames": [4, 8, 16]}
     assert shard_set(config, "merv_tiny", model_run(config, "merv_tiny")) == "small"
-    config["models"]["merv_tiny"]["overrides"] = {"model": {"encoders": {"vivit": {"num_frames": 16}}}}
+    # the per-frame ViT may take any frame count; the pretrained ViViT's count is part of its weights
+    config["models"]["merv_tiny"]["overrides"] = {"model": {"encoders": {"vit": {"num_frames": 16}}}}
     assert shard_set(config, "merv_tiny", model_run(config, "merv_tiny")) == "mid"
-    config["models"]["merv_tiny"]["overrides"] = {"model": {"encoders": {"vivit": {"num_frames": 12}}}}
-    with pytest.raises(ValueError, match=r"model 'merv_tiny' needs frames \[4, 12\] at 64px, which no shard set"):
+    config["models"]["merv_tiny"]["overrides"] = {"model": {"encoders": {"vit": {"num_frames": 12}}}}
+    with pytest.raises(ValueError, match=r"model 'merv_tiny' needs frames \[8, 12\] at 64px, which no shard set"):
         shard_set(config, "merv_tiny", model_run(config, "merv_tiny"))
+    config["models"]["merv_tiny"]["overrides"] = {"model": {"encoders": {"vivit": {"num_frames": 16}}}}
+    with pytest.raises(ValueError, match=r"pretrained_encoders.vivit: .*\(num_frames: trained 8, model 16\)"):
+        model_run(config, "merv_tiny")
 
 
 def test_selecting_an_unknown_model_is_an_error():
