@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.overfit import fit
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pytest depends on tomli before Python 3.11
@@ -42,23 +44,6 @@ def mcq_examples(model, bench: Path) -> list[dict]:
         per_encoder = {n: frames[positions[e.num_frames]] for n, e in model.encoders.items()}
         examples.append({"videos": model.transform(per_encoder), "input_ids": ids, "labels": labels})
     return examples
-
-
-def fit(model, examples: list[dict], steps: int) -> float:
-    """Full-batch Adam on projectors, fusion and LLM; returns the last loss per token."""
-    from merv.data.batching import collate
-
-    batch = collate(examples)
-    params = [p for name, p in model.named_parameters() if not name.startswith("encoders.")]
-    optimizer = torch.optim.Adam(params, lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss, n, _ = model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])
-        (loss / n).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return float(loss.detach() / n)
 
 
 def save(model, run, out: Path, meta: dict) -> Path:

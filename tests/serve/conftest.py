@@ -24,13 +24,14 @@ import openai
 import pytest
 import torch
 
+from tests.overfit import fit
+
 ANSWER = "The red circle moves to the left."
 QUESTIONS = ["What happens in the video?", "Describe the video.", "What colour is the moving shape?"]
 
 
 def fit_answer(model, videos: list[Path], steps: int = 60) -> float:
     """Teach ``model`` (projectors, fusion, LLM) to answer any of QUESTIONS about any of ``videos`` with ANSWER."""
-    from merv.data.batching import collate
     from merv.data.video import read_frames
     from merv.prompting import conversation_to_ids
 
@@ -43,17 +44,7 @@ def fit_answer(model, videos: list[Path], steps: int = 60) -> float:
         turns = [{"from": "human", "value": QUESTIONS[i % len(QUESTIONS)]}, {"from": "gpt", "value": ANSWER}]
         ids, labels = conversation_to_ids(model.tokenizer, turns, model.cfg.llm.prompt_format)
         examples.append({"videos": model.transform(per_encoder), "input_ids": ids, "labels": labels})
-    batch = collate(examples)
-    params = [p for name, p in model.named_parameters() if not name.startswith("encoders.")]
-    optimizer = torch.optim.Adam(params, lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss, n, _ = model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])
-        (loss / n).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    return float(loss.detach() / n)
+    return fit(model, examples, steps)
 
 
 @pytest.fixture(scope="session")
