@@ -193,7 +193,9 @@ def option_letters(n: int) -> list[str]:
 
 
 def mcq_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
-    """The multiple-choice prompt of the original MERV evaluation (answer: one option letter)."""
+    """The multiple-choice prompt of the original MERV evaluation (answer: one option letter), character for
+    character: the options follow a blank line and four spaces, one a line (the spaces come from the indentation of
+    the original's prompt literal, so only the first option's line carries them)."""
     letters = option_letters(len(options))
     lines = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options, strict=True))
-    return f"{question} {MCQ_INSTRUCTION.format(', '.join(letters))}\n\n{lines}"
+    return f"{question} {MCQ_INSTRUCTION.format(', '.join(letters))}\n\n    {lines}"
