@@ -18,12 +18,12 @@ code and written down with the source commit in ``tests/data/original_layout.jso
 Importing is strict: every tensor the configured model expects must come from the file with its shape, or a
 :class:`ConversionError` names the tensor. The file is read with ``weights_only=True`` (a pickle that carries code is
 refused, never executed) and memory-mapped, its digest is computed in chunks, and the weights are written as they
-are (in the config's ``dtype``), so memory stays near one copy of them.
+are (in the config's ``dtype``); the configured LLM is only built on the meta device to check shapes against, so
+memory stays near one copy of the weights.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import pickle
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from merv.checkpoint import CheckpointError, check_state, save_checkpoint
-from merv.config import RunConfig
-from merv.models.merv import MERV
+from merv.config import ModelConfig, RunConfig
+from merv.models.merv import MERV, add_tokens
 from merv.runtime import DTYPES
 from merv.weights import project_record
 
@@ -193,15 +193,33 @@ def _vocab_hint(state: dict, expected: dict) -> str:
     return ""
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the state of the model ``cfg`` describes, as :meth:`MERV.from_config` builds it, with
+    the LLM built on the meta device from its ``config.json`` (its weights, which an import replaces, are never
+    read; the encoders, which it keeps, are built as they are)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from merv.models.encoders import build_encoder
+    from merv.weights import resolve_model
+
+    cfg = resolve_model(cfg, ())
+    llm_path = Path(cfg.llm.weights)
+    if not (llm_path / "config.json").is_file():
+        raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_path))
+        add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of, mean_resizing=False)
+    model = MERV(cfg, llm, tokenizer, {e.id: build_encoder(e) for e in cfg.encoders})
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def import_original(path: str | Path, run: RunConfig, out: str | Path) -> Path:
     """Convert ``path`` for the model ``run`` describes and write a merv checkpoint folder at ``out``."""
     path, out = Path(path), Path(out)
     original = load_original_state(path)
     state = convert_state(original, run)
-    model = MERV.from_config(run.model)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    del model  # only its shapes are needed: the weights written are the file's own
-    gc.collect()
+    expected = expected_shapes(run.model)
     groups = sorted({k.split(".")[0] for k in state})
     try:
         check_state(state, expected, groups, str(path))

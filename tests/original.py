@@ -92,7 +92,7 @@ class OriginalFusion(nn.Module):
         return fused, weights[:, 0]
 
 
-def original_llm(folder: Path, noise: float = 0.02, seed: int = 11):
+def original_llm(folder: Path, noise: float = 0.02, seed: int = 11, pad: bool = True):
     """The original's LLM backbone for a Llama folder: loaded in float32 (the original's ``from_pretrained`` takes
     no dtype), a ``<PAD>`` token added and the rows resized to a multiple of 64; every weight then moved off the
     folder's values (as training does), so a model that kept the folder's weights, or held them in half precision,
@@ -101,9 +101,10 @@ def original_llm(folder: Path, noise: float = 0.02, seed: int = 11):
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     llm = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    llm.config.pad_token_id = tokenizer.pad_token_id
-    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if pad:  # pad=False: the vocabulary as the folder has it (a benchmark measuring code without this step)
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+        llm.config.pad_token_id = tokenizer.pad_token_id
+        llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in llm.parameters():

@@ -243,6 +243,18 @@ def test_loading_back_is_strict(frozen, tmp_path):
         load_checkpoint(folder)
 
 
+def test_the_import_never_reads_the_llm_folders_weights(frozen, tmp_path):
+    """The configured LLM is only built on the meta device to check shapes against (its weights would be a second
+    copy in memory: benchmarks/import_memory.py measures one copy per byte of checkpoint)."""
+    import shutil
+
+    shutil.copytree(frozen["run"].model.llm.weights, tmp_path / "llm", ignore=shutil.ignore_patterns("*.safetensors"))
+    data = frozen["run"].to_dict()
+    data["model"]["llm"]["weights"] = str(tmp_path / "llm")
+    import_original(frozen["path"], run_config_from_dict(data), tmp_path / "out")
+    assert (tmp_path / "out" / WEIGHTS).stat().st_size > 32064 * D * 4 * 2
+
+
 def test_the_digest_is_streamed(tmp_path):
     blob = torch.randn(1000).numpy().tobytes() * 7
     (tmp_path / "f").write_bytes(blob)
