@@ -190,6 +190,30 @@ def test_legacy_projector_and_adapter_names_and_one_encoder_cross_attention(spm_
     assert torch.equal(weights, torch.ones(2, 1))
 
 
+@pytest.mark.parametrize("kind", ["channel_concat", "learnable_scalar"])
+def test_the_originals_other_fusions_import(frozen, tmp_path, kind):
+    """concat_channel (a LinearProjector over the encoders' channels) and the ScalarAdapter (four logits)."""
+    data = frozen["run"].to_dict()
+    data["model"]["fusion"] = {"kind": kind, "attn_dim": None}
+    run = run_config_from_dict(data)
+    torch.manual_seed(3)
+    if kind == "channel_concat":
+        fusion = {"projector.weight": torch.randn(D, 4 * D), "projector.bias": torch.randn(D)}
+    else:
+        fusion = {"scalar": torch.randn(4)}
+    state = {**frozen["state"], "feature_fusion": fusion}
+    import_original(save_original(tmp_path / "orig.pt", state), run, tmp_path / "imported")
+    model, _, _ = load_checkpoint(tmp_path / "imported")
+    tokens = [torch.randn(2, 1024, D) for _ in range(4)]
+    with torch.no_grad():
+        got, _ = model.fusion(tokens)
+    if kind == "channel_concat":  # concatenate along channels, then the linear layer
+        want = torch.nn.functional.linear(torch.cat(tokens, -1), fusion["projector.weight"], fusion["projector.bias"])
+    else:  # (stack(tokens) * softmax(scalar)).sum(0)
+        want = (torch.stack(tokens, 0) * fusion["scalar"].softmax(0)[:, None, None, None]).sum(0)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 @pytest.fixture
 def original(frozen):
     """A fresh copy of the original-layout ``model`` dict to damage."""
