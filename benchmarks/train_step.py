@@ -76,7 +76,7 @@ def build(scale: str, tmp: Path):
             VivitModel(VivitConfig(num_frames=32, image_size=224)).save_pretrained(folder)
             enc["weights"] = str(folder)
         elif enc["kind"] == "languagebind_video":
-            write_standin(folder, 224, 16, size="large")
+            write_standin(folder, 224, 8, size="large")  # the real checkpoint: 8-frame clips
             enc["weights"] = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(data["model"]["llm"]["weights"])
     llm = LlamaConfig(

@@ -20,6 +20,7 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+LANGUAGEBIND_CLIP = 8  # vision_config.num_frames of LanguageBind_Video_merge
 TOY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
@@ -59,7 +60,9 @@ def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> Run
             )
             enc["weights"] = str(folder)
         elif enc["kind"] == "languagebind_video":
-            write_standin(folder, enc["image_size"], enc["num_frames"])
+            # 8-frame clips like the real checkpoint when the frame count allows it (16 frames: two clips of 8)
+            clip = LANGUAGEBIND_CLIP if enc["num_frames"] % LANGUAGEBIND_CLIP == 0 else enc["num_frames"]
+            write_standin(folder, enc["image_size"], clip)
             enc["weights"] = str(folder)
 
     llm = data["model"]["llm"]
