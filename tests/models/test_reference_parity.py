@@ -29,3 +29,7 @@ def test_vivit_matches_transformers_vivitmodel(tmp_path):
 @pytest.mark.parametrize("encoder", ["dinov2", "siglip"])
 def test_timm_encoders_match_get_intermediate_layers(encoder, tmp_path):
     assert getattr(parity, encoder)(tmp_path) <= TOLERANCE
+
+
+def test_hiera_matches_the_hiera_package_as_the_original_takes_it(tmp_path):
+    assert parity.hiera(tmp_path) <= TOLERANCE

@@ -125,3 +125,30 @@ def dinov2(tmp: Path) -> float:
 def siglip(tmp: Path) -> float:
     return timm_penultimate("vit_base_patch16_siglip_224", tmp, native=48, size=32, embed_dim=64, depth=3,
                             num_heads=4)  # fmt: skip
+
+
+# hiera_base_plus_16x224's video layout (hiera-transformer 0.1.4), scaled down: 16-frame views, 4 stages
+HIERA_SMALL = {
+    "input_size": [16, 64, 64], "q_stride": [1, 2, 2], "mask_unit_size": [1, 8, 8], "patch_kernel": [3, 7, 7],
+    "patch_stride": [2, 4, 4], "patch_padding": [1, 3, 3], "sep_pos_embed": True, "embed_dim": 16, "num_heads": 1,
+    "stages": [1, 2, 3, 1], "num_classes": 10,
+}  # fmt: skip
+
+
+def hiera(tmp: Path, frames: int = 32, seed: int = 0) -> float:
+    """The original's rule on the hiera package's model: views of 16 frames, last stage's intermediate, in order."""
+    from hiera import Hiera
+
+    torch.manual_seed(seed)
+    Hiera(**HIERA_SMALL).save_pretrained(tmp / "hiera")
+    reference = Hiera.from_pretrained(tmp / "hiera").eval()  # how the original loads its hub checkpoints
+    cfg = EncoderConfig(id="hiera", kind="hiera_video", weights=str(tmp / "hiera"), num_frames=frames, image_size=64)
+    encoder = build_encoder(cfg).eval()
+    video = torch.randn(2, frames, 3, 64, 64)  # [B, F, C, H, W]
+    b, f, c, h, w = video.shape
+    with torch.no_grad():
+        views = video.reshape(-1, 16, c, h, w).permute(0, 2, 1, 3, 4).contiguous()
+        expected = reference(views, return_intermediates=True)[1][-1]
+        expected = expected.reshape(b, -1, expected.shape[-1])  # [B, views x T' x H' x W', C]
+        ours = encoder(video).flatten(1, 2)
+    return max_abs_diff(ours, expected)
