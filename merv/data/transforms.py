@@ -19,8 +19,8 @@ evaluation and serving, and a rerun reproduces it; distinct clips are flipped in
 the ``preprocessor_config.json`` beside transformers weights, CLIP's constants for LanguageBind, Hiera's own for
 Hiera. Frames are scaled to [0, 1] and normalised with the encoder's mean and std (ViViT's processor additionally
 rescales to [-1, 1] before normalising; the original MERV, like merv, does not). Resizing is bilinear with
-antialiasing for every encoder (LanguageBind's own transform resizes without it: equal when the stored frames already
-have the encoder's short side, as merv's shards do for a cropping encoder).
+antialiasing for every encoder (LanguageBind's own transform resizes without it: the two agree exactly when the
+stored frames' short side is already S, and differ slightly when they must be downscaled).
 """
 
 from __future__ import annotations

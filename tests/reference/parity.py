@@ -47,6 +47,7 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def languagebind(python: Path, tmp: Path, frame_counts=(8, 16), seed: int = 0) -> dict[int, float]:
     """{frames: max abs diff} of merv's LanguageBind encoder against LanguageBind's code on the same folder."""
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(LANGUAGEBIND_SMALL))
     folder = tmp / "LanguageBind_Video_small"
     torch.manual_seed(seed)
