@@ -11,7 +11,8 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo miniature test lint unit clean help slurm-profile slurm-packages browser-packages lmms-eval-packages
+.PHONY: setup demo miniature test lint unit clean help slurm-profile slurm-packages browser-packages lmms-eval-packages \
+	reference-venvs
 
 help:
 	@echo "make demo   - set up and run the pipeline on the built-in default -> results/merv_tiny/eval.json"
@@ -65,7 +66,12 @@ lmms-eval-packages: setup
 	@$(BIN)/python -c "import lmms_eval" 2>/dev/null && echo "lmms-eval already installed" || \
 	  $(BIN)/python -m merv.integrations.install_lmms_eval
 
-test: lint slurm-packages browser-packages lmms-eval-packages
+# the parity tests run reference implementations that need other pins than merv's (LanguageBind's code: transformers
+# 4.x) in venvs of their own under .cache/venvs/, rebuilt when tests/reference/*-requirements.txt changes (~2 min)
+reference-venvs: setup
+	$(BIN)/python -m tests.reference.venvs languagebind
+
+test: lint slurm-packages browser-packages lmms-eval-packages reference-venvs
 	pytest -q
 
 # lets `snakemake --profile slurm ...` find profiles/slurm (Snakemake looks in the user's config folder)

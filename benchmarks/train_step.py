@@ -76,7 +76,7 @@ def build(scale: str, tmp: Path):
             VivitModel(VivitConfig(num_frames=32, image_size=224)).save_pretrained(folder)
             enc["weights"] = str(folder)
         elif enc["kind"] == "languagebind_video":
-            write_standin(folder, 224, 16, size="large")
+            write_standin(folder, 224, 8, size="large")  # the real checkpoint: 8-frame clips
             enc["weights"] = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(data["model"]["llm"]["weights"])
     llm = LlamaConfig(
@@ -187,7 +187,7 @@ def liger_available(device: str) -> bool:
     return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
 
-def memory_plan(run, text: int) -> list[dict]:
+def memory_plan(run, text: int, model=None) -> list[dict]:
     """Peak GPU memory, estimated, for batch sizes with and without activation checkpointing (stage 2 with bf16
     parameters under FSDP2's policy, one GPU, encoders on the fly):
 
@@ -197,17 +197,16 @@ def memory_plan(run, text: int) -> list[dict]:
     - the LLM's activations kept for backward, with SDPA/flash attention: ~34 x hidden bytes per token and layer
       (Korthikanti et al., 2022); with checkpointing only each layer's input (2 x hidden bytes) plus one layer
       recomputed at a time. The LM head runs on target positions only (half of the text here), in fp32.
-    """
-    from transformers import AutoConfig
 
+    ``model``: the MERV to plan for (e.g. built on the meta device at full size); built from ``run`` when None.
+    """
     from merv.models.merv import MERV
 
-    llm = AutoConfig.from_pretrained(run.model.llm.weights)
+    model = model if model is not None else MERV.from_config(run.model)
+    llm = model.llm.config
     hidden, layers, vocab = llm.hidden_size, llm.num_hidden_layers, llm.vocab_size
-    model = MERV.from_config(run.model)
     trained = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoders."))
     frozen = sum(p.numel() for p in model.encoders.parameters())
-    del model
     states = 18 * trained + 6 * frozen
     rows = []
     for batch in (1, 2, 4, 8, 16, 32):

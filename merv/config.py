@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-EncoderKind = Literal["timm_image", "hf_image", "hf_video", "languagebind_video"]
+EncoderKind = Literal["timm_image", "hf_image", "hf_video", "languagebind_video", "hiera_video"]
 PoolingKind = Literal["avgpool3d", "avgpool2d", "conv3d", "attentive"]
 HeadKind = Literal["linear", "mlp"]
 FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "sequence_concat", "single"]
@@ -61,6 +61,10 @@ class EncoderConfig:
     crop_pct: float | None = None  # for "crop" (default: the encoder's own, else 1.0)
     mean: tuple[float, ...] | None = None  # normalisation (default: the encoder's own)
     std: tuple[float, ...] | None = None
+    # Probability of mirroring a clip left-right (all its frames together). LanguageBind's own video transform, which
+    # the original MERV uses, flips with 0.5 at training and at evaluation alike; merv draws the coin from the clip's
+    # pixels, so a clip is flipped the same way in training, feature caches, evaluation and serving.
+    hflip: float = 0.0
     cache: bool = True  # with train.features "cached": read this encoder's features from a cache (False: run it)
     source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>" or "timm:<model name>"
 
@@ -78,6 +82,8 @@ class EncoderConfig:
             value = getattr(self, name)
             if value is not None and len(value) != 3:
                 raise ValueError(f"encoder {self.id!r}: {name} needs 3 values (R, G, B), got {list(value)}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"encoder {self.id!r}: hflip is a probability in [0, 1], got {self.hflip}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError(f"encoder {self.id!r}: crop_pct must be in (0, 1], got {self.crop_pct}")
 

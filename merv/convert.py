@@ -209,7 +209,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_path))
-        add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of, mean_resizing=False)
+        add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of)
     model = MERV(cfg, llm, tokenizer, {e.id: build_encoder(e) for e in cfg.encoders})
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 

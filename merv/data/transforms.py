@@ -6,18 +6,27 @@ size); each encoder then takes its own frames from the shared stack and resizes 
 
 - ``squash``: the whole frame resized to ``S x S`` (what SigLIP's processor does, and what the original MERV does for
   every encoder: its ``resize-naive`` strategy);
-- ``crop``: the short side resized to ``floor(S / crop_pct)``, then the centre ``S x S`` (timm's eval transform,
-  CLIP/LanguageBind, ViViT's and DINOv2's transformers processors).
+- ``crop``: the short side resized to ``floor(S / crop_pct)`` (the long side in proportion, rounded down), then the
+  centre ``S x S``, its offset rounded as torchvision's ``CenterCrop`` does (timm's eval transform, LanguageBind's own
+  video transform, ViViT's and DINOv2's transformers processors).
+
+An encoder with ``hflip`` > 0 then mirrors the whole clip left-right with that probability, as LanguageBind's own
+transform does (``RandomHorizontalFlipVideo(p=0.5)``, at evaluation too). The coin is drawn from a digest of the clip's
+pixels instead of a global random state: the same clip gets the same flip in the loader workers, the feature cache,
+evaluation and serving, and a rerun reproduces it; distinct clips are flipped independently with that probability.
 
 ``auto`` (the default) reads what the encoder's own processor does: timm's pretrained config of the architecture,
-the ``preprocessor_config.json`` beside transformers weights, CLIP's constants for LanguageBind. Frames are scaled to
-[0, 1] and normalised with the encoder's mean and std (ViViT's processor additionally rescales to [-1, 1] before
-normalising; the original MERV, like merv, does not). Resizing is bilinear with antialiasing for every encoder.
+the ``preprocessor_config.json`` beside transformers weights, CLIP's constants for LanguageBind, Hiera's own for
+Hiera. Frames are scaled to [0, 1] and normalised with the encoder's mean and std (ViViT's processor additionally
+rescales to [-1, 1] before normalising; the original MERV, like merv, does not). Resizing is bilinear with
+antialiasing for every encoder (LanguageBind's own transform resizes without it: the two agree exactly when the
+stored frames' short side is already S, and differ slightly when they must be downscaled).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ from merv.config import EncoderConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
+HIERA_MEAN, HIERA_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class Preprocess:
     crop_pct: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    hflip: float = 0.0
 
     @property
     def source_short_side(self) -> int:
@@ -51,6 +62,7 @@ class Preprocess:
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+        flip = self.hflip > 0 and clip_coin(x) < self.hflip
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # [T, 3, H, W]
         h, w = x.shape[-2:]
         if self.resize == "squash":
@@ -58,14 +70,21 @@ class Preprocess:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
         else:
             short = math.floor(self.size / self.crop_pct)
-            th, tw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+            th, tw = (short, max(short, w * short // h)) if h <= w else (max(short, h * short // w), short)
             if (h, w) != (th, tw):
                 x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True)
-            top, left = (th - self.size) // 2, (tw - self.size) // 2
+            top, left = round((th - self.size) / 2), round((tw - self.size) / 2)  # as torchvision's center_crop
             x = x[..., top : top + self.size, left : left + self.size]
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        x = (x - mean) / std
+        return (x.flip(-1) if flip else x).contiguous()
+
+
+def clip_coin(frames: torch.Tensor) -> float:
+    """A number in [0, 1) drawn from a digest of the uint8 clip: uniform over distinct clips, fixed for one clip."""
+    digest = hashlib.blake2b(frames.contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
 
 def _native(cfg: EncoderConfig, read_weights: bool = True) -> dict:
@@ -82,8 +101,10 @@ def _native(cfg: EncoderConfig, read_weights: bool = True) -> dict:
             return {}
         pcfg = pcfg.to_dict() if hasattr(pcfg, "to_dict") else dict(pcfg)
         return {"resize": "crop", "crop_pct": pcfg.get("crop_pct") or 1.0, "mean": pcfg["mean"], "std": pcfg["std"]}
-    if cfg.kind == "languagebind_video":
+    if cfg.kind == "languagebind_video":  # LanguageBind's video transform: short side to S, centre crop, CLIP's stats
         return {"resize": "crop", "crop_pct": 1.0, "mean": CLIP_MEAN, "std": CLIP_STD}
+    if cfg.kind == "hiera_video":  # Hiera's own evaluation transform: resize to 256, centre crop 224, Kinetics stats
+        return {"resize": "crop", "crop_pct": 224 / 256, "mean": HIERA_MEAN, "std": HIERA_STD}
     path = Path(cfg.weights) / "preprocessor_config.json"
     if not read_weights or not path.is_file():
         return {}
@@ -112,7 +133,7 @@ def preprocess_for(cfg: EncoderConfig) -> Preprocess:
     """The transform of an encoder whose preprocessing is explicit (see :func:`with_preprocessing`)."""
     if cfg.resize == "auto" or cfg.mean is None or cfg.std is None:
         cfg = with_preprocessing(cfg)
-    return Preprocess(cfg.image_size, cfg.resize, cfg.crop_pct or 1.0, tuple(cfg.mean), tuple(cfg.std))
+    return Preprocess(cfg.image_size, cfg.resize, cfg.crop_pct or 1.0, tuple(cfg.mean), tuple(cfg.std), cfg.hflip)
 
 
 def frame_size(encoders, read_weights: bool = True) -> int:

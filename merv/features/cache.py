@@ -92,7 +92,7 @@ def encoder_key(model: ModelConfig, encoder: EncoderConfig, dtype: str) -> dict:
         "feature_layer": encoder.feature_layer,
         "num_frames": encoder.num_frames,
         "image_size": encoder.image_size,
-        "preprocess": {k: getattr(encoder, k) for k in ("resize", "crop_pct", "mean", "std")},
+        "preprocess": {k: getattr(encoder, k) for k in ("resize", "crop_pct", "mean", "std", "hflip")},
         "pooling": ({k: v for k, v in dataclasses.asdict(model.projector).items() if k != "head"} if pooled else None),
         "dtype": dtype,
     }

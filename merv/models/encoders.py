@@ -185,8 +185,13 @@ def build_encoder(cfg: EncoderConfig) -> VisualEncoder:
         from merv.models.languagebind import LanguageBindVideoEncoder
 
         return LanguageBindVideoEncoder(cfg)
+    if cfg.kind == "hiera_video":  # the hiera package is an optional extra
+        from merv.models.hiera import HieraVideoEncoder
+
+        return HieraVideoEncoder(cfg)
     try:
         cls = ENCODERS[cfg.kind]
     except KeyError:
-        raise ValueError(f"unknown encoder kind {cfg.kind!r}; available: {sorted(ENCODERS)}") from None
+        kinds = sorted([*ENCODERS, "languagebind_video", "hiera_video"])
+        raise ValueError(f"unknown encoder kind {cfg.kind!r}; available: {kinds}") from None
     return cls(cfg)

@@ -6,7 +6,13 @@ attends to itself across the frames (its own pre-norm and CLIP attention, residu
 LanguageBind folder (``config.json`` with ``vision_config.add_time_attn`` and ``num_frames``; weights in
 ``model.safetensors`` or ``pytorch_model.bin``), reusing transformers' CLIP layers for the spatial part. Every vision
 weight of the checkpoint must be consumed: a folder that does not fit fails loudly instead of silently dropping the
-temporal layers. The text tower and projections of the checkpoint are not needed and are ignored.
+temporal layers. The text tower and projections of the checkpoint are not needed and are ignored, and so is the
+``position_ids`` buffer that folders saved with transformers 4.x carry (a constant ``arange``, not a weight).
+
+The temporal embedding has ``vision_config.num_frames`` positions (8 for ``LanguageBind_Video_merge``): that is the
+clip length. LanguageBind's code folds frames into clips of that length, so a video of T frames runs as T / clip
+clips, each attending over its own frames with temporal positions 0..clip-1; the original MERV feeds its 8-frame
+checkpoint 16 frames that way (two clips of 8). merv does the same, so T must be a multiple of the clip length.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ _TEMPORAL = re.compile(
 )
 _OURS = {"temporal_embedding": "embedding", "temporal_attn": "attn", "temporal_layer_norm1": "norm"}
 _THEIRS = {v: k for k, v in _OURS.items()}
+# Buffers a checkpoint may carry that are not weights: transformers 4.x saved CLIP's position ids (LanguageBind's own
+# CLIPVisionEmbeddings registers them as persistent); transformers 5 keeps them out of the state dict.
+_BUFFERS = ("vision.embeddings.position_ids",)
 
 
 class TemporalBlock(nn.Module):
@@ -94,23 +103,24 @@ class LanguageBindVideoEncoder(VisualEncoder):
         vision = raw.get("vision_config", raw)
         if not vision.get("add_time_attn"):
             raise ValueError(f"encoder {cfg.id!r}: {path} is not a LanguageBind-Video folder (no add_time_attn)")
-        if vision.get("num_frames") != cfg.num_frames or vision.get("image_size") != cfg.image_size:
+        clip = vision.get("num_frames")
+        if not isinstance(clip, int) or clip < 1 or vision.get("image_size") != cfg.image_size:
             raise ValueError(
-                f"encoder {cfg.id!r}: config asks for {cfg.num_frames} frames at {cfg.image_size}px but {path} is "
-                f"built for {vision.get('num_frames')} frames at {vision.get('image_size')}px"
+                f"encoder {cfg.id!r}: config asks for {cfg.image_size}px but {path} is built for "
+                f"{vision.get('image_size')}px (vision_config.num_frames: {clip!r})"
+            )
+        if cfg.num_frames % clip:
+            raise ValueError(
+                f"encoder {cfg.id!r}: num_frames {cfg.num_frames} is not a multiple of the {clip}-frame clips {path} "
+                f"is built for (LanguageBind runs a video as clips of {clip} frames, each with temporal positions "
+                f"0-{clip - 1}): use {clip}, {2 * clip}, ..."
             )
         known = CLIPVisionConfig().to_dict()
         vcfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k in known and k != "model_type"})
         self.vision = CLIPVisionModel(vcfg)
-        self.temporal = nn.ModuleList(TemporalBlock(vcfg, cfg.num_frames) for _ in range(vcfg.num_hidden_layers))
-        state = to_ours(read_checkpoint(path))
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("position_ids")]
-        if missing or unexpected:
-            raise ValueError(
-                f"encoder {cfg.id!r}: {path} does not fit a LanguageBind-Video tower: missing {missing[:4]}, "
-                f"unexpected {unexpected[:4]}"
-            )
+        self.temporal = nn.ModuleList(TemporalBlock(vcfg, clip) for _ in range(vcfg.num_hidden_layers))
+        self.clip_frames = clip
+        self._load(to_ours(read_checkpoint(path)), f"encoder {cfg.id!r}: {path}")
         if cfg.feature_layer is not None:  # MERV takes hidden_states[-2]: the last block is never needed
             keep = layer_index(cfg.feature_layer, vcfg.num_hidden_layers, cfg.id)
             self.vision.encoder.layers = self.vision.encoder.layers[:keep]
@@ -120,12 +130,31 @@ class LanguageBindVideoEncoder(VisualEncoder):
         self.temporal_positions = cfg.num_frames
         self.tokens_per_frame = (cfg.image_size // vcfg.patch_size) ** 2
 
+    def _load(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Load the vision weights strictly: every tensor this tower has, with its shape, and nothing else besides the
+        known non-weight buffers (:data:`_BUFFERS`)."""
+        own = self.state_dict()
+        for key in _BUFFERS:
+            if key in state and key not in own:
+                state = {k: v for k, v in state.items() if k != key}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k} {list(state[k].shape)} (expected {list(own[k].shape)})"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]  # fmt: skip
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"{where} does not fit a LanguageBind-Video tower: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                + (f", shapes {shapes[:4]}" if shapes else "")
+            )
+        self.load_state_dict(state)
+
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """Frames -> ``hidden_states[feature_layer]`` (the last block's output when it is None), CLS dropped."""
+        """Frames -> ``hidden_states[feature_layer]`` (the last block's output when it is None), CLS dropped. A video
+        longer than the checkpoint's clip runs as consecutive clips, as LanguageBind's own code runs it."""
         b, t = video.shape[:2]
         x = self.vision.pre_layrnorm(self.vision.embeddings(video.flatten(0, 1)))  # [B*T, 1 + N, D]
         for layer, temporal in zip(self.vision.encoder.layers, self.temporal, strict=True):
-            x = temporal(x, t)
+            x = temporal(x, self.clip_frames)  # [B*T/clip clips of clip frames]
             x = x + layer.self_attn(hidden_states=layer.layer_norm1(x))[0]
             x = x + layer.mlp(layer.layer_norm2(x))
         return x[:, self.prefix_tokens :].unflatten(0, (b, t))  # CLS dropped: [B, T, N, D]
@@ -139,7 +168,8 @@ SIZES = {
 
 def write_standin(folder: Path, image_size: int, num_frames: int, patch_size: int = 14, size: str = "toy") -> None:
     """A LanguageBind-Video folder with random weights in LanguageBind's own layout (config.json +
-    model.safetensors): ``toy`` for tests, ``large`` (ViT-L/14, the real size) for benchmarks."""
+    model.safetensors, with the ``position_ids`` buffer transformers 4.x saves): ``toy`` for tests, ``large``
+    (ViT-L/14, the real size) for benchmarks. ``num_frames`` is the checkpoint's clip length (the real one's is 8)."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -155,6 +185,7 @@ def write_standin(folder: Path, image_size: int, num_frames: int, patch_size: in
     parts.vision = CLIPVisionModel(vcfg)
     parts.temporal = nn.ModuleList(TemporalBlock(vcfg, num_frames) for _ in range(vcfg.num_hidden_layers))
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in to_theirs(parts.state_dict()).items() if not k.endswith("position_ids")}
+    state = {k: v.contiguous() for k, v in to_theirs(parts.state_dict()).items()}
+    state["vision_model.embeddings.position_ids"] = torch.arange((image_size // patch_size) ** 2 + 1).unsqueeze(0)
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_type": "LanguageBindVideo", "vision_config": vision}))

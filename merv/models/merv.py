@@ -26,17 +26,16 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
-def add_tokens(
-    llm: nn.Module, tokenizer, tokens: dict[str, str], multiple: int | None, mean_resizing: bool = True
-) -> None:
+def add_tokens(llm: nn.Module, tokenizer, tokens: dict[str, str], multiple: int | None) -> None:
     """Add special ``tokens`` to ``tokenizer`` and resize ``llm``'s embedding rows (and an untied LM head) to the
     tokenizer's length rounded up to ``multiple``, with transformers' own ``resize_token_embeddings``, as the
-    original does; the pad token id goes into the LLM's config. Nothing changes when neither is asked for.
-    ``mean_resizing=False`` for a model on the meta device (new rows drawn around the old rows' mean need values)."""
+    original does; the pad token id goes into the LLM's config. Nothing changes when neither is asked for. (On the
+    meta device the new rows are not drawn around the old rows' mean: there are no values to take it from.)"""
     if not tokens and multiple is None:
         return
     tokenizer.add_special_tokens(dict(tokens))
-    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=mean_resizing)
+    on_meta = llm.get_input_embeddings().weight.device.type == "meta"
+    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=not on_meta)
     if tokenizer.pad_token_id is not None:
         llm.config.pad_token_id = tokenizer.pad_token_id
 

@@ -20,6 +20,8 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+LANGUAGEBIND_CLIP = 8  # vision_config.num_frames of LanguageBind_Video_merge
+HIERA_CLIP = 16  # input_size[0] of the video Hiera checkpoints
 TOY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
 
@@ -33,6 +35,15 @@ def _hf_vision_config(model_type: str, image_size: int, num_frames: int):
         extra = {**extra, "mlp_ratio": 2, "patch_size": 14}
         return AutoConfig.for_model(model_type, **{k: v for k, v in TOY.items() if k != "intermediate_size"}, **extra)
     return AutoConfig.for_model(model_type, **TOY, **extra)
+
+
+def hiera_standin_config(image_size: int, num_frames: int) -> dict:
+    """A toy video Hiera in the layout of the Kinetics checkpoints (16-frame views, 4 stages, 3 q-pooling steps)."""
+    clip = HIERA_CLIP if num_frames % HIERA_CLIP == 0 else num_frames
+    video = {"q_stride": [1, 2, 2], "mask_unit_size": [1, 8, 8], "patch_kernel": [3, 7, 7], "patch_stride": [2, 4, 4],
+             "patch_padding": [1, 3, 3], "sep_pos_embed": True}  # fmt: skip
+    return {"input_size": [clip, image_size, image_size], **video, "embed_dim": 16, "num_heads": 1,
+            "stages": [1, 1, 2, 1], "num_classes": 4}  # fmt: skip
 
 
 def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> RunConfig:
@@ -58,8 +69,15 @@ def build_standin_weights(run: RunConfig, out: str | Path, seed: int = 0) -> Run
                 folder
             )
             enc["weights"] = str(folder)
+        elif enc["kind"] == "hiera_video":
+            from merv.models.hiera import import_hiera
+
+            import_hiera()(**hiera_standin_config(enc["image_size"], enc["num_frames"])).save_pretrained(folder)
+            enc["weights"] = str(folder)
         elif enc["kind"] == "languagebind_video":
-            write_standin(folder, enc["image_size"], enc["num_frames"])
+            # 8-frame clips like the real checkpoint when the frame count allows it (16 frames: two clips of 8)
+            clip = LANGUAGEBIND_CLIP if enc["num_frames"] % LANGUAGEBIND_CLIP == 0 else enc["num_frames"]
+            write_standin(folder, enc["image_size"], clip)
             enc["weights"] = str(folder)
 
     llm = data["model"]["llm"]

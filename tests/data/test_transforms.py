@@ -78,3 +78,60 @@ def test_video_inputs_pick_each_encoders_frames():
     with pytest.raises(ValueError, match="encoder 'c' needs 3: reshard"):
         video_inputs((enc(id="c", num_frames=3),), sample)
     assert preprocess_for(b).resize == "squash"
+
+
+def original_languagebind_transform(frames: np.ndarray, flip: bool) -> torch.Tensor:
+    """LanguageBind's video transform as the original MERV composes it (its processing_video.get_video_transform):
+    /255, NormalizeVideo(CLIP), ShortSideScale(224) (long side floor(long / short * 224), bilinear), CenterCropVideo
+    (224), RandomHorizontalFlipVideo -- torchvision's own video transforms, on a [C, T, H, W] clip."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchvision.transforms._transforms_video import CenterCropVideo, NormalizeVideo, RandomHorizontalFlipVideo
+
+    from merv.data.transforms import CLIP_STD
+
+    x = torch.as_tensor(frames).permute(3, 0, 1, 2).float() / 255.0  # [C, T, H, W]
+    x = NormalizeVideo(CLIP_MEAN, CLIP_STD)(x)
+    c, t, h, w = x.shape
+    size = (int(h / w * 224), 224) if w < h else (224, int(w / h * 224))
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x = CenterCropVideo(224)(x)
+    x = RandomHorizontalFlipVideo(p=1.0 if flip else 0.0)(x)
+    return x.permute(1, 0, 2, 3)  # [T, C, H, W] as merv returns it
+
+
+@pytest.mark.parametrize("width", [299, 300, 224])
+def test_languagebind_frames_as_the_original_prepares_them(width):
+    """Frames whose short side is already 224 (what merv's shards store for it): merv's crop, CLIP statistics and
+    flip give LanguageBind's own transform's tensor, for odd and even margins and with and without the flip."""
+    from merv.config import resolve_run_config
+
+    lb = next(e for e in resolve_run_config("merv-frozen").model.encoders if e.kind == "languagebind_video")
+    clip = np.random.default_rng(width).integers(0, 256, (4, 224, width, 3), dtype=np.uint8)
+    for hflip in (0.0, 1.0):
+        ours = preprocess_for(dataclasses.replace(lb, hflip=hflip))(clip)
+        expected = original_languagebind_transform(clip, flip=hflip == 1.0)
+        assert ours.shape == expected.shape == (4, 3, 224, 224)
+        assert (ours - expected).abs().max() < 1e-5, (width, hflip)
+
+
+def test_the_flip_is_a_per_clip_coin_with_its_probability():
+    """hflip 0.5: about half of distinct clips are mirrored (all their frames together), the same clip always the same
+    way; hflip 0 never flips."""
+    flip = Preprocess(8, "squash", 1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), hflip=0.5)
+    keep = dataclasses.replace(flip, hflip=0.0)
+    rng = np.random.default_rng(0)
+    flipped = 0
+    for _ in range(200):
+        clip = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+        out, plain = flip(clip), keep(clip)
+        assert torch.equal(flip(clip), out), "the same clip gets the same coin"
+        if torch.equal(out, plain.flip(-1)) and not torch.equal(out, plain):
+            flipped += 1
+        else:
+            assert torch.equal(out, plain)
+    assert 70 <= flipped <= 130, flipped  # 200 fair coins: 100 +- 4.2 sigma
+    with pytest.raises(ValueError, match="hflip is a probability"):
+        enc(hflip=1.5)

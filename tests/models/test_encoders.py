@@ -58,7 +58,7 @@ def test_languagebind_hidden_states_minus_two(frozen):
         x = full.vision.pre_layrnorm(full.vision.embeddings(video.flatten(0, 1)))
         hidden.append(x)
         for layer, temporal in zip(full.vision.encoder.layers, full.temporal, strict=True):
-            x = temporal(x, cfg.num_frames)
+            x = temporal(x, full.clip_frames)  # 16 frames: two clips of the stand-in's 8
             x = x + layer.self_attn(hidden_states=layer.layer_norm1(x))[0]
             x = x + layer.mlp(layer.layer_norm2(x))
             hidden.append(x)

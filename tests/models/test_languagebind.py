@@ -58,6 +58,42 @@ def test_a_folder_without_temporal_layers_is_refused(folder, tmp_path):
         LanguageBindVideoEncoder(cfg(tmp_path / "clip"))
 
 
-def test_frame_count_must_match(folder):
-    with pytest.raises(ValueError, match="asks for 8 frames at 28px but .* built for 4 frames"):
-        LanguageBindVideoEncoder(cfg(folder, frames=8))
+def test_frames_run_as_clips_of_the_checkpoints_length(folder):
+    """A 4-frame checkpoint fed 8 frames runs two clips of 4 (positions 0-3 each), as LanguageBind's code does: the
+    second clip's output equals the first's when it holds the same frames, and no frame of one clip sees the other."""
+    torch.manual_seed(0)
+    enc = LanguageBindVideoEncoder(cfg(folder, frames=8)).eval()
+    assert enc.temporal_positions == 8 and enc.clip_frames == 4
+    clip = torch.randn(1, 4, 3, 28, 28)
+    other = torch.randn(1, 4, 3, 28, 28)
+    with torch.no_grad():
+        twice = enc(torch.cat([clip, clip], 1))
+        mixed = enc(torch.cat([clip, other], 1))
+        alone = LanguageBindVideoEncoder(cfg(folder, frames=4)).eval()(clip)
+    assert twice.shape == (1, 8, 4, 32)
+    assert torch.allclose(twice[:, :4], twice[:, 4:], atol=1e-6) and torch.allclose(twice[:, :4], alone, atol=1e-6)
+    assert torch.allclose(mixed[:, :4], alone, atol=1e-6), "the first clip does not see the second"
+
+
+def test_frame_count_must_be_a_multiple_of_the_clip(folder):
+    with pytest.raises(ValueError, match="num_frames 6 is not a multiple of the 4-frame clips"):
+        LanguageBindVideoEncoder(cfg(folder, frames=6))
+    with pytest.raises(ValueError, match="asks for 56px but .* built for 28px"):
+        LanguageBindVideoEncoder(cfg(folder, size=56))
+
+
+def test_position_ids_are_accepted_and_anything_else_is_refused(folder):
+    """Folders saved by transformers 4.x carry ``vision_model.embeddings.position_ids``; any other extra tensor, or a
+    tensor of the wrong shape, is still refused, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    assert "vision_model.embeddings.position_ids" in state, "the stand-in is saved as the hub ships it"
+    LanguageBindVideoEncoder(cfg(folder))
+    save_file({**state, "vision_model.encoder.layers.0.extra": torch.zeros(2)}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected \['vision.encoder.layers.0.extra'\]"):
+        LanguageBindVideoEncoder(cfg(folder))
+    key = "vision_model.encoder.layers.0.temporal_embedding"
+    save_file({**state, key: torch.zeros(1, 5, 32)}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"shapes \['temporal.0.embedding \[1, 5, 32\] \(expected \[1, 4, 32\]\)"):
+        LanguageBindVideoEncoder(cfg(folder))

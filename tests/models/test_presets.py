@@ -12,7 +12,8 @@ PAPER = [p for p in available_presets() if not p.startswith("merv-tiny")]  # mer
 
 def test_the_paper_presets_are_there():
     assert {"merv-frozen", "merv-full", "siglip-single", "dinov2-single", "vivit-single", "languagebind-single",
-            "merv-channel-concat", "merv-sequence-concat", "merv-learnable-scalar"} <= set(PAPER)  # fmt: skip
+            "merv-channel-concat", "merv-sequence-concat", "merv-learnable-scalar",
+            "hiera-single"} <= set(PAPER)  # fmt: skip
     full = resolve_run_config("merv-full")
     assert [s.name for s in full.train.stages] == ["align", "finetune"] and full.train.stage("align").lr == 1e-4
     frames = {e.id: e.num_frames for e in full.model.encoders}
@@ -34,12 +35,16 @@ def test_the_paper_presets_are_there():
 @pytest.mark.parametrize("preset", PAPER)
 def test_paper_presets_run_the_papers_recipe(preset):
     """bf16 mixed precision, activation checkpointing, FSDP full-shard for every stage (merv-full's stage 1 too),
-    seed 7, and frames squashed to 224 x 224 as the original's resize-naive strategy does."""
+    seed 7, and frames squashed to 224 x 224 as the original's resize-naive strategy does, except LanguageBind's: the
+    original always runs LanguageBind's own transform (short side to 224, centre crop, random flip at p 0.5)."""
     run = resolve_run_config(preset)
     assert run.train.seed == 7
     for stage in run.train.stages:
         assert (stage.mixed_precision, stage.activation_checkpointing, stage.fsdp) == ("bf16", True, "full_shard")
-    assert {e.resize for e in run.model.encoders} == {"squash"} and {e.image_size for e in run.model.encoders} == {224}
+    for e in run.model.encoders:
+        own = (e.resize, e.hflip) == ("crop", 0.5) and e.mean is e.std is None  # CLIP's stats: see transforms
+        assert own if e.kind == "languagebind_video" else (e.resize, e.hflip) == ("squash", 0.0), e.id
+    assert {e.image_size for e in run.model.encoders} == {224}
 
 
 @pytest.mark.parametrize("preset", PAPER)
@@ -53,7 +58,7 @@ def test_preset_builds_with_standins(preset, tmp_path):
     # the stand-ins are the real families: a timm SigLIP/DINOv2 ViT, a transformers ViViT, a Llama LLM
     assert type(model.llm).__name__ == "LlamaForCausalLM"
     dropped = {n: e.prefix_tokens for n, e in model.encoders.items()}
-    expected = {"languagebind": 1, "dinov2": 5, "vivit": 1, "siglip": 0}  # CLS; CLS + 4 registers; CLS; none
+    expected = {"languagebind": 1, "dinov2": 5, "vivit": 1, "siglip": 0, "hiera": 0}  # CLS; CLS + 4 registers; ...
     assert dropped == {n: expected[n] for n in dropped}
 
 
