@@ -21,7 +21,7 @@ def state_of_groups(state: dict, groups: list[str]) -> dict:
 
 
 def save_checkpoint(
-    model: MERV,
+    model: MERV | None,
     run: RunConfig,
     out: Path,
     meta: dict,
@@ -30,7 +30,8 @@ def save_checkpoint(
 ) -> None:
     """Write atomically: into ``<out>.tmp`` then rename, so a crash never leaves a half checkpoint at ``out``.
 
-    ``full_state`` is the gathered state dict of a sharded model (default: ``model.state_dict()``).
+    ``full_state`` is the gathered state dict of a sharded model, or the weights of an import (default:
+    ``model.state_dict()``).
     """
     from safetensors.torch import save_file
 
@@ -55,23 +56,58 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_checkpoint(path: str | Path, model: MERV | None = None) -> tuple[MERV, RunConfig, dict]:
+class CheckpointError(ValueError):
+    """A checkpoint folder whose weights do not fit the model its config describes."""
+
+
+def check_state(state: dict, expected: dict, groups: list[str], where: str) -> None:
+    """Every tensor of the module ``groups`` in ``expected`` (a model's parameter names and shapes) is in ``state``
+    with its shape, and ``state`` holds nothing else; otherwise a :class:`CheckpointError` naming ``where`` and the
+    tensors."""
+    wanted = {k: tuple(shape) for k, shape in expected.items() if k.split(".")[0] in groups}
+    extra = sorted(set(state) - set(wanted))
+    missing = sorted(set(wanted) - set(state))
+    shapes = [
+        f"{k} {list(state[k].shape)} (the model's: {list(wanted[k])})"
+        for k in sorted(set(state) & set(wanted))
+        if tuple(state[k].shape) != wanted[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of {groups} missing, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) the model lacks, e.g. {extra[:3]}")
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) of the wrong shape, e.g. {'; '.join(shapes[:3])}")
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit the configured model: {'; '.join(problems)}")
+
+
+def load_checkpoint(
+    path: str | Path, model: MERV | None = None, groups: list[str] | tuple[str, ...] | None = None
+) -> tuple[MERV, RunConfig, dict]:
     """Load a checkpoint folder: build the model from its config (unless given) and apply the stored weights.
+
+    Loading is strict: every tensor of the module groups the checkpoint trained (``meta["trained_groups"]``) must be
+    stored with the model's shape, and nothing else, or a :class:`CheckpointError` names the file and the tensors.
+    ``groups`` takes only those of the stored groups (a stage that starts from part of the previous one).
 
     Frozen weights the config names by relative paths are found from any working directory: under
     ``$MERV_WEIGHTS``, then in the project folder the checkpoint was trained in (see :mod:`merv.weights`).
     """
     from safetensors.torch import load_file
 
+    from merv.models.fusion import upgrade_state
     from merv.weights import checkpoint_roots
 
     path = Path(path)
     meta = read_meta(path)
     run = load_run_config(path / "config.json")
     model = model or MERV.from_config(run.model, checkpoint_roots(path, meta))
-    state = load_file(str(path / WEIGHTS))
-    missing = [k for k in state if k not in model.state_dict()]
-    if missing:
-        raise ValueError(f"{path}: checkpoint has weights the model lacks, e.g. {missing[:3]}")
+    state = upgrade_state(load_file(str(path / WEIGHTS)))
+    stored = list(meta["trained_groups"])
+    check_state(state, {k: v.shape for k, v in model.state_dict().items()}, stored, str(path / WEIGHTS))
+    if groups is not None:
+        state = state_of_groups(state, [g for g in stored if g in groups])
     model.load_state_dict(state, strict=False)
     return model, run, meta

@@ -28,7 +28,9 @@ def load_config_spec(spec: str):
         return run_config_from_dict(data, where="--config")
     path = Path(spec)
     if path.is_file():
-        return run_config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+        # JSON as JSON: YAML 1.1 would read a number such as 2e-05 as a string
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        return run_config_from_dict(data, where=str(path))
     if spec in available_presets():
         return resolve_run_config(spec)
     raise ValueError(f"--config {spec!r} is neither a file nor a preset; presets: {available_presets()}")

@@ -26,6 +26,8 @@ FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "s
 PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
 Trainable = Literal["projectors", "fusion", "llm"]
 ResizeMode = Literal["auto", "squash", "crop"]
+Dtype = Literal["fp32", "bf16", "fp16"]
+StageText = Literal["conversation", "caption"]
 MIN_TEXT_TOKENS = 64  # room for text the LLM context must keep besides the visual tokens (also >= 1/8 of it)
 
 
@@ -113,6 +115,8 @@ class ProjectorConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
+    # cross_attention also takes a single encoder (its weight is then always 1), as the original's single-encoder
+    # models keep their fusion module; "single" is the parameter-free pass-through
     kind: FusionKind = "cross_attention"
     attn_dim: int | None = None  # cross_attention: width of the query/key space (default: the LLM width)
 
@@ -123,10 +127,24 @@ class LLMConfig:
     arch: str | None = None  # transformers model_type (llama, qwen2, ...): documents the family, builds stand-ins
     prompt_format: PromptFormat = "vicuna"
     max_length: int = 2048
+    # "text" (the original): a sample's text alone is cut to max_length tokens, before its visual tokens are added
+    # (a sequence holds up to max_length + visual tokens); "sequence": text and visual tokens together fit max_length
+    truncation: Literal["text", "sequence"] = "text"
     source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>"
+    # Tokens added to the tokenizer before use, and the multiple the embedding rows (and an untied LM head) are
+    # resized to: the original adds {pad_token: "<PAD>"} to Llama tokenizers and pads to 64 (32000 -> 32064 rows)
+    add_special_tokens: dict[str, str] = field(default_factory=dict)
+    pad_vocab_to_multiple_of: int | None = None
 
     def __post_init__(self):
         check_source(self.source, "llm", ("hf",))
+        if self.max_length < 1:
+            raise ValueError(f"llm.max_length must be >= 1, got {self.max_length}")
+        if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 1:
+            raise ValueError(f"llm.pad_vocab_to_multiple_of must be >= 1, got {self.pad_vocab_to_multiple_of}")
+        for name, token in self.add_special_tokens.items():
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"llm.add_special_tokens.{name}: expected a token string, got {token!r}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,9 @@ class ModelConfig:
     llm: LLMConfig
     projector: ProjectorConfig = ProjectorConfig()
     fusion: FusionConfig = FusionConfig()
+    # the dtype the weights are held in (the LLM is loaded in it whatever its folder is marked; projectors and
+    # fusion are built in it): the original holds and saves everything in float32, mixed precision only computes
+    dtype: Dtype = "fp32"
 
     def __post_init__(self):
         if not self.encoders:
@@ -143,10 +164,11 @@ class ModelConfig:
         ids = [e.id for e in self.encoders]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model {self.name!r}: encoder ids must be unique, got {ids}")
-        if (self.fusion.kind == "single") != (len(self.encoders) == 1):
+        one, kind = len(self.encoders) == 1, self.fusion.kind
+        if (kind == "single" and not one) or (one and kind not in ("single", "cross_attention")):
             raise ValueError(
-                f"model {self.name!r}: fusion 'single' goes with exactly one encoder "
-                f"(fusion {self.fusion.kind!r}, {len(self.encoders)} encoders)"
+                f"model {self.name!r}: fusion 'single' goes with exactly one encoder, and one encoder goes with "
+                f"fusion 'single' or 'cross_attention' (fusion {self.fusion.kind!r}, {len(self.encoders)} encoders)"
             )
         room = max(MIN_TEXT_TOKENS, self.llm.max_length // 8)
         if self.visual_tokens + room > self.llm.max_length:
@@ -196,6 +218,12 @@ class StageConfig:
     loss_logits: Literal["targets", "all"] = "targets"
     kernels: Literal["plain", "liger"] = "plain"
     compile: bool = False
+    # The text a sample trains on: "conversation" (the prompt format's turns, answers as targets) or "caption" (the
+    # original's align stage: the answer of a one-question conversation alone, BOS + caption + EOS, all targets)
+    text: StageText = "conversation"
+    # Module groups taken from the previous stage's checkpoint (--init); None: every group it holds. The original's
+    # finetune stage starts from the align stage's projectors only.
+    init_groups: tuple[Trainable, ...] | None = None
 
     def __post_init__(self):
         if not self.trainable:

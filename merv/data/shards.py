@@ -30,7 +30,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from merv.config import fingerprint
-from merv.data.video import BACKENDS, DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
+from merv.data.video import BACKENDS, DEFAULT_BACKEND, FOLDER_FPS, IMAGE_EXTENSIONS, VideoError, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class Item:
     time: tuple[float, float] | None = None  # clip window in seconds
     end_frame: int | None = None
     modality: Modality = "video"
+    folder_fps: float = FOLDER_FPS  # frames a second of a folder of frames (VLEP's: 3)
 
     def __post_init__(self):
         if (self.media is None) != (self.modality == "text"):
@@ -146,11 +147,15 @@ def training_items(json_path: Path, root: Path | None = None) -> list[Item]:
 
 def benchmark_items(bench_dir: Path) -> list[Item]:
     """Items of a MERV ``eval_data/<benchmark>`` folder: ``test_q.json`` joined with ``test_a.json`` on
-    ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``."""
+    ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``, at the
+    frame rate the benchmark registry gives the folder's name (VLEP: 3 fps, as the original reads them)."""
+    from merv.eval.registry import lookup  # the benchmarks' layout facts are data in one table
+
     questions = _load_json_list(bench_dir / "test_q.json")
     answers = {a["question_id"]: a for a in _load_json_list(bench_dir / "test_a.json")}
     video_dir = bench_dir / "videos"
     videos = {p.stem if p.is_file() else p.name: p for p in video_dir.iterdir()} if video_dir.is_dir() else {}
+    folder_fps = lookup(bench_dir.name, questions[0] if questions else {}).folder_fps
     items = []
     for i, q in enumerate(questions):
         qid = q.get("question_id") if isinstance(q, dict) else None
@@ -164,7 +169,8 @@ def benchmark_items(bench_dir: Path) -> list[Item]:
             record["answer_id"] = answers[qid]["answer_id"]
         window = tuple(q["time"]) if q.get("time") is not None else None
         end_frame = q.get("end_frame")
-        items.append(Item(_safe_key(str(qid)), videos.get(name, video_dir / f"{name}.mp4"), record, window, end_frame))
+        media = videos.get(name, video_dir / f"{name}.mp4")
+        items.append(Item(_safe_key(str(qid)), media, record, window, end_frame, folder_fps=folder_fps))
     return items
 
 
@@ -223,6 +229,7 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
             time=item.time,
             end_frame=item.end_frame,
             backend=settings.backend,
+            folder_fps=item.folder_fps,
         )
     except VideoError as e:
         return None, e.reason
@@ -253,6 +260,12 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
     }
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     return members, None
+
+
+def items_digest(items: list[Item]) -> str:
+    """One digest over everything that makes the items' shard members (media path, clip window, frame-folder rate,
+    text record), so a shard written from other items is redone rather than resumed."""
+    return _digest(json.dumps(asdict(it), sort_keys=True, default=str).encode() for it in items)
 
 
 def _digest(parts) -> str:
@@ -306,6 +319,7 @@ class _Shard:
         self.tmp = out / f"{self.name}.tar.tmp"
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.keys: list[str] = []
+        self.items: list[Item] = []
         self.bad: list[dict] = []
         self.samples = 0
         self.modalities: Counter[str] = Counter()
@@ -313,6 +327,7 @@ class _Shard:
 
     def add(self, item: Item, members: dict[str, bytes] | None, reason: str | None) -> None:
         self.keys.append(item.key)
+        self.items.append(item)
         if members is None:
             self.bad.append({"key": item.key, "source": str(item.media), "reason": reason})
             return
@@ -334,6 +349,7 @@ class _Shard:
             "name": final.name,
             "fingerprint": self.fingerprint,
             "keys": self.keys,
+            "items": items_digest(self.items),
             "samples": self.samples,
             "modalities": dict(sorted(self.modalities.items())),
             "frame_digests": combine_digests(self.frame_digests, self.counts),
@@ -377,10 +393,12 @@ def _completed_shards(out: Path, items: list[Item], fingerprint_: str) -> list[d
             index = json.loads(index_path.read_text())
         except json.JSONDecodeError:
             break
-        expected = [it.key for it in items[pos : pos + len(index["keys"])]]
-        if index.get("fingerprint") != fingerprint_ or index["keys"] != expected or not index["keys"]:
+        chunk = items[pos : pos + len(index["keys"])]
+        if index.get("fingerprint") != fingerprint_ or index["keys"] != [it.key for it in chunk] or not index["keys"]:
             break
-        if "modalities" not in index:  # written by an older version: redo it
+        if "modalities" not in index or "items" not in index:  # written by an older version: redo it
+            break
+        if index["items"] != items_digest(chunk):  # same keys, other media, windows, frame rates or text
             break
         if tar_path.stat().st_size != index["bytes"]:
             break

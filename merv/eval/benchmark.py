@@ -35,7 +35,7 @@ from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_le
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "merv-eval-result/1"
 McqMode = Literal["generate", "likelihood", "both"]
-LETTER_RULE = "first character of the stripped prediction (MERV)"
+LETTER_RULE = "first character of the stripped prediction, either case (MERV)"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,20 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def add_tokens(llm: nn.Module, tokenizer, tokens: dict[str, str], multiple: int | None) -> None:
+    """Add special ``tokens`` to ``tokenizer`` and resize ``llm``'s embedding rows (and an untied LM head) to the
+    tokenizer's length rounded up to ``multiple``, with transformers' own ``resize_token_embeddings``, as the
+    original does; the pad token id goes into the LLM's config. Nothing changes when neither is asked for. (On the
+    meta device the new rows are not drawn around the old rows' mean: there are no values to take it from.)"""
+    if not tokens and multiple is None:
+        return
+    tokenizer.add_special_tokens(dict(tokens))
+    on_meta = llm.get_input_embeddings().weight.device.type == "meta"
+    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=not on_meta)
+    if tokenizer.pad_token_id is not None:
+        llm.config.pad_token_id = tokenizer.pad_token_id
+
+
 class MERV(nn.Module):
     """encode (frozen encoders) -> project (per encoder) -> fuse -> splice after BOS -> LLM."""
 
@@ -43,19 +57,31 @@ class MERV(nn.Module):
         self.fusion = build_fusion(cfg.fusion, dim, len(encoders))
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = ()) -> MERV:
+    def from_config(
+        cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = (), dtype: str | torch.dtype | None = None
+    ) -> MERV:
         """Build from the weights the config names (``from_pretrained`` folders, timm files), found as
-        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory)."""
+        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory).
+
+        The LLM is loaded in ``dtype`` (default: the config's ``dtype``), whatever its folder's ``config.json`` says,
+        and gets the tokens the config adds (``llm.add_special_tokens``, its embedding rows resized to a multiple of
+        ``llm.pad_vocab_to_multiple_of``), as the original does to Llama-2 (``<PAD>``, 32064 rows)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from merv.runtime import DTYPES
 
         cfg = resolve_model(cfg, roots)
         llm_path = Path(cfg.llm.weights)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
+        torch_dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype or cfg.dtype]
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, attn_implementation=attention_implementation())
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, attn_implementation=attention_implementation(), dtype=torch_dtype
+        )
+        add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of)
         encoders = {e.id: build_encoder(e) for e in cfg.encoders}
-        return cls(cfg, llm, tokenizer, encoders)
+        return cls(cfg, llm, tokenizer, encoders).to(torch_dtype)
 
     loss_logits = "targets"  # "targets", "all" or "liger": how the loss gets its logits (see forward)
 

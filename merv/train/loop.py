@@ -83,8 +83,10 @@ def build_model(run: RunConfig, stage: StageConfig, init: Path | None) -> tuple[
     model = MERV.from_config(run.model)
     trained_groups, init_fingerprint = set(stage.trainable), None
     if init is not None:
-        model, _, init_meta = load_checkpoint(init, model=model)
-        trained_groups |= set(init_meta["trained_groups"])
+        # stage.init_groups: only these groups of the previous stage carry over (the original's finetune: projectors)
+        model, _, init_meta = load_checkpoint(init, model=model, groups=stage.init_groups)
+        taken = set(init_meta["trained_groups"])
+        trained_groups |= taken if stage.init_groups is None else taken & set(stage.init_groups)
         init_fingerprint = init_meta["config_fingerprint"]
     set_trainable(model, stage.trainable)
     return model, trained_groups, init_fingerprint
@@ -106,7 +108,7 @@ def make_loader(
     feature_sets = open_feature_sets(model.cfg, data_dir, features)
     loader = ShardLoader(
         data_dir,
-        transform=ExampleBuilder(model.cfg, model.tokenizer, cached=frozenset(features)),
+        transform=ExampleBuilder(model.cfg, model.tokenizer, cached=frozenset(features), text=stage.text),
         collate=collate,
         batch_size=stage.micro_batch_size,
         shuffle_buffer=min(manifest["samples"], stage.shuffle_buffer),

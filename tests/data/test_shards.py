@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -102,6 +104,52 @@ def test_clip_windows_and_frame_folders(tmp_path):
     assert all(20 <= i <= 30 for i in indices("q_time")), indices("q_time")  # 2.0 s - 3.0 s at 10 fps
     assert all(i < 10 for i in indices("q_end")), indices("q_end")
     assert indices("q_frames") == [1, 4, 7, 10]  # 12 frames in natural order (img_2 before img_10)
+
+
+def _frame_folder_benchmark(root, name: str, windows: dict[str, list[float]]):
+    """A benchmark ``name`` whose video is a folder of 30 PNG frames (the bar's position tells the index)."""
+    from PIL import Image
+
+    bench = root / name
+    frames = gradient_frames(30, 32, 48)
+    (bench / "videos" / "clip").mkdir(parents=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(bench / "videos" / "clip" / f"{i:05d}.png")
+    questions = [{"video_name": "clip", "question_id": q, "question": "?", "time": t} for q, t in windows.items()]
+    (bench / "test_q.json").write_text(json.dumps(questions))
+    (bench / "test_a.json").write_text(json.dumps([{"question_id": q, "answer": "a"} for q in windows]))
+    return bench, [_bar_position(f) for f in frames]
+
+
+def test_vlep_frame_folders_are_read_at_3_fps(tmp_path):
+    """VLEP's videos are folders of frames at 3 fps (the original reads them so): the window 2 s - 4 s is frames
+    6-12, where the original's frame list np.linspace(2 * 3, 4 * 3 - 1, n) lies; at 1 fps it would be frames 2-4."""
+    windows = {"q1": [2.0, 4.0], "q2": [7.5, 9.0]}
+    for name in ("vlep", "other"):
+        bench, bars = _frame_folder_benchmark(tmp_path, name, windows)
+        write_shards(collect_items(bench), tmp_path / f"{name}-out", ShardSettings((4,), 32, frame_format="npy"))
+        for sample in iter_samples(tmp_path / f"{name}-out"):
+            meta = sample["meta"]
+            got = [bars.index(_bar_position(sample["frames"][p])) for p in meta["frame_positions"]["4"]]
+            start, end = windows[meta["key"]]
+            fps = 3 if name == "vlep" else 1  # unregistered benchmarks' folders: 1 frame a second
+            window = range(math.floor(start * fps), math.floor(end * fps) + 1)
+            original = np.linspace(start * fps, min(29, end * fps - 1), 4, dtype=int)  # the original's frames
+            assert set(original) <= set(window) and set(got) <= set(window) and got == sorted(got), (name, got)
+
+
+def test_changed_items_with_the_same_keys_start_over(tmp_path):
+    """A shard is resumed only for the same items: another frame rate, window or text under the same keys redoes it
+    (the frames or the record would differ)."""
+    bench, _ = _frame_folder_benchmark(tmp_path, "vlep", {"q1": [2.0, 4.0]})
+    settings = ShardSettings((4,), 32, frame_format="npy")
+    items = collect_items(bench)
+    assert items[0].folder_fps == 3.0
+    write_shards(items, tmp_path / "out", settings)
+    assert write_shards(items, tmp_path / "out", settings).resumed_items == 1
+    for change in ({"folder_fps": 1.0}, {"time": (0.0, 1.0)}, {"record": {**items[0].record, "question": "!"}}):
+        assert write_shards([dataclasses.replace(items[0], **change)], tmp_path / "out", settings).resumed_items == 0
+        write_shards(items, tmp_path / "out", settings)
 
 
 def test_images_become_one_frame_clips(tmp_path):

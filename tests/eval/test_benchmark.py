@@ -29,7 +29,7 @@ def comparable(result: dict) -> dict:
 
 def test_mcq_prompt_lists_options(tiny_model):
     prompt = question_prompt(handle(tiny_model), lookup("synth_mcq"), {"question": "Q?", "options": ["x", "y"]})
-    assert prompt.startswith("In: Q? Select the correct answer") and prompt.endswith("A. x\nB. y\nOut:")
+    assert prompt.startswith("In: Q? Select the correct answer") and prompt.endswith("\n\n    A. x\nB. y\nOut:")
 
 
 def test_mcq_by_generation_and_by_likelihood(tiny_model, shards):
@@ -37,7 +37,9 @@ def test_mcq_by_generation_and_by_likelihood(tiny_model, shards):
     rows, summary = result["rows"], result["summary"]
     assert summary["n"] == 6 == len(rows) and result["questions"]["total"] == 6
     for row in rows:
-        assert row["letter"] == first_char_letter(row["prediction"]) == row["prediction"].strip()[:1]
+        # the original's rule: pred.lower()[:1] == letter.lower()
+        assert row["letter"] == first_char_letter(row["prediction"]) == row["prediction"].strip()[:1].upper()
+        assert row["correct_generate"] == (row["prediction"].strip().lower()[:1] == row["answer"].lower())
         assert row["correct_generate"] == (row["letter"] == row["answer"])
         ll = row["likelihood"]
         assert len(ll["logprobs"]) == row["num_options"] == (3 if row["question_type"] == "shape" else 4)

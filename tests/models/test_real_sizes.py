@@ -146,7 +146,9 @@ def test_paper_preset_at_full_size(preset, real_loaders, llm_folder):
     if preset in ("merv-full", "merv-frozen"):
         assert run.model.visual_tokens == 1024
     llm_params = sum(p.numel() for p in model.llm.parameters())
-    assert llm_params == LLAMA2_7B_PARAMS
+    # plus the original's <PAD> and padding to 64: 32064 rows in the embeddings and the untied head
+    assert llm_params == LLAMA2_7B_PARAMS + 2 * 64 * 4096
+    assert model.llm.get_input_embeddings().weight.shape == (32064, 4096) == model.llm.lm_head.weight.shape
     plan = planner()(run, 128, model=model)
     trained = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoders."))
     frozen = sum(p.numel() for p in model.encoders.parameters())

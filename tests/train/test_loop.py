@@ -36,8 +36,36 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model, tiny_run):
     n_trainable = sum(1 for p in tiny_model.parameters() if p.requires_grad)
     assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
     assert not any(p.requires_grad for p in tiny_model.encoders.parameters())
+    # as the original's AdamW groups (ndim <= 1 or a bias: no decay): its query Q [1, A], W_q and W_k decay
+    fusion = tiny_model.fusion
+    assert all(any(p is q for q in decay["params"]) for p in (fusion.query, fusion.q_proj.weight, fusion.key.weight))
+    assert all(any(p is q for q in no_decay["params"]) for p in (fusion.q_proj.bias, fusion.key.bias))
     tiny_model.requires_grad_(False)
     tiny_model.eval()
+
+
+def test_a_stage_can_start_from_the_projectors_only(tiny_run, tmp_path):
+    """init_groups [projectors] (the original's finetune after align): only the projectors come from the previous
+    stage's checkpoint; the fusion starts afresh and the LLM from its folder."""
+    from merv.checkpoint import save_checkpoint
+    from merv.train.loop import build_model
+
+    previous = MERV.from_config(tiny_run.model)
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.add_(1.0)
+    meta = {"trained_groups": ["fusion", "llm", "projectors"], "config_fingerprint": "prev"}
+    save_checkpoint(previous, tiny_run, tmp_path / "prev", meta)
+    folder = MERV.from_config(tiny_run.model)
+    for init_groups, carried in ((("projectors",), {"projectors"}), (None, {"projectors", "fusion", "llm"})):
+        stage = dataclasses.replace(tiny_run.train.stage("align"), init_groups=init_groups)
+        model, trained, fingerprint = build_model(tiny_run, stage, tmp_path / "prev")
+        for group in ("projectors", "fusion", "llm"):
+            got = dict(getattr(model, group).named_parameters())
+            same = [torch.equal(got[n], p) for n, p in getattr(previous, group).named_parameters()]
+            assert all(same) if group in carried else not any(same), (init_groups, group)
+        assert torch.equal(model.llm.lm_head.weight, (previous if "llm" in carried else folder).llm.lm_head.weight)
+        assert trained == {"projectors", "fusion"} | carried and fingerprint == "prev"
 
 
 @pytest.fixture(scope="module")
