@@ -27,8 +27,10 @@ def load_config_spec(spec: str):
             return resolve_run_config(data["preset"], data.get("overrides"))
         return run_config_from_dict(data, where="--config")
     path = Path(spec)
-    if path.is_file():
-        return run_config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    if path.is_file():  # JSON as JSON: YAML 1.1 reads json.dumps's 2e-05 as a string
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return run_config_from_dict(data, where=str(path))
     if spec in available_presets():
         return resolve_run_config(spec)
     raise ValueError(f"--config {spec!r} is neither a file nor a preset; presets: {available_presets()}")

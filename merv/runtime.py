@@ -50,5 +50,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"--dtype {dtype!r}: not one of {DTYPE_CHOICES}") from None
 
 
+def held_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a config's ``fp32``/``bf16``/``fp16`` (``ModelConfig.dtype``, ``checkpoint_dtype``)."""
+    return resolve_dtype(name, torch.device("cpu"))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))

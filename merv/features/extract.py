@@ -49,7 +49,8 @@ class _Extractor:
 
         self.cfg = next(e for e in model.encoders if e.id == encoder_id)
         self.device = resolve_device(settings.device)
-        self.encoder = build_encoder(self.cfg).to(self.device).eval()
+        # computed in fp32, whatever dtype a transformers folder is marked with; stored in the cache's dtype
+        self.encoder = build_encoder(self.cfg).to(self.device, torch.float32).eval()
         pooled = model.projector.pooling in POOLED
         self.pool = build_projector(model.projector, self.encoder.embed_dim, 1).pool if pooled else None
 

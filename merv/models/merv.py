@@ -26,6 +26,12 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` holds its weights in, which its inputs are cast to at each boundary (frozen encoders may be
+    held in 16 bits beside fp32 projectors; under FSDP2's policy or autocast the compute casts on top of this)."""
+    return next(module.parameters()).dtype
+
+
 class MERV(nn.Module):
     """encode (frozen encoders) -> project (per encoder) -> fuse -> splice after BOS -> LLM."""
 
@@ -43,19 +49,30 @@ class MERV(nn.Module):
         self.fusion = build_fusion(cfg.fusion, dim, len(encoders))
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = ()) -> MERV:
+    def from_config(
+        cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = (), dtype: str | torch.dtype | None = None
+    ) -> MERV:
         """Build from the weights the config names (``from_pretrained`` folders, timm files), found as
-        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory)."""
+        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory), held in
+        ``dtype`` (default: the config's ``dtype``; never the dtype the LLM folder is marked with)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from merv.runtime import held_dtype
+
+        torch_dtype = held_dtype(dtype if dtype is not None else cfg.dtype)
         cfg = resolve_model(cfg, roots)
         llm_path = Path(cfg.llm.weights)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, attn_implementation=attention_implementation())
-        encoders = {e.id: build_encoder(e) for e in cfg.encoders}
-        return cls(cfg, llm, tokenizer, encoders)
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=torch_dtype, attn_implementation=attention_implementation()
+        )
+        encoders = {e.id: build_encoder(e).to(torch_dtype) for e in cfg.encoders}
+        model = cls(cfg, llm, tokenizer, encoders)
+        model.projectors.to(torch_dtype)
+        model.fusion.to(torch_dtype)
+        return model
 
     loss_logits = "targets"  # "targets", "all" or "liger": how the loss gets its logits (see forward)
 
@@ -85,16 +102,16 @@ class MERV(nn.Module):
         from merv.features.cache import POOLED
 
         features = features or {}
+        pooled = self.cfg.projector.pooling in POOLED
         tokens = []
         for name, encoder in self.encoders.items():
             projector = self.projectors[name]
-            if name in features:
-                cached = features[name].to(self.dtype)
-                tokens.append(projector(cached, pooled=self.cfg.projector.pooling in POOLED))
+            if name in features:  # stored in the cache's dtype: cast to the projector's
+                tokens.append(projector(features[name].to(_dtype(projector)), pooled=pooled))
                 continue
             with torch.no_grad():  # encoders are frozen
-                out = encoder(videos[name])  # [B, T', N, C]
-            tokens.append(projector(out))  # [B, L, D]
+                out = encoder(videos[name].to(_dtype(encoder)))  # [B, T', N, C]
+            tokens.append(projector(out.to(_dtype(projector))))  # [B, L, D]
         return self.fusion(tokens)
 
     def blank_videos(self, batch: int = 1) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ class Strategy:
     def describe(self) -> dict:
         return {
             "device": str(self.d.device),
-            "precision": ("bf16 params (FSDP2 policy)" if self.fsdp else "bf16 autocast") if self.bf16 else "fp32",
+            "compute": ("bf16 params (FSDP2 policy)" if self.fsdp else "bf16 autocast") if self.bf16 else "fp32",
             "fsdp": self.stage.fsdp if self.fsdp else None,
             "kernels": self.stage.kernels,
             "compile": self.stage.compile,

@@ -151,7 +151,7 @@ def test_the_fast_paths_give_the_plain_losses(tiny_run, shards, tmp_path):
         records = [json.loads(x) for x in (tmp_path / logits / "metrics.jsonl").read_text().splitlines()]
         runs[logits] = (meta, [r["loss"] for r in records])
         assert all(r["data_wait_s"] <= r["step_s"] for r in records), "the data wait of each step is logged"
-        assert meta["strategy"] == {"device": "cpu", "precision": "fp32", "fsdp": None, "kernels": "plain",
+        assert meta["strategy"] == {"device": "cpu", "compute": "fp32", "fsdp": None, "kernels": "plain",
                                     "compile": False, "loss_logits": logits}  # fmt: skip
     assert runs["all"][1] == pytest.approx(runs["targets"][1], rel=1e-5)
     from safetensors.torch import load_file
