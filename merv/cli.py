@@ -633,10 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     from merv.data.shards import DataFormatError
     from merv.data.video import VideoError
     from merv.eval.judge import JudgeUnavailable
+    from merv.train.launch import JobFailed
 
     try:
         args.func(args)
-    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable) as e:
+    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable, JobFailed) as e:
         if args.verbose:
             raise
         print(f"merv {args.command}: error: {e}", file=sys.stderr)

@@ -215,10 +215,12 @@ class FeaturesJob:
         import submitit
 
         from merv.config import run_config_from_dict
+        from merv.runtime import local_device
         from merv.weights import resolve_model
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         env = submitit.JobEnvironment()
+        local_device(env.local_rank)  # each task its own GPU ("cuda" is then the task's), not all of them GPU 0
         model = resolve_model(run_config_from_dict(self.run).model)
         extract_features(
             Path(self.shards), model, self.encoder, Path(self.out), self.settings, env.global_rank, env.num_tasks

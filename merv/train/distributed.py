@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from merv.runtime import local_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -36,16 +38,6 @@ def backend_for(device: str | torch.device) -> str:
     """The process-group backend for a process computing on ``device``: gloo for CPU tensors always, and NCCL for
     CUDA tensors on GPUs (see the module's docstring)."""
     return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-def local_device(local_rank: int) -> str:
-    """This process's device: ``cuda:<local rank>`` on a node that shows each process all its GPUs, ``cuda:0`` where
-    Slurm binds one GPU to each task; the CPU without GPUs."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    index = local_rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return f"cuda:{index}"
 
 
 def init_distributed() -> Dist:
