@@ -186,8 +186,7 @@ def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards,
     stage = dataclasses.replace(run.train.stage("finetune"), mixed_precision="bf16")
     model = MERV.from_config(run.model)
     set_trainable(model, stage.trainable)
-    strategy = Strategy(stage, Dist())
-    strategy.fsdp = True  # as on a GPU
+    strategy = Strategy(stage, Dist(), fsdp=True)  # as on a GPU
     model = strategy.prepare(model)
     from merv.data.batching import ExampleBuilder, collate
     from merv.data.shards import iter_samples
