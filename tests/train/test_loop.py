@@ -202,3 +202,12 @@ def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards,
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 for g in grads), "fp32 master weights and gradients"
     torch.distributed.destroy_process_group()  # the one-process group the strategy made
+
+
+def test_liger_kernels_need_a_gpu(tiny_run):
+    from merv.train.distributed import Dist
+    from merv.train.strategy import Strategy
+
+    stage = dataclasses.replace(tiny_run.train.stage("finetune"), kernels="liger")
+    with pytest.raises(ValueError, match="kernels 'liger' needs a CUDA device"):
+        Strategy(stage, Dist(device="cpu"))
