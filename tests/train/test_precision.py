@@ -3,6 +3,7 @@ Llama-2-7b-hf's is, holds fp32 master weights and fp32 optimizer state, makes up
 checkpoint in the configured dtype; with encoders on the fly and from a feature cache."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -120,9 +121,10 @@ def test_stage2_from_bf16_features_on_an_llm_folder_marked_float16(tiny_run, fp1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in strict_json_lines(tmp_path / "ft" / "metrics.jsonl"))
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_samples(tiny_run, shards, tmp_path):
+@pytest.mark.parametrize("launcher", ["none", "local"])
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_samples(tiny_run, shards, tmp_path, launcher):
     """An LLM with one inf weight in its final norm: step 1's loss is not finite. `merv train` exits 1 with the step
-    and the step's sample ids, no traceback, and writes no checkpoint."""
+    and the step's sample ids, no traceback, and writes no checkpoint; also when the step ran in a submitit job."""
     llm = llm_copy(tiny_run, tmp_path / "llm", torch.float32)
     state = load_file(str(llm / "model.safetensors"))
     state["model.norm.weight"][0] = float("inf")
@@ -130,11 +132,14 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_samples(tiny_run, s
     config = tmp_path / "config.json"
     config.write_text(json.dumps(stage2_run(tiny_run, llm).to_dict()))
     cmd = [sys.executable, "-m", "merv.cli", "train", "--config", str(config), "--stage", "finetune", "--data",
-           str(shards["finetune"]), "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+           str(shards["finetune"]), "--out", str(tmp_path / "out"), "--no-progress", "--launcher", launcher,
+           "--submitit-dir", str(tmp_path / "submitit")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stderr[-3000:]
-    assert "merv train: error: step 1: loss nan" in res.stderr and "Traceback" not in res.stderr, res.stderr[-3000:]
-    keys = json.loads(res.stderr.split("the step's samples: ")[1].splitlines()[0].replace("'", '"'))
+    error = "merv train: error: " + ("" if launcher == "none" else "local job ")
+    assert error in res.stderr and "step 1: loss nan" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    keys = json.loads(re.search(r"the step's samples: (\[[^\]]*\])", res.stderr)[1].replace("'", '"'))
     assert len(keys) == 4 and set(keys) <= {s["meta"]["key"] for s in iter_samples(shards["finetune"])}
     assert not (tmp_path / "out").exists()
 
