@@ -16,8 +16,10 @@ from merv.models.merv import MERV
 WEIGHTS = "model.safetensors"
 
 
-def state_of_groups(state: dict, groups: list[str]) -> dict:
-    return {k: v.detach().contiguous() for k, v in state.items() if k.split(".")[0] in groups}
+def state_of_groups(state: dict, groups: list[str], dtype=None) -> dict:
+    """The tensors of ``state`` in the module ``groups``, floating ones cast to ``dtype`` when given."""
+    out = {k: v.detach().contiguous() for k, v in state.items() if k.split(".")[0] in groups}
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in out.items()}
 
 
 def save_checkpoint(
@@ -31,16 +33,21 @@ def save_checkpoint(
     """Write atomically: into ``<out>.tmp`` then rename, so a crash never leaves a half checkpoint at ``out``.
 
     ``full_state`` is the gathered state dict of a sharded model, or the weights of an import (default:
-    ``model.state_dict()``).
+    ``model.state_dict()``). Weights are stored in ``run.train.checkpoint_dtype``, which ``meta.json`` records
+    (``precision.checkpoint``).
     """
     from safetensors.torch import save_file
+
+    from merv.runtime import held_dtype
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = full_state if full_state is not None else model.state_dict()
-    save_file(state_of_groups(state, meta["trained_groups"]), str(tmp / WEIGHTS))
+    dtype = run.train.checkpoint_dtype
+    save_file(state_of_groups(state, meta["trained_groups"], held_dtype(dtype)), str(tmp / WEIGHTS))
+    meta = {**meta, "precision": {**meta.get("precision", {}), "checkpoint": dtype}}
     (tmp / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     for name, content in (extra or {}).items():
@@ -84,9 +91,10 @@ def check_state(state: dict, expected: dict, groups: list[str], where: str) -> N
 
 
 def load_checkpoint(
-    path: str | Path, model: MERV | None = None, groups: list[str] | tuple[str, ...] | None = None
+    path: str | Path, model: MERV | None = None, groups: list[str] | tuple[str, ...] | None = None, dtype=None
 ) -> tuple[MERV, RunConfig, dict]:
-    """Load a checkpoint folder: build the model from its config (unless given) and apply the stored weights.
+    """Load a checkpoint folder: build the model from its config (unless given; held in ``dtype``, default the
+    config's ``model.dtype``) and apply the stored weights (cast to the dtype the model holds them in).
 
     Loading is strict: every tensor of the module groups the checkpoint trained (``meta["trained_groups"]``) must be
     stored with the model's shape, and nothing else, or a :class:`CheckpointError` names the file and the tensors.
@@ -103,7 +111,7 @@ def load_checkpoint(
     path = Path(path)
     meta = read_meta(path)
     run = load_run_config(path / "config.json")
-    model = model or MERV.from_config(run.model, checkpoint_roots(path, meta))
+    model = model or MERV.from_config(run.model, checkpoint_roots(path, meta), dtype=dtype)
     state = upgrade_state(load_file(str(path / WEIGHTS)))
     stored = list(meta["trained_groups"])
     check_state(state, {k: v.shape for k, v in model.state_dict().items()}, stored, str(path / WEIGHTS))

@@ -27,9 +27,9 @@ def load_config_spec(spec: str):
             return resolve_run_config(data["preset"], data.get("overrides"))
         return run_config_from_dict(data, where="--config")
     path = Path(spec)
-    if path.is_file():
-        # JSON as JSON: YAML 1.1 would read a number such as 2e-05 as a string
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    if path.is_file():  # JSON as JSON: YAML 1.1 reads json.dumps's 2e-05 as a string
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         return run_config_from_dict(data, where=str(path))
     if spec in available_presets():
         return resolve_run_config(spec)
@@ -633,10 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     from merv.data.shards import DataFormatError
     from merv.data.video import VideoError
     from merv.eval.judge import JudgeUnavailable
+    from merv.train.launch import JobFailed
 
     try:
         args.func(args)
-    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable) as e:
+    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable, JobFailed) as e:
         if args.verbose:
             raise
         print(f"merv {args.command}: error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "s
 PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
 Trainable = Literal["projectors", "fusion", "llm"]
 ResizeMode = Literal["auto", "squash", "crop"]
-Dtype = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16"]
 StageText = Literal["conversation", "caption"]
 MIN_TEXT_TOKENS = 64  # room for text the LLM context must keep besides the visual tokens (also >= 1/8 of it)
 
@@ -154,9 +154,12 @@ class ModelConfig:
     llm: LLMConfig
     projector: ProjectorConfig = ProjectorConfig()
     fusion: FusionConfig = FusionConfig()
-    # the dtype the weights are held in (the LLM is loaded in it whatever its folder is marked; projectors and
-    # fusion are built in it): the original holds and saves everything in float32, mixed precision only computes
-    dtype: Dtype = "fp32"
+    # The dtype the weights are held in, whatever dtype the LLM folder is marked with (Llama-2's says float16); the
+    # original holds and saves everything in float32, mixed precision only computes. In training, the groups a stage
+    # trains are held in fp32 anyway (AdamW's master weights: updates of lr ~2e-5 relative size vanish in 16-bit
+    # weights), so this only shrinks the frozen parts; the compute dtype is the stage's `mixed_precision`. Inference
+    # (`--dtype`) may load in another.
+    dtype: Precision = "fp32"
 
     def __post_init__(self):
         if not self.encoders:
@@ -250,7 +253,8 @@ class TrainConfig:
     # "cached": the frozen encoders' outputs are computed once per shard folder (`merv features`, the
     # extract_features rule) and read by every stage and epoch; "on_the_fly": the encoders run in every step
     features: Literal["on_the_fly", "cached"] = "on_the_fly"
-    feature_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # how cached features are stored
+    feature_dtype: Precision = "bf16"  # how cached features are stored
+    checkpoint_dtype: Precision = "fp32"  # how a stage's final checkpoint stores its weights (recorded in meta.json)
 
     def __post_init__(self):
         names = [s.name for s in self.stages]
@@ -274,6 +278,14 @@ class RunConfig:
 
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        bf16 = [s.name for s in self.train.stages if s.mixed_precision == "bf16"]
+        if self.model.dtype == "fp16" and bf16:
+            raise ValueError(
+                f"model.dtype 'fp16' with mixed_precision 'bf16' in stage(s) {bf16}: weights held in fp16 would be "
+                "computed in bf16; hold them in bf16 or fp32"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,7 +76,8 @@ def collate(examples: list[dict]) -> dict:
     """Stack the video rows' frames (and cached features) per encoder and right-pad the text.
 
     Returns ``videos`` (``{enc: [Bv, T, 3, S, S]}`` for the ``Bv`` rows with a video, or None), ``features``
-    (``{enc: [Bv, ...]}`` or None), ``has_video [B]``, ``input_ids``/``labels`` ``[B, L]`` and ``lengths [B]``.
+    (``{enc: [Bv, ...]}`` or None), ``has_video [B]``, ``input_ids``/``labels`` ``[B, L]``, ``lengths [B]`` and the
+    samples' ``keys`` (named when a step goes wrong).
     """
     rows = [ex for ex in examples if ex["videos"] is not None]
     input_ids, lengths = pad_sequences([ex["input_ids"] for ex in examples], value=0)
@@ -88,4 +89,5 @@ def collate(examples: list[dict]) -> dict:
         "input_ids": input_ids,
         "labels": labels,
         "lengths": lengths,
+        "keys": [ex.get("key") for ex in examples],
     }

@@ -105,7 +105,7 @@ class CheckpointHandle:
             from merv.checkpoint import load_checkpoint
 
             log.info("loading %s on %s (%s)", self.path, self.device, self.dtype_name)
-            model, _, _ = load_checkpoint(self.path)
+            model, _, _ = load_checkpoint(self.path, dtype=self.dtype)
             self._model = model.place(self.device, self.dtype).eval()
             self._tokenizer = self._model.tokenizer
             self.loads += 1

@@ -40,6 +40,12 @@ def add_tokens(llm: nn.Module, tokenizer, tokens: dict[str, str], multiple: int 
         llm.config.pad_token_id = tokenizer.pad_token_id
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` holds its weights in, which its inputs are cast to at each boundary (frozen encoders may be
+    held in 16 bits beside fp32 projectors; under FSDP2's policy or autocast the compute casts on top of this)."""
+    return next(module.parameters()).dtype
+
+
 class MERV(nn.Module):
     """encode (frozen encoders) -> project (per encoder) -> fuse -> splice after BOS -> LLM."""
 
@@ -61,27 +67,30 @@ class MERV(nn.Module):
         cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = (), dtype: str | torch.dtype | None = None
     ) -> MERV:
         """Build from the weights the config names (``from_pretrained`` folders, timm files), found as
-        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory).
+        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory), held in
+        ``dtype`` (default: the config's ``dtype``; never the dtype the LLM folder is marked with).
 
-        The LLM is loaded in ``dtype`` (default: the config's ``dtype``), whatever its folder's ``config.json`` says,
-        and gets the tokens the config adds (``llm.add_special_tokens``, its embedding rows resized to a multiple of
-        ``llm.pad_vocab_to_multiple_of``), as the original does to Llama-2 (``<PAD>``, 32064 rows)."""
+        The LLM gets the tokens the config adds (``llm.add_special_tokens``, its embedding rows resized to a multiple
+        of ``llm.pad_vocab_to_multiple_of``), as the original does to Llama-2 (``<PAD>``, 32064 rows)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from merv.runtime import DTYPES
+        from merv.runtime import held_dtype
 
+        torch_dtype = held_dtype(dtype if dtype is not None else cfg.dtype)
         cfg = resolve_model(cfg, roots)
         llm_path = Path(cfg.llm.weights)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
-        torch_dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype or cfg.dtype]
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
         llm = AutoModelForCausalLM.from_pretrained(
-            llm_path, attn_implementation=attention_implementation(), dtype=torch_dtype
+            llm_path, dtype=torch_dtype, attn_implementation=attention_implementation()
         )
         add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of)
-        encoders = {e.id: build_encoder(e) for e in cfg.encoders}
-        return cls(cfg, llm, tokenizer, encoders).to(torch_dtype)
+        encoders = {e.id: build_encoder(e).to(torch_dtype) for e in cfg.encoders}
+        model = cls(cfg, llm, tokenizer, encoders)
+        model.projectors.to(torch_dtype)
+        model.fusion.to(torch_dtype)
+        return model
 
     loss_logits = "targets"  # "targets", "all" or "liger": how the loss gets its logits (see forward)
 
@@ -111,16 +120,16 @@ class MERV(nn.Module):
         from merv.features.cache import POOLED
 
         features = features or {}
+        pooled = self.cfg.projector.pooling in POOLED
         tokens = []
         for name, encoder in self.encoders.items():
             projector = self.projectors[name]
-            if name in features:
-                cached = features[name].to(self.dtype)
-                tokens.append(projector(cached, pooled=self.cfg.projector.pooling in POOLED))
+            if name in features:  # stored in the cache's dtype: cast to the projector's
+                tokens.append(projector(features[name].to(_dtype(projector)), pooled=pooled))
                 continue
             with torch.no_grad():  # encoders are frozen
-                out = encoder(videos[name])  # [B, T', N, C]
-            tokens.append(projector(out))  # [B, L, D]
+                out = encoder(videos[name].to(_dtype(encoder)))  # [B, T', N, C]
+            tokens.append(projector(out.to(_dtype(projector))))  # [B, L, D]
         return self.fusion(tokens)
 
     def blank_videos(self, batch: int = 1) -> dict[str, torch.Tensor]:

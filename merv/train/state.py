@@ -79,7 +79,7 @@ def save_state(
         barrier(d)
         return final
     meta = {"step": step, "data_position": asdict(position), "scheduler": scheduler.state_dict(), **extra}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    (tmp / "meta.json").write_text(json.dumps(meta, allow_nan=False))  # strict JSON: metrics are finite
     tmp.rename(final)
     for old in sorted(p for p in work.glob("step-*") if not p.name.endswith(".tmp"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

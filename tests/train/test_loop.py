@@ -179,7 +179,7 @@ def test_the_fast_paths_give_the_plain_losses(tiny_run, shards, tmp_path):
         records = [json.loads(x) for x in (tmp_path / logits / "metrics.jsonl").read_text().splitlines()]
         runs[logits] = (meta, [r["loss"] for r in records])
         assert all(r["data_wait_s"] <= r["step_s"] for r in records), "the data wait of each step is logged"
-        assert meta["strategy"] == {"device": "cpu", "precision": "fp32", "fsdp": None, "kernels": "plain",
+        assert meta["strategy"] == {"device": "cpu", "compute": "fp32", "fsdp": None, "kernels": "plain",
                                     "compile": False, "loss_logits": logits}  # fmt: skip
     assert runs["all"][1] == pytest.approx(runs["targets"][1], rel=1e-5)
     from safetensors.torch import load_file
@@ -212,16 +212,17 @@ def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards,
 
     run = resolve_run_config("merv-tiny", tiny_overrides_from(tiny_run))
     stage = dataclasses.replace(run.train.stage("finetune"), mixed_precision="bf16")
+    torch.manual_seed(0)  # projectors and fusion start from the global generator: the reference must draw the same
     model = MERV.from_config(run.model)
     set_trainable(model, stage.trainable)
-    strategy = Strategy(stage, Dist())
-    strategy.fsdp = True  # as on a GPU
+    strategy = Strategy(stage, Dist(), fsdp=True)  # as on a GPU
     model = strategy.prepare(model)
     from merv.data.batching import ExampleBuilder, collate
     from merv.data.shards import iter_samples
 
     build = ExampleBuilder(model.cfg, model.tokenizer)
     batch = collate([build(s) for s, _ in zip(iter_samples(shards["finetune"]), range(4), strict=False)])
+    torch.manual_seed(0)
     reference = MERV.from_config(run.model)
     with torch.no_grad():
         want, n, _ = reference(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])
@@ -231,3 +232,12 @@ def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards,
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 for g in grads), "fp32 master weights and gradients"
     torch.distributed.destroy_process_group()  # the one-process group the strategy made
+
+
+def test_liger_kernels_need_a_gpu(tiny_run):
+    from merv.train.distributed import Dist
+    from merv.train.strategy import Strategy
+
+    stage = dataclasses.replace(tiny_run.train.stage("finetune"), kernels="liger")
+    with pytest.raises(ValueError, match="kernels 'liger' needs a CUDA device"):
+        Strategy(stage, Dist(device="cpu"))
