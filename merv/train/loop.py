@@ -28,6 +28,7 @@ from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
+from merv.train.lock import holds_output_lock
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
 from merv.train.state import latest_state, load_state, save_state, work_dir
 from merv.train.strategy import Strategy
@@ -161,6 +162,7 @@ class StepLog:
             self.wandb.close()
 
 
+@holds_output_lock  # one run per output folder: a second one is refused, naming the first's PID and host
 def train_stage(
     run: RunConfig,
     stage_name: str,
@@ -203,7 +205,7 @@ def train_stage(
     # resume where an interrupted run with the same settings stopped
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
-    resume = latest_state(work, config_fingerprint)
+    resume = latest_state(work, config_fingerprint, d)  # verified; a damaged one is set aside
     if resume is not None:
         first_step, position, resumed = load_state(resume, model, optimizer, scheduler, d.rank)
         metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
