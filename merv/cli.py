@@ -266,6 +266,8 @@ def cmd_eval(args):
             "preset": args.judge_preset,
             "api_key_env": args.judge_api_key_env,
             "api_key_file": args.judge_api_key_file,
+            "prompt_file": args.judge_prompt_file,
+            "unparseable": args.judge_unparseable,
             "concurrency": args.judge_concurrency,
             "timeout_s": args.judge_timeout,
             "max_attempts": args.judge_max_attempts,
@@ -517,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group(
         "judge (open-ended)",
         "an OpenAI-compatible chat-completions endpoint; each setting also comes from MERV_JUDGE_URL, "
-        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE or the eval.judge section of "
+        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE, MERV_JUDGE_PROMPT_FILE, MERV_JUDGE_UNPARSEABLE "
+        "or the eval.judge section of "
         "--pipeline-config. Without a URL open-ended answers are scored by exact match.",
     )
     g.add_argument("--judge-url", help="e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
@@ -525,6 +528,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-preset", help="video-chatgpt (ours: temperature 0) or merv-original (max_tokens 500)")
     g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default MERV_JUDGE_API_KEY)")
     g.add_argument("--judge-api-key-file", help="file holding the API key")
+    g.add_argument(
+        "--judge-prompt-file",
+        help="the judge's wording: YAML with 'system' and 'user' texts naming {question}, {answer} and {prediction} "
+        "(e.g. Video-ChatGPT's original); default: merv's built-in wording",
+    )
+    g.add_argument(
+        "--judge-unparseable",
+        choices=["unjudged", "no"],
+        help="a reply that never parses: unjudged (default: reported, asked again next run) or no (score 0, as the "
+        "original batch script counts it)",
+    )
     g.add_argument("--judge-concurrency", type=int, help="requests in flight (default 8)")
     g.add_argument("--judge-timeout", type=float, help="seconds per request (default 60)")
     g.add_argument("--judge-max-attempts", type=int, help="tries per request on timeouts/5xx/refused (default 5)")
