@@ -364,26 +364,37 @@ def cmd_generate(args):
     print(model.generate(args.video, builder.get_prompt(), max_new_tokens=args.max_new_tokens))
 
 
+def serve_settings(args):
+    """``merv serve``'s options as :class:`ServeSettings` (the API key from ``--api-key`` or ``MERV_API_KEY``)."""
+    from merv.serve.settings import API_KEY_ENV, ServeSettings
+
+    return ServeSettings(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        allowed_hosts=tuple(args.allowed_host),
+        allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
+        allowed_media_domains=tuple(args.allowed_media_domain),
+        allowed_media_networks=tuple(args.allowed_media_network),
+        max_media_redirects=args.max_media_redirects,
+        max_upload_mb=args.max_upload_mb,
+        download_timeout_s=args.download_timeout,
+        max_frame_pixels=args.max_frame_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        default_max_tokens=args.default_max_tokens,
+    )
+
+
 def cmd_serve(args):
     from merv.serve.app import serve
-    from merv.serve.settings import ServeSettings
 
-    serve(
-        ServeSettings(
-            model=args.model,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            dtype=args.dtype,
-            served_model_name=args.served_model_name,
-            allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
-            max_upload_mb=args.max_upload_mb,
-            download_timeout_s=args.download_timeout,
-            max_batch=args.max_batch,
-            batch_wait_ms=args.batch_wait_ms,
-            default_max_tokens=args.default_max_tokens,
-        )
-    )
+    serve(serve_settings(args))
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -584,11 +595,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=Serve.port, help=f"default {Serve.port}; 0: any free port")
     s.add_argument("--served-model-name", help="the model id clients send (default: the model config's name)")
     s.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: the MERV_API_KEY variable; "
+        "prefer it: a command line is visible to other users of the machine)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name clients use besides localhost (repeatable; needed with a non-loopback --host; '*': any)",
+    )
+    s.add_argument(
         "--allowed-dir",
         action="append",
         default=[],
         metavar="DIR",
         help="a folder file:// video URLs may point into, listed by the chat page (repeatable)",
+    )
+    s.add_argument(
+        "--allowed-media-domain",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name http(s):// media may come from (repeatable; exact names; default: none, http(s) off)",
+    )
+    s.add_argument(
+        "--allowed-media-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a private network the allowed media names may resolve into, e.g. an intranet 10.1.0.0/16 (repeatable)",
+    )
+    s.add_argument(
+        "--max-media-redirects",
+        type=int,
+        default=Serve.max_media_redirects,
+        help=f"redirects followed per media URL, each checked like the URL (default {Serve.max_media_redirects})",
+    )
+    s.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=Serve.max_frame_pixels,
+        help=f"width x height of one frame, from its header before decoding (default {Serve.max_frame_pixels})",
+    )
+    s.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=Serve.max_request_pixels,
+        help=f"pixels of all frames a request makes the server decode (default {Serve.max_request_pixels})",
     )
     s.add_argument(
         "--max-upload-mb",
