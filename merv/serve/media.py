@@ -98,7 +98,10 @@ class MediaPolicy:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise ServeError(400, f"{param}: file URL with a host ({parsed.netloc!r}) is not supported", "invalid_url")
-        path = Path(unquote(parsed.path)).resolve()
+        try:
+            path = Path(unquote(parsed.path)).resolve()
+        except (ValueError, OSError) as e:  # a NUL byte, a loop of links, a name too long
+            raise ServeError(400, f"{param}: not a usable file path ({e})", "invalid_url", param) from None
         if not self.allowed_dirs:
             raise ServeError(
                 403, f"{param}: file URLs are disabled (start merv serve with --allowed-dir)", "path_not_allowed", param
@@ -110,7 +113,11 @@ class MediaPolicy:
                 "path_not_allowed",
                 param,
             )
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as e:
+            raise ServeError(400, f"{param}: {path}: {e.strerror}", "invalid_video", param) from None
+        if not exists:
             raise ServeError(400, f"{param}: {path}: file not found", "invalid_video", param)
         return path
 

@@ -318,7 +318,11 @@ def test_fuzzed_requests_get_4xx_never_5xx(server):
             "/api/media?url=file:%2F%2F%2F..%2F..",
             "/api/media",
             "/v1/models/%00",
+            "/api/media?url=file:///tmp/%00x",
+            "/api/media?url=http://x/y.mp4",
         ):
             assert 400 <= http.get(path).status_code < 500, path
+        garbage = {"Content-Type": "multipart/form-data; boundary=zz", "Content-Length": "3"}
+        assert 400 <= http.post("/api/uploads", content=b"x--", headers=garbage).status_code < 500
         assert http.get("/health").json()["status"] == "ok"
     assert len(statuses) == 150
