@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import logging
-import mmap
 import os
 import pickle
 import random
@@ -53,6 +52,7 @@ STATE_NAME = re.compile(r"step-\d{8}")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "merv-train-state/1"
 DAMAGED_SUFFIX = ".damaged"
+HASH_BLOCK = 64 << 20
 PARALLEL_HASH_BYTES = 64 << 20
 
 
@@ -94,14 +94,17 @@ def work_dir(out: Path) -> Path:
 
 
 def file_digest(path: Path) -> dict:
-    """``{"sha256", "bytes"}`` of a file. Memory-mapped and hashed in one call, which releases the GIL for all of it:
-    a hashing thread then runs beside Python work instead of waiting for the GIL between blocks."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return {"sha256": hashlib.sha256().hexdigest(), "bytes": 0}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return {"sha256": hashlib.sha256(mapped).hexdigest(), "bytes": size}
+    """``{"sha256", "bytes"}`` of a file, read in large blocks: hashlib and the reads release the GIL, and few blocks
+    mean a hashing thread seldom waits for the GIL beside busy Python work. (Not memory-mapped: a file truncated
+    under a mapping kills the process with SIGBUS.)"""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(max(1, min(HASH_BLOCK, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+            size += n
+    return {"sha256": h.hexdigest(), "bytes": size}
 
 
 def _digests(root: Path, names: list[str]) -> dict[str, dict]:
@@ -133,7 +136,7 @@ def read_manifest(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DamagedState(f"{MANIFEST} is not valid JSON ({e})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+    if not isinstance(files, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DamagedState(f"{MANIFEST} is not a {MANIFEST_FORMAT} manifest")
     for name, entry in files.items():
         well_formed = isinstance(entry, dict) and isinstance(entry.get("sha256"), str)

@@ -183,6 +183,7 @@ def test_the_manifest_lists_every_file_with_its_digest(tmp_path):
     [
         (lambda s: (s / "manifest.json").unlink(), "manifest.json is missing"),
         (lambda s: (s / "manifest.json").write_text('{"files": '), "not valid JSON"),
+        (lambda s: (s / "manifest.json").write_text("[]"), "not a merv-train-state/1 manifest"),
         (lambda s: edit(s / "meta.json", '"samples_seen": 0', '"samples_seen": 9'), "meta.json: its sha256 differs"),
         (lambda s: (s / "rank-0.json").unlink(), "rank-0.json: missing"),
         (lambda s: (s / "dcp" / "__1_0.distcp").write_bytes(b"x"), "__1_0.distcp: not in the manifest"),
