@@ -268,6 +268,8 @@ def cmd_eval(args):
             "preset": args.judge_preset,
             "api_key_env": args.judge_api_key_env,
             "api_key_file": args.judge_api_key_file,
+            "prompt_file": args.judge_prompt_file,
+            "unparseable": args.judge_unparseable,
             "concurrency": args.judge_concurrency,
             "timeout_s": args.judge_timeout,
             "max_attempts": args.judge_max_attempts,
@@ -364,26 +366,37 @@ def cmd_generate(args):
     print(model.generate(args.video, builder.get_prompt(), max_new_tokens=args.max_new_tokens))
 
 
+def serve_settings(args):
+    """``merv serve``'s options as :class:`ServeSettings` (the API key from ``--api-key`` or ``MERV_API_KEY``)."""
+    from merv.serve.settings import API_KEY_ENV, ServeSettings
+
+    return ServeSettings(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        allowed_hosts=tuple(args.allowed_host),
+        allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
+        allowed_media_domains=tuple(args.allowed_media_domain),
+        allowed_media_networks=tuple(args.allowed_media_network),
+        max_media_redirects=args.max_media_redirects,
+        max_upload_mb=args.max_upload_mb,
+        download_timeout_s=args.download_timeout,
+        max_frame_pixels=args.max_frame_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        default_max_tokens=args.default_max_tokens,
+    )
+
+
 def cmd_serve(args):
     from merv.serve.app import serve
-    from merv.serve.settings import ServeSettings
 
-    serve(
-        ServeSettings(
-            model=args.model,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            dtype=args.dtype,
-            served_model_name=args.served_model_name,
-            allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
-            max_upload_mb=args.max_upload_mb,
-            download_timeout_s=args.download_timeout,
-            max_batch=args.max_batch,
-            batch_wait_ms=args.batch_wait_ms,
-            default_max_tokens=args.default_max_tokens,
-        )
-    )
+    serve(serve_settings(args))
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -519,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group(
         "judge (open-ended)",
         "an OpenAI-compatible chat-completions endpoint; each setting also comes from MERV_JUDGE_URL, "
-        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE or the eval.judge section of "
+        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE, MERV_JUDGE_PROMPT_FILE, MERV_JUDGE_UNPARSEABLE "
+        "or the eval.judge section of "
         "--pipeline-config. Without a URL open-ended answers are scored by exact match.",
     )
     g.add_argument("--judge-url", help="e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
@@ -527,6 +541,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-preset", help="video-chatgpt (ours: temperature 0) or merv-original (max_tokens 500)")
     g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default MERV_JUDGE_API_KEY)")
     g.add_argument("--judge-api-key-file", help="file holding the API key")
+    g.add_argument(
+        "--judge-prompt-file",
+        help="the judge's wording: YAML with 'system' and 'user' texts naming {question}, {answer} and {prediction} "
+        "(e.g. Video-ChatGPT's original); default: merv's built-in wording",
+    )
+    g.add_argument(
+        "--judge-unparseable",
+        choices=["unjudged", "no"],
+        help="a reply that never parses: unjudged (default: reported, asked again next run) or no (score 0, as the "
+        "original batch script counts it)",
+    )
     g.add_argument("--judge-concurrency", type=int, help="requests in flight (default 8)")
     g.add_argument("--judge-timeout", type=float, help="seconds per request (default 60)")
     g.add_argument("--judge-max-attempts", type=int, help="tries per request on timeouts/5xx/refused (default 5)")
@@ -572,11 +597,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=Serve.port, help=f"default {Serve.port}; 0: any free port")
     s.add_argument("--served-model-name", help="the model id clients send (default: the model config's name)")
     s.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: the MERV_API_KEY variable; "
+        "prefer it: a command line is visible to other users of the machine)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name clients use besides localhost (repeatable; needed with a non-loopback --host; '*': any)",
+    )
+    s.add_argument(
         "--allowed-dir",
         action="append",
         default=[],
         metavar="DIR",
         help="a folder file:// video URLs may point into, listed by the chat page (repeatable)",
+    )
+    s.add_argument(
+        "--allowed-media-domain",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name http(s):// media may come from (repeatable; exact names; default: none, http(s) off)",
+    )
+    s.add_argument(
+        "--allowed-media-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a private network the allowed media names may resolve into, e.g. an intranet 10.1.0.0/16 (repeatable)",
+    )
+    s.add_argument(
+        "--max-media-redirects",
+        type=int,
+        default=Serve.max_media_redirects,
+        help=f"redirects followed per media URL, each checked like the URL (default {Serve.max_media_redirects})",
+    )
+    s.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=Serve.max_frame_pixels,
+        help=f"width x height of one frame, from its header before decoding (default {Serve.max_frame_pixels})",
+    )
+    s.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=Serve.max_request_pixels,
+        help=f"pixels of all frames a request makes the server decode (default {Serve.max_request_pixels})",
     )
     s.add_argument(
         "--max-upload-mb",

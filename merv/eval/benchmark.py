@@ -418,7 +418,9 @@ def evaluate(
         "modes": sorted(modes),
         "decoding": decoding,
         "limit": settings.limit,
-        "judge": {k: v for k, v in judge_info.items() if k not in ("url", "served_models")} if judge_info else None,
+        "judge": {k: v for k, v in judge_info.items() if k not in ("url", "served_models", "prompt_file")}
+        if judge_info
+        else None,  # where the judge and its prompt file are does not matter: its wording's sha256 does
     }
     return {
         "format": RESULT_FORMAT,

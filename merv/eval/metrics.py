@@ -78,6 +78,8 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
             metrics["judge_score"] = _mean([float(v["score"]) for v in judged])
             out["judged"] = len(judged)
             out["unjudged"] = len(rows) - len(judged)
+            if counted := sum(1 for v in judged if "counted_as_no" in v):  # judge unparseable: no
+                out["counted_as_no"] = counted
             headline = "judge_accuracy"
     degenerate = Counter(k for r in rows for k in r.get("degenerate", []))
     out = {"metric": headline, "value": metrics.get(headline), **out, "metrics": metrics}
@@ -91,7 +93,7 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
 
 def _by_type(rows: list[dict], kind: str) -> dict:
     """The summary of each question type's rows, reduced to counts and metrics."""
-    kept = ("n", "chance", "metrics", "judged", "unjudged")
+    kept = ("n", "chance", "metrics", "judged", "unjudged", "counted_as_no")
     types = sorted({r["question_type"] for r in rows if r.get("question_type") is not None})
     by_type = {}
     for qtype in types:

@@ -28,8 +28,9 @@ from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
+from merv.train.lock import holds_output_lock
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
-from merv.train.state import latest_state, load_state, save_state, work_dir
+from merv.train.state import resume_state, save_state, work_dir
 from merv.train.strategy import Strategy
 from merv.weights import project_record
 
@@ -169,6 +170,7 @@ class StepLog:
             self.wandb.close()
 
 
+@holds_output_lock  # one run per output folder: a second one is refused, naming the first's PID and host
 def train_stage(
     run: RunConfig,
     stage_name: str,
@@ -211,9 +213,9 @@ def train_stage(
     # resume where an interrupted run with the same settings stopped
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
-    resume = latest_state(work, config_fingerprint)
-    if resume is not None:
-        first_step, position, resumed = load_state(resume, model, optimizer, scheduler, d.rank)
+    found = resume_state(work, config_fingerprint, model, optimizer, scheduler, d)  # verified; damaged ones set aside
+    if found is not None:
+        resume, first_step, position, resumed = found
         metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
         log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
     stream = loader(position)
