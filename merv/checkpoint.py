@@ -2,17 +2,23 @@
 
 Only the module groups that were ever trained are stored (frozen encoders and an untouched LLM come from the
 weights the config names), so a stage-1 checkpoint of a 7B model holds megabytes, not gigabytes.
+
+``meta.json`` also records the config the weights were trained with (``trained_config``): loading refuses a
+``config.json`` edited since (see :func:`merv.integrity.check_checkpoint_config`), and a weights file that does not
+hold exactly the trained groups' tensors, shaped and typed as the model's and finite (:mod:`merv.integrity`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from merv.config import RunConfig, load_run_config
 from merv.models.merv import MERV
 
+log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 
 
@@ -41,7 +47,7 @@ def save_checkpoint(
     state = full_state if full_state is not None else model.state_dict()
     save_file(state_of_groups(state, meta["trained_groups"]), str(tmp / WEIGHTS))
     (tmp / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "trained_config": run.to_dict()}, indent=1))
     for name, content in (extra or {}).items():
         (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     shutil.rmtree(out, ignore_errors=True)
@@ -60,18 +66,20 @@ def load_checkpoint(path: str | Path, model: MERV | None = None) -> tuple[MERV, 
 
     Frozen weights the config names by relative paths are found from any working directory: under
     ``$MERV_WEIGHTS``, then in the project folder the checkpoint was trained in (see :mod:`merv.weights`).
+    The stored weights must be exactly the trained groups' tensors (see the module docstring), or a
+    :class:`merv.integrity.IntegrityError` names the file and the tensors.
     """
-    from safetensors.torch import load_file
-
+    from merv.integrity import check_checkpoint_config, expected_of, load_verified
     from merv.weights import checkpoint_roots
 
     path = Path(path)
     meta = read_meta(path)
     run = load_run_config(path / "config.json")
+    if not check_checkpoint_config(path, json.loads((path / "config.json").read_text()), meta):
+        log.warning("%s records no training config (an older checkpoint): config.json is used as it is", path)
     model = model or MERV.from_config(run.model, checkpoint_roots(path, meta))
-    state = load_file(str(path / WEIGHTS))
-    missing = [k for k in state if k not in model.state_dict()]
-    if missing:
-        raise ValueError(f"{path}: checkpoint has weights the model lacks, e.g. {missing[:3]}")
-    model.load_state_dict(state, strict=False)
+    groups = meta.get("trained_groups") or []
+    expected = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in groups}
+    state = load_verified(path / WEIGHTS, expected_of(expected))
+    model.load_state_dict(state, strict=False)  # the frozen groups come from their own weights
     return model, run, meta

@@ -272,7 +272,11 @@ def cmd_eval(args):
         }
         cfg = resolve_judge_config(flags, section=section)
         judge = Judge(cfg) if cfg else None
-    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype)
+    from merv.digests import DigestMemo
+
+    # the weights' digests are remembered beside the answers they key (see merv.digests for the trade-off)
+    memo = DigestMemo(None if args.no_cache else Path(args.cache) / "digests.json")
+    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype, memo=memo)
     cache = ResultCache(None if args.no_cache else args.cache)
     name = args.name or Path(args.data).name
     try:
@@ -296,11 +300,16 @@ def cmd_eval(args):
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (a temp file renamed into place), so a killed job never leaves half a result."""
+    """Write strict JSON atomically (a temp file renamed into place), so a killed job never leaves half a result;
+    a NaN or infinity is an error naming the file (strict JSON readers refuse them)."""
     path = Path(path)
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise ValueError(f"{path}: not written: {e} (a non-finite number reached the result)") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -316,10 +325,11 @@ def cmd_merge(args):
 
 def cmd_collect(args):
     from merv.config import fingerprint
+    from merv.eval.merge import read_result
 
     benchmarks = {}
     for path in args.results:
-        r = json.loads(Path(path).read_text())
+        r = read_result(path)
         if r.get("chunk", {}).get("count", 1) != 1:
             raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
         benchmarks[r["benchmark"]] = {

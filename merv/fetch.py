@@ -39,6 +39,28 @@ class WeightPart:
     model_kwargs: dict  # timm create_model arguments of the encoder (image size ...)
 
 
+SOURCE_RECORD = ".source.json"  # beside each fetched weight: <path>.source.json
+
+
+def source_record_path(path: Path) -> Path:
+    """Where `merv fetch-weights` records a weight's source, revision and file digests: beside it."""
+    return Path(str(path) + SOURCE_RECORD)
+
+
+def read_source_record(path: Path) -> dict | None:
+    """The record `merv fetch-weights` wrote beside ``path`` (None for weights it did not fetch)."""
+    import json
+
+    record = source_record_path(path)
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{record}: unreadable fetch record ({e})") from None
+    return data if isinstance(data, dict) else None
+
+
 class MissingWeightsError(FileNotFoundError):
     """Some weights are neither present nor fetchable; the message lists each with its reason."""
 

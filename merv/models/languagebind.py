@@ -49,12 +49,16 @@ class TemporalBlock(nn.Module):
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """The checkpoint's tensors: from safetensors after its header and values are checked (merv.integrity), else
+    from ``pytorch_model.bin`` without unpickling code (``weights_only``), checked finite."""
+    from merv.integrity import check_finite, load_verified
 
-        return load_file(str(path / "model.safetensors"))
+    if (path / "model.safetensors").is_file():
+        return load_verified(path / "model.safetensors", None)
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        check_finite(state, str(path / "pytorch_model.bin"))
+        return state
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
@@ -87,6 +91,8 @@ class LanguageBindVideoEncoder(VisualEncoder):
         super().__init__(cfg)
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
+        from merv.integrity import check_tensors, expected_of, safetensors_dtype
+
         path = Path(cfg.weights)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"encoder {cfg.id!r}: no LanguageBind config.json in {path}")
@@ -104,6 +110,10 @@ class LanguageBindVideoEncoder(VisualEncoder):
         self.vision = CLIPVisionModel(vcfg)
         self.temporal = nn.ModuleList(TemporalBlock(vcfg, cfg.num_frames) for _ in range(vcfg.num_hidden_layers))
         state = to_ours(read_checkpoint(path))
+        own = self.state_dict()
+        common = [k for k in state if k in own]  # which names fit is checked just below
+        found = {k: (tuple(state[k].shape), safetensors_dtype(state[k].dtype)) for k in common}
+        check_tensors(f"encoder {cfg.id!r}: {path}", found, expected_of({k: own[k] for k in common}))
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
