@@ -13,10 +13,12 @@ adding, removing or editing any file changes it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import uuid
 from pathlib import Path
@@ -28,7 +30,10 @@ BLOCK = 1 << 20
 
 
 def sha256_file(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    """The SHA-256 of a regular file's bytes (read in 1 MiB blocks); anything else (a FIFO would block) is an
+    OSError."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(BLOCK), b""):
