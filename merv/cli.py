@@ -142,6 +142,15 @@ def cmd_shard(args):
         log.info("bad items are listed in %s", Path(args.out) / "quarantine.jsonl")
 
 
+def cmd_index_media(args):
+    from merv.data.media import build_index, write_index
+
+    index = build_index(Path(args.source), Path(args.root) if args.root else None)
+    write_index(index, Path(args.out))
+    missing = sum(1 for _, size, _ in index["media"] if size is None)
+    log.info("%s: %d media files indexed (%d missing)", args.out, len(index["media"]), missing)
+
+
 def cmd_inspect(args):
     from merv.data.shards import iter_samples, read_manifest
 
@@ -476,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail on the first bad item instead of quarantining it")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("index-media", help="list a data source's media with size and mtime (the pipeline's trigger)")
+    s.add_argument("source", help="a training JSON, an eval_data benchmark folder or a folder of videos")
+    s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_index_media)
 
     s = sub.add_parser("inspect", help="print a shard folder's manifest summary, or one sample")
     s.add_argument("dir")
