@@ -85,9 +85,10 @@ def cmd_fetch_weights(args):
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     logging.getLogger("httpx").setLevel(logging.WARNING)
     run = load_config_spec(args.preset)
-    records = fetch_weights(run, args.root)
+    records = fetch_weights(run, args.root, allow_unpinned=args.allow_unpinned)
     for r in records:
-        log.info("%s: %s (%s)", r["name"], r["path"], "downloaded" if r["downloaded"] else "present")
+        state = "downloaded" if r["downloaded"] else "present"
+        log.info("%s: %s (%s, commit %s)", r["name"], r["path"], state, r["commit"] or "unknown: not fetched by merv")
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps({"model": run.model.name, "weights": records}, indent=1) + "\n")
@@ -457,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")
     s.add_argument("--root", help="folder relative weight paths live under (default: $MERV_WEIGHTS, else the cwd)")
     s.add_argument("--record", help="write a JSON of where each weight is (the pipeline's marker file)")
+    s.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="fetch parts whose config pins no commit (revision: unpinned) at the hub's current commit (recorded)",
+    )
     s.set_defaults(func=cmd_fetch_weights)
 
     s = sub.add_parser("status", help="which configured models are trained and evaluated (from results/)")

@@ -146,9 +146,17 @@ def weights_provenance(model_cfg, memo) -> dict[str, dict]:
     parts = {f"encoder {e.id}": e.weights for e in model_cfg.encoders} | {"llm": model_cfg.llm.weights}
     out = {}
     for part, path in parts.items():
-        record = read_source_record(Path(path))
-        fetched = {k: record.get(k) for k in ("source", "revision", "commit", "files")} if record else None
-        out[part] = {"path": str(path), "sha256": memo.path(path), "fetched": fetched}
+        path = Path(path)
+        record = read_source_record(path)
+        entry = {"path": str(path), "sha256": memo.path(path), "fetched": None}
+        if record:
+            files = memo.files(path) if path.is_dir() else {path.name: memo.file(path)}
+            entry["fetched"] = {k: record.get(k) for k in ("source", "revision", "commit", "files")}
+            entry["fetched"]["unchanged"] = files == record.get("files")
+            if not entry["fetched"]["unchanged"]:
+                log.warning("%s: %s differs from what merv fetch-weights fetched (commit %s)", part, path,
+                            record.get("commit"))  # fmt: skip
+        out[part] = entry
     return out
 
 
