@@ -23,6 +23,12 @@ rule synth_dataset:
 
 # The media a source reads, with size and mtime (merv.data.media): the shard rules read this instead of listing
 # every video as an input; common.smk rewrites it when a video is added, removed or replaced, so that reaches a rerun.
+# Listing files is no cluster job's work: these run where Snakemake runs.
+localrules:
+    index_train_media,
+    index_benchmark_media,
+
+
 rule index_train_media:
     input:
         json=lambda w: train_split(w)["json"],
