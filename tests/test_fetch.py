@@ -209,7 +209,7 @@ def test_fetch_downloads_the_pinned_commit_and_records_it_beside_the_weights(tmp
     recorded no commit."""
     from merv.digests import DigestMemo, sha256_file
     from merv.eval.benchmark import weights_provenance
-    from merv.weights import resolve_model
+    from merv.weights import weight_paths
 
     hub = tmp_path / "hub"
     built = {}
@@ -271,7 +271,7 @@ def test_fetch_downloads_the_pinned_commit_and_records_it_beside_the_weights(tmp
         assert fetched["encoder vivit"]["commit"] == old and fetched["encoder dinov2"]["revision"] == old
 
         # the manifest of an evaluation carries what was fetched, and notices a file changed since
-        cfg = resolve_model(with_paths(run, root).model)
+        cfg = weight_paths(with_paths(run, root).model)
         provenance = weights_provenance(cfg, DigestMemo(None))
         assert (
             provenance["encoder vivit"]["fetched"]["commit"] == old

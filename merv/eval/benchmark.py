@@ -80,7 +80,7 @@ class CheckpointHandle:
         from merv.digests import DigestMemo
         from merv.integrity import check_checkpoint_config
         from merv.runtime import dtype_name, resolve_device, resolve_dtype
-        from merv.weights import checkpoint_roots, resolve_model
+        from merv.weights import checkpoint_roots, weight_paths
 
         self.path = Path(path)
         self.meta = read_meta(self.path)
@@ -92,8 +92,7 @@ class CheckpointHandle:
         self.dtype = resolve_dtype(dtype, self.device)
         self.dtype_name = dtype_name(self.dtype)
         memo = memo if memo is not None else DigestMemo(None)
-        resolved = resolve_model(self.model_cfg, checkpoint_roots(self.path, self.meta))
-        self.weights = weights_provenance(resolved, memo)
+        self.weights = weights_provenance(weight_paths(self.model_cfg, checkpoint_roots(self.path, self.meta)), memo)
         self.identity = {
             "config": fingerprint(config.get("model")),
             "weights_sha256": memo.file(self.path / WEIGHTS),
@@ -138,14 +137,14 @@ class CheckpointHandle:
         return PromptBuilder(fmt, self._tokenizer)
 
 
-def weights_provenance(model_cfg, memo) -> dict[str, dict]:
-    """Per frozen weight (``encoder <id>``, ``llm``): where it was found, its digest, and what `merv fetch-weights`
-    recorded beside it (source, pinned revision, commit, per-file digests) when it fetched it."""
+def weights_provenance(paths: dict[str, Path], memo) -> dict[str, dict]:
+    """Per frozen weight (``{"encoder <id>" or "llm": path}``, see :func:`merv.weights.weight_paths`): where it was
+    found, its digest, and what `merv fetch-weights` recorded beside it (source, pinned revision, commit, per-file
+    digests) when it fetched it, with whether the files still match that record."""
     from merv.fetch import read_source_record
 
-    parts = {f"encoder {e.id}": e.weights for e in model_cfg.encoders} | {"llm": model_cfg.llm.weights}
     out = {}
-    for part, path in parts.items():
+    for part, path in paths.items():
         path = Path(path)
         record = read_source_record(path)
         entry = {"path": str(path), "sha256": memo.path(path), "fetched": None}
