@@ -208,7 +208,7 @@ def test_fetch_downloads_the_pinned_commit_and_records_it_beside_the_weights(tmp
     --allow-unpinned, which takes main's commit and records it. Before, fetch downloaded whatever main held and
     recorded no commit."""
     from merv.digests import DigestMemo, sha256_file
-    from merv.eval.benchmark import weights_provenance
+    from merv.eval.provenance import weights_provenance
     from merv.weights import weight_paths
 
     hub = tmp_path / "hub"

@@ -28,7 +28,7 @@ import torch
 from merv.config import fingerprint
 from merv.eval.cache import ResultCache, content_key
 from merv.eval.metrics import degenerate_kinds, first_char_letter, normalise, summarise
-from merv.eval.provenance import frame_sampling, git_commit, package_versions
+from merv.eval.provenance import frame_sampling, git_commit, package_versions, weights_provenance
 from merv.eval.registry import BenchmarkSpec, check_question, lookup
 from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_letters
 
@@ -135,28 +135,6 @@ class CheckpointHandle:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.llm.weights)
         return PromptBuilder(fmt, self._tokenizer)
-
-
-def weights_provenance(paths: dict[str, Path], memo) -> dict[str, dict]:
-    """Per frozen weight (``{"encoder <id>" or "llm": path}``, see :func:`merv.weights.weight_paths`): where it was
-    found, its digest, and what `merv fetch-weights` recorded beside it (source, pinned revision, commit, per-file
-    digests) when it fetched it, with whether the files still match that record."""
-    from merv.fetch import read_source_record
-
-    out = {}
-    for part, path in paths.items():
-        path = Path(path)
-        record = read_source_record(path)
-        entry = {"path": str(path), "sha256": memo.path(path), "fetched": None}
-        if record:
-            files = memo.files(path) if path.is_dir() else {path.name: memo.file(path)}
-            entry["fetched"] = {k: record.get(k) for k in ("source", "revision", "commit", "files")}
-            entry["fetched"]["unchanged"] = files == record.get("files")
-            if not entry["fetched"]["unchanged"]:
-                log.warning("%s: %s differs from what merv fetch-weights fetched (commit %s)", part, path,
-                            record.get("commit"))  # fmt: skip
-        out[part] = entry
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
