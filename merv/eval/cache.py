@@ -51,6 +51,7 @@ class ResultCache:
     def __init__(self, directory: str | Path | None):
         self.directory = Path(directory) if directory is not None else None
         self._records: dict[str, list] = {}  # key -> the values read for it, oldest first
+        self._checked: set[str] = set()  # keys whose newest value passed a check (not checked again)
         self._lock = threading.Lock()
         self._file = None
         self.hits = 0
@@ -87,9 +88,11 @@ class ResultCache:
             values = self._records.get(key)
             while values:
                 value = values[-1]
-                problem = check(value) if check is not None else None
+                problem = check(value) if check is not None and key not in self._checked else None
                 if problem is None:
                     self.hits += 1
+                    if check is not None:
+                        self._checked.add(key)
                     return value
                 values.pop()
                 self.discarded += 1
@@ -116,6 +119,7 @@ class ResultCache:
                 os.fsync(f.fileno())
             for k, v in items.items():
                 self._records.setdefault(k, []).append(v)
+                self._checked.discard(k)
             self.writes += len(items)
 
     def _writer(self):
