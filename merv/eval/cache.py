@@ -62,6 +62,7 @@ class ResultCache:
                 self._load(path)
 
     def _load(self, path: Path) -> None:
+        mismatched = []
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 try:
@@ -72,11 +73,19 @@ class ResultCache:
                     log.warning("cache %s line %d is incomplete (interrupted write); skipped", path, number)
                     continue
                 if not isinstance(key, str) or digest != record_digest(key, value):
-                    self.discarded += 1
-                    log.warning("cache %s line %d does not match its digest (edited or damaged, or written by an "
-                                "older merv); discarded: its answer is recomputed", path, number)  # fmt: skip
+                    mismatched.append(number)
                     continue
                 self._records.setdefault(key, []).append(value)
+        if mismatched:  # one warning a file: a cache written by an older merv has no digests at all
+            self.discarded += len(mismatched)
+            shown = ", ".join(map(str, mismatched[:5])) + (", ..." if len(mismatched) > 5 else "")
+            log.warning(
+                "cache %s: %d record(s) do not match their digest (edited or damaged, or written by an older merv), "
+                "lines %s; discarded: their answers are recomputed",
+                path,
+                len(mismatched),
+                shown,
+            )
 
     def __len__(self) -> int:
         return len(self._records)

@@ -134,7 +134,7 @@ def test_an_edited_cache_value_is_not_trusted(ckpt, shards, tmp_path, caplog):
     second, handle = run_eval(ckpt, shards, tmp_path / "cache")
     assert second["summary"] == first["summary"], "the edited answer did not move the accuracy"
     assert second["run"]["answered_by_model"] >= 1 and handle.loads == 1
-    assert "does not match its digest" in caplog.text
+    assert "record(s) do not match their digest" in caplog.text
 
 
 def test_a_malformed_cache_value_is_recomputed_with_a_warning(ckpt, shards, tmp_path, caplog):
