@@ -150,6 +150,8 @@ def cmd_index_media(args):
     write_index(index, Path(args.out))
     missing = sum(1 for _, size, _ in index["media"] if size is None)
     log.info("%s: %d media files indexed (%d missing)", args.out, len(index["media"]), missing)
+    if index["problem"]:
+        log.warning("%s: %s (left to sharding to report)", args.source, index["problem"])
 
 
 def cmd_inspect(args):

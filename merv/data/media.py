@@ -47,14 +47,23 @@ def _stat(path: Path) -> list:
 
 
 def build_index(source: Path, root: Path | None = None) -> dict:
-    """The index of a source: its own stat (a training JSON lists the media) and every media path's size and mtime."""
+    """The index of a source: its own stat (a training JSON lists the media) and every media path's size and mtime.
+    A source that cannot be read gets an index without media: the shard job, which reads it next, names the problem
+    (this index only tells Snakemake when to run it)."""
+    from merv.data.shards import DataFormatError
+
     source = Path(source)
+    try:
+        media, problem = [_stat(p) for p in source_media(source, root)], None
+    except (DataFormatError, OSError) as e:
+        media, problem = [], str(e)
     return {
         "format": FORMAT,
         "source": str(source),
         "root": None if root is None else str(root),
         "source_stat": _stat(source) if source.is_file() else None,
-        "media": [_stat(p) for p in source_media(source, root)],
+        "media": media,
+        "problem": problem,
     }
 
 

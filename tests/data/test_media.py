@@ -35,3 +35,10 @@ def test_an_index_is_rewritten_only_when_the_media_change(synth_dir, tmp_path):
     # a file added to a benchmark's videos/ folder
     shutil.copy(synth_dir / "train" / "videos" / "train_00001.mp4", tmp_path / "bench" / "videos" / "extra.mp4")
     assert refresh_index(tmp_path / "bench.index.json")
+
+
+def test_an_unreadable_source_is_left_to_sharding_to_report(tmp_path):
+    """The index only triggers the shard job, which names a broken training JSON; indexing it does not fail."""
+    (tmp_path / "train.json").write_text("[{]")
+    index = build_index(tmp_path / "train.json")
+    assert index["media"] == [] and "not valid JSON" in index["problem"]
