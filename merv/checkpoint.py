@@ -2,17 +2,23 @@
 
 Only the module groups that were ever trained are stored (frozen encoders and an untouched LLM come from the
 weights the config names), so a stage-1 checkpoint of a 7B model holds megabytes, not gigabytes.
+
+``meta.json`` also records the config the weights were trained with (``trained_config``): loading refuses a
+``config.json`` edited since (see :func:`merv.integrity.check_checkpoint_config`), and a weights file that does not
+hold exactly the trained groups' tensors, shaped and typed as the model's and finite (:mod:`merv.integrity`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from merv.config import RunConfig, load_run_config
 from merv.models.merv import MERV
 
+log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 
 
@@ -49,7 +55,7 @@ def save_checkpoint(
     save_file(state_of_groups(state, meta["trained_groups"], held_dtype(dtype)), str(tmp / WEIGHTS))
     meta = {**meta, "precision": {**meta.get("precision", {}), "checkpoint": dtype}}
     (tmp / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "trained_config": run.to_dict()}, indent=1))
     for name, content in (extra or {}).items():
         (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     shutil.rmtree(out, ignore_errors=True)
@@ -63,31 +69,15 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta.read_text())
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder whose weights do not fit the model its config describes."""
-
-
 def check_state(state: dict, expected: dict, groups: list[str], where: str) -> None:
-    """Every tensor of the module ``groups`` in ``expected`` (a model's parameter names and shapes) is in ``state``
-    with its shape, and ``state`` holds nothing else; otherwise a :class:`CheckpointError` naming ``where`` and the
-    tensors."""
-    wanted = {k: tuple(shape) for k, shape in expected.items() if k.split(".")[0] in groups}
-    extra = sorted(set(state) - set(wanted))
-    missing = sorted(set(wanted) - set(state))
-    shapes = [
-        f"{k} {list(state[k].shape)} (the model's: {list(wanted[k])})"
-        for k in sorted(set(state) & set(wanted))
-        if tuple(state[k].shape) != wanted[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) of {groups} missing, e.g. {missing[:3]}")
-    if extra:
-        problems.append(f"{len(extra)} tensor(s) the model lacks, e.g. {extra[:3]}")
-    if shapes:
-        problems.append(f"{len(shapes)} tensor(s) of the wrong shape, e.g. {'; '.join(shapes[:3])}")
-    if problems:
-        raise CheckpointError(f"{where}: the weights do not fit the configured model: {'; '.join(problems)}")
+    """Every tensor of the module ``groups`` in ``expected`` (a model's ``{name: (shape, dtype)}``) is in ``state``
+    (a state dict in memory, e.g. an import's) with its shape and a compatible dtype, and ``state`` holds nothing
+    else; otherwise an :class:`~merv.integrity.IntegrityError` naming ``where`` and the tensors."""
+    from merv.integrity import check_tensors, safetensors_dtype
+
+    wanted = {k: v for k, v in expected.items() if k.split(".")[0] in groups}
+    found = {k: (tuple(v.shape), safetensors_dtype(v.dtype)) for k, v in state.items()}
+    check_tensors(where, found, wanted)
 
 
 def load_checkpoint(
@@ -97,25 +87,26 @@ def load_checkpoint(
     config's ``model.dtype``) and apply the stored weights (cast to the dtype the model holds them in).
 
     Loading is strict: every tensor of the module groups the checkpoint trained (``meta["trained_groups"]``) must be
-    stored with the model's shape, and nothing else, or a :class:`CheckpointError` names the file and the tensors.
-    ``groups`` takes only those of the stored groups (a stage that starts from part of the previous one).
+    stored with the model's shape, a floating dtype and finite values, and nothing else, or an
+    :class:`~merv.integrity.IntegrityError` names the file and the tensors (see the module docstring). ``groups``
+    takes only those of the stored groups (a stage that starts from part of the previous one).
 
     Frozen weights the config names by relative paths are found from any working directory: under
     ``$MERV_WEIGHTS``, then in the project folder the checkpoint was trained in (see :mod:`merv.weights`).
     """
-    from safetensors.torch import load_file
-
-    from merv.models.fusion import upgrade_state
+    from merv.integrity import check_checkpoint_config, expected_of, load_verified
     from merv.weights import checkpoint_roots
 
     path = Path(path)
     meta = read_meta(path)
     run = load_run_config(path / "config.json")
+    if not check_checkpoint_config(path, json.loads((path / "config.json").read_text()), meta):
+        log.warning("%s records no training config (an older checkpoint): config.json is used as it is", path)
     model = model or MERV.from_config(run.model, checkpoint_roots(path, meta), dtype=dtype)
-    state = upgrade_state(load_file(str(path / WEIGHTS)))
-    stored = list(meta["trained_groups"])
-    check_state(state, {k: v.shape for k, v in model.state_dict().items()}, stored, str(path / WEIGHTS))
+    stored = meta.get("trained_groups") or []
+    expected = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in stored}
+    state = load_verified(path / WEIGHTS, expected_of(expected))
     if groups is not None:
         state = state_of_groups(state, [g for g in stored if g in groups])
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False)  # the frozen groups come from their own weights
     return model, run, meta

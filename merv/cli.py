@@ -87,9 +87,10 @@ def cmd_fetch_weights(args):
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     logging.getLogger("httpx").setLevel(logging.WARNING)
     run = load_config_spec(args.preset)
-    records = fetch_weights(run, args.root)
+    records = fetch_weights(run, args.root, allow_unpinned=args.allow_unpinned)
     for r in records:
-        log.info("%s: %s (%s)", r["name"], r["path"], "downloaded" if r["downloaded"] else "present")
+        state = "downloaded" if r["downloaded"] else "present"
+        log.info("%s: %s (%s, commit %s)", r["name"], r["path"], state, r["commit"] or "unknown: not fetched by merv")
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps({"model": run.model.name, "weights": records}, indent=1) + "\n")
@@ -142,6 +143,17 @@ def cmd_shard(args):
     log.info("%s: %s", args.out, summary.line())
     if summary.bad:
         log.info("bad items are listed in %s", Path(args.out) / "quarantine.jsonl")
+
+
+def cmd_index_media(args):
+    from merv.data.media import build_index, write_index
+
+    index = build_index(Path(args.source), Path(args.root) if args.root else None)
+    write_index(index, Path(args.out))
+    missing = sum(1 for _, size, _ in index["media"] if size is None)
+    log.info("%s: %d media files indexed (%d missing)", args.out, len(index["media"]), missing)
+    if index["problem"]:
+        log.warning("%s: %s (left to sharding to report)", args.source, index["problem"])
 
 
 def cmd_inspect(args):
@@ -276,7 +288,11 @@ def cmd_eval(args):
         }
         cfg = resolve_judge_config(flags, section=section)
         judge = Judge(cfg) if cfg else None
-    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype)
+    from merv.digests import DigestMemo
+
+    # the weights' digests are remembered beside the answers they key (see merv.digests for the trade-off)
+    memo = DigestMemo(None if args.no_cache else Path(args.cache) / "digests.json")
+    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype, memo=memo)
     cache = ResultCache(None if args.no_cache else args.cache)
     name = args.name or Path(args.data).name
     try:
@@ -300,11 +316,16 @@ def cmd_eval(args):
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (a temp file renamed into place), so a killed job never leaves half a result."""
+    """Write strict JSON atomically (a temp file renamed into place), so a killed job never leaves half a result;
+    a NaN or infinity is an error naming the file (strict JSON readers refuse them)."""
     path = Path(path)
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise ValueError(f"{path}: not written: {e} (a non-finite number reached the result)") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -320,10 +341,11 @@ def cmd_merge(args):
 
 def cmd_collect(args):
     from merv.config import fingerprint
+    from merv.eval.merge import read_result
 
     benchmarks = {}
     for path in args.results:
-        r = json.loads(Path(path).read_text())
+        r = read_result(path)
         if r.get("chunk", {}).get("count", 1) != 1:
             raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
         benchmarks[r["benchmark"]] = {
@@ -453,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")
     s.add_argument("--root", help="folder relative weight paths live under (default: $MERV_WEIGHTS, else the cwd)")
     s.add_argument("--record", help="write a JSON of where each weight is (the pipeline's marker file)")
+    s.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="fetch parts whose config pins no commit (revision: unpinned) at the hub's current commit (recorded)",
+    )
     s.set_defaults(func=cmd_fetch_weights)
 
     s = sub.add_parser("status", help="which configured models are trained and evaluated (from results/)")
@@ -481,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail on the first bad item instead of quarantining it")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("index-media", help="list a data source's media with size and mtime (the pipeline's trigger)")
+    s.add_argument("source", help="a training JSON, an eval_data benchmark folder or a folder of videos")
+    s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_index_media)
 
     s = sub.add_parser("inspect", help="print a shard folder's manifest summary, or one sample")
     s.add_argument("dir")

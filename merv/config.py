@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,12 +32,18 @@ StageText = Literal["conversation", "caption"]
 MIN_TEXT_TOKENS = 64  # room for text the LLM context must keep besides the visual tokens (also >= 1/8 of it)
 
 
-def check_source(source: str | None, owner: str, schemes: tuple[str, ...]) -> None:
-    """A weight ``source`` is ``<scheme>:<name>`` with a scheme in ``schemes`` (or absent: bring the weights)."""
+UNPINNED = "unpinned"  # a preset's explicit word that no commit of a source could be found to pin
+
+
+def check_source(source: str | None, owner: str, schemes: tuple[str, ...], revision: str | None = None) -> None:
+    """A weight ``source`` is ``<scheme>:<name>`` with a scheme in ``schemes`` (or absent: bring the weights); its
+    ``revision`` is a full 40-hex commit sha, or ``unpinned`` (said explicitly), or absent."""
     scheme, _, name = (source or "").partition(":")
     if source is not None and (scheme not in schemes or not name):
         forms = " or ".join(f"{s}:<name>" for s in schemes)
         raise ValueError(f"{owner}: source must look like {forms}, got {source!r}")
+    if revision is not None and revision != UNPINNED and not re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"{owner}: revision must be a full 40-hex commit sha or {UNPINNED!r}, got {revision!r}")
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,10 @@ class EncoderConfig:
     hflip: float = 0.0
     cache: bool = True  # with train.features "cached": read this encoder's features from a cache (False: run it)
     source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>" or "timm:<model name>"
+    revision: str | None = None  # the hub commit (40-hex sha) fetch-weights downloads, or "unpinned"
 
     def __post_init__(self):
-        check_source(self.source, f"encoder {self.id!r}", ("hf", "timm"))
+        check_source(self.source, f"encoder {self.id!r}", ("hf", "timm"), self.revision)
         if not self.id.isidentifier():
             raise ValueError(f"encoder id {self.id!r} must be a Python identifier (it keys a ModuleDict)")
         if self.num_frames < 1:
@@ -135,9 +143,10 @@ class LLMConfig:
     # resized to: the original adds {pad_token: "<PAD>"} to Llama tokenizers and pads to 64 (32000 -> 32064 rows)
     add_special_tokens: dict[str, str] = field(default_factory=dict)
     pad_vocab_to_multiple_of: int | None = None
+    revision: str | None = None  # the hub commit (40-hex sha) fetch-weights downloads, or "unpinned"
 
     def __post_init__(self):
-        check_source(self.source, "llm", ("hf",))
+        check_source(self.source, "llm", ("hf",), self.revision)
         if self.max_length < 1:
             raise ValueError(f"llm.max_length must be >= 1, got {self.max_length}")
         if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 1:

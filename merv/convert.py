@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from merv.checkpoint import CheckpointError, check_state, save_checkpoint
+from merv.checkpoint import check_state, save_checkpoint
 from merv.config import ModelConfig, RunConfig
+from merv.integrity import IntegrityError
 from merv.models.merv import MERV, add_tokens
 from merv.runtime import DTYPES
 from merv.weights import project_record
@@ -184,17 +185,17 @@ def convert_state(original: dict, run: RunConfig) -> dict[str, torch.Tensor]:
 
 def _vocab_hint(state: dict, expected: dict) -> str:
     key = "llm.model.embed_tokens.weight"
-    if key in state and key in expected and state[key].shape[0] != expected[key][0]:
+    if key in state and key in expected and state[key].shape[0] != expected[key][0][0]:
         return (
             f" The checkpoint's LLM has {state[key].shape[0]} embedding rows, the configured one "
-            f"{expected[key][0]}: the original adds a <PAD> token and pads the rows to a multiple of 64 "
+            f"{expected[key][0][0]}: the original adds a <PAD> token and pads the rows to a multiple of 64 "
             "(set llm.add_special_tokens: {pad_token: <PAD>} and llm.pad_vocab_to_multiple_of: 64)."
         )
     return ""
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the state of the model ``cfg`` describes, as :meth:`MERV.from_config` builds it, with
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the state of the model ``cfg`` describes, as :meth:`MERV.from_config` builds it, with
     the LLM built on the meta device from its ``config.json`` (its weights, which an import replaces, are never
     read; the encoders, which it keeps, are built as they are)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -211,7 +212,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_path))
         add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of)
     model = MERV(cfg, llm, tokenizer, {e.id: build_encoder(e) for e in cfg.encoders})
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
 def import_original(path: str | Path, run: RunConfig, out: str | Path) -> Path:
@@ -223,7 +224,7 @@ def import_original(path: str | Path, run: RunConfig, out: str | Path) -> Path:
     groups = sorted({k.split(".")[0] for k in state})
     try:
         check_state(state, expected, groups, str(path))
-    except CheckpointError as e:
+    except IntegrityError as e:
         raise ConversionError(f"{e}.{_vocab_hint(state, expected)}") from None
     dtype = DTYPES[run.model.dtype]
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -13,10 +13,11 @@ import pathlib
 import pytest
 import torch
 
-from merv.checkpoint import WEIGHTS, CheckpointError, load_checkpoint
+from merv.checkpoint import WEIGHTS, load_checkpoint
 from merv.cli import main
 from merv.config import resolve_run_config, run_config_from_dict
 from merv.convert import ConversionError, file_sha256, import_original
+from merv.integrity import IntegrityError
 from merv.models.standins import build_standin_weights
 from merv.prompting import prompt_to_ids
 from tests.original import (
@@ -239,7 +240,7 @@ def test_an_empty_fusion_group_is_a_clear_error(frozen, original, tmp_path, empt
 
 def test_a_missing_or_misshapen_tensor_is_named(frozen, original, tmp_path):
     del original["llm_backbone"]["llm.model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ConversionError, match=r"missing, e.g. \['llm.model.layers.1.mlp.up_proj.weight'\]"):
+    with pytest.raises(ConversionError, match=r"missing tensors llm.model.layers.1.mlp.up_proj.weight"):
         import_original(save_original(tmp_path / "missing.pt", original), frozen["run"], tmp_path / "out")
     # a config without the original's <PAD> and padding: the rows differ and the message says what to set
     data = frozen["run"].to_dict()
@@ -259,11 +260,14 @@ def test_loading_back_is_strict(frozen, tmp_path):
     state = load_file(str(folder / WEIGHTS))
     state["fusion.key.bias"] = state["fusion.key.bias"][:-1].clone()
     save_file(state, str(folder / WEIGHTS))
-    with pytest.raises(CheckpointError, match=rf"{WEIGHTS}: .*fusion.key.bias \[{A - 1}\] \(the model's: \[{A}\]\)"):
+    with pytest.raises(
+        IntegrityError,
+        match=rf"{WEIGHTS}: .*tensor fusion.key.bias: shape \[{A - 1}\] in the file, the model expects \[{A}\]",
+    ):
         load_checkpoint(folder)
     del state["fusion.key.bias"]
     save_file(state, str(folder / WEIGHTS))
-    with pytest.raises(CheckpointError, match=r"missing, e.g. \['fusion.key.bias'\]"):
+    with pytest.raises(IntegrityError, match=rf"{WEIGHTS}: missing tensors fusion.key.bias$"):
         load_checkpoint(folder)
 
 

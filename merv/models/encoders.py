@@ -66,17 +66,15 @@ class TimmImageEncoder(VisualEncoder):
         super().__init__(cfg)
         import timm
 
+        from merv.integrity import load_module_file
+
         path = Path(cfg.weights)
         if not path.is_file():
             raise FileNotFoundError(f"encoder {cfg.id!r}: weights file {path} not found")
-        # The same path real checkpoints take: timm's pretrained loader, pointed at a local file.
-        self.model = timm.create_model(
-            cfg.arch,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(path)},
-            num_classes=0,
-            **cfg.model_kwargs,
-        )
+        # The file is the model's own state dict (how `merv fetch-weights` and `merv build-tiny` write it), loaded
+        # strictly: every tensor present with the model's shape, none left over, all finite (merv.integrity).
+        self.model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, **cfg.model_kwargs)
+        load_module_file(self.model, path, f"encoder {cfg.id!r}")
         if cfg.feature_layer is not None:
             if not hasattr(self.model, "blocks"):
                 raise ValueError(f"encoder {cfg.id!r}: feature_layer needs a timm vision transformer (with blocks)")
@@ -103,6 +101,24 @@ def _hf_config_dir(cfg: EncoderConfig) -> Path:
     return path
 
 
+# What a transformers backbone may lack or leave unused from its checkpoint: the pooler (merv reads hidden states,
+# never the pooled output; a classification checkpoint has none) and a classification head (google's ViViT ships
+# VivitForVideoClassification). Everything else must be consumed exactly (merv.integrity.check_pretrained).
+UNUSED_MISSING = ("pooler.",)
+UNUSED_EXTRA = ("classifier.",)
+
+
+def _hf_pretrained(path: Path, cfg: EncoderConfig) -> nn.Module:
+    from transformers import AutoModel
+
+    from merv.integrity import check_pretrained
+
+    model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    check_pretrained(model, info, path, f"encoder {cfg.id!r}", allow_missing=UNUSED_MISSING,
+                     allow_unexpected=UNUSED_EXTRA)  # fmt: skip
+    return model
+
+
 def _hf_features(model: nn.Module, cfg: EncoderConfig, pixel_values: torch.Tensor) -> torch.Tensor:
     """``last_hidden_state``, or ``hidden_states[feature_layer]`` (0: embeddings, i: block i's output)."""
     if cfg.feature_layer is None:
@@ -119,10 +135,8 @@ class HFImageEncoder(VisualEncoder):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
-        from transformers import AutoModel
-
         path = _hf_config_dir(cfg)
-        model = AutoModel.from_pretrained(path)
+        model = _hf_pretrained(path, cfg)
         self.model = getattr(model, "vision_model", model)  # SiglipModel / CLIPModel -> vision tower
         vcfg = getattr(model.config, "vision_config", model.config)
         if vcfg.image_size != cfg.image_size:
@@ -148,11 +162,11 @@ class HFVideoEncoder(VisualEncoder):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         path = _hf_config_dir(cfg)
         hf_cfg = AutoConfig.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path)
+        self.model = _hf_pretrained(path, cfg)
         tubelet = hf_cfg.tubelet_size
         t_step, patch = (tubelet[0], tubelet[1]) if isinstance(tubelet, list | tuple) else (tubelet, hf_cfg.patch_size)
         if hf_cfg.num_frames != cfg.num_frames or hf_cfg.image_size != cfg.image_size:

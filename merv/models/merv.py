@@ -81,10 +81,13 @@ class MERV(nn.Module):
         llm_path = Path(cfg.llm.weights)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
+        from merv.integrity import check_pretrained
+
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        llm = AutoModelForCausalLM.from_pretrained(
-            llm_path, dtype=torch_dtype, attn_implementation=attention_implementation()
+        llm, info = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=torch_dtype, attn_implementation=attention_implementation(), output_loading_info=True
         )
+        check_pretrained(llm, info, llm_path, "LLM weights")  # every tensor consumed, none missing, all finite
         add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of)
         encoders = {e.id: build_encoder(e).to(torch_dtype) for e in cfg.encoders}
         model = cls(cfg, llm, tokenizer, encoders)

@@ -83,9 +83,11 @@ def test_stage_checkpoints_are_self_describing(two_stages):
     assert align["trained_groups"] == ["fusion", "projectors"]
     assert finetune["trained_groups"] == ["fusion", "llm", "projectors"]
     assert finetune["init"] == str(out / "align")
-    assert read_meta(out / "finetune") == finetune
     assert align["step"] == math.ceil(12 * 1 / 16)  # 12 samples, 1 epoch, global batch 16
     config = json.loads((out / "finetune" / "config.json").read_text())
+    meta = read_meta(out / "finetune")
+    assert meta.pop("trained_config") == config, "meta.json records the config the weights were trained with"
+    assert meta == finetune
     assert config["model"]["name"] == "merv-tiny"
     metrics = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == finetune["step"] and all(math.isfinite(m["loss"]) for m in metrics)

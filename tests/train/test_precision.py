@@ -123,11 +123,12 @@ def test_stage2_from_bf16_features_on_an_llm_folder_marked_float16(tiny_run, fp1
 
 @pytest.mark.parametrize("launcher", ["none", "local"])
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_samples(tiny_run, shards, tmp_path, launcher):
-    """An LLM with one inf weight in its final norm: step 1's loss is not finite. `merv train` exits 1 with the step
+    """An LLM with one huge (finite, so it loads) weight in its final norm: step 1's logits overflow and its loss is
+    not finite. `merv train` exits 1 with the step
     and the step's sample ids, no traceback, and writes no checkpoint; also when the step ran in a submitit job."""
     llm = llm_copy(tiny_run, tmp_path / "llm", torch.float32)
     state = load_file(str(llm / "model.safetensors"))
-    state["model.norm.weight"][0] = float("inf")
+    state["model.norm.weight"][0] = 3e38
     save_file(state, str(llm / "model.safetensors"), metadata={"format": "pt"})
     config = tmp_path / "config.json"
     config.write_text(json.dumps(stage2_run(tiny_run, llm).to_dict()))
