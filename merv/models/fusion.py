@@ -47,20 +47,6 @@ class CrossAttentionFusion(nn.Module):
         return fused, w
 
 
-def upgrade_state(state: dict[str, torch.Tensor], prefix: str = "fusion.") -> dict[str, torch.Tensor]:
-    """Checkpoints written before the fusion took the original's ``W_q Q + b`` form hold the effective query as a
-    vector ``query [A]``: the same function is ``Q = query``, ``W_q = I``, ``b_q = 0``."""
-    query = state.get(prefix + "query")
-    if query is None or query.ndim != 1 or prefix + "q_proj.weight" in state:
-        return state
-    a = query.shape[0]
-    upgraded = dict(state)
-    upgraded[prefix + "query"] = query[None]
-    upgraded[prefix + "q_proj.weight"] = torch.eye(a, dtype=query.dtype)
-    upgraded[prefix + "q_proj.bias"] = torch.zeros(a, dtype=query.dtype)
-    return upgraded
-
-
 class LearnableScalarFusion(nn.Module):
     """One learned weight per encoder, the same for every sample: ``sum_e softmax(a)_e x_e``."""
 

@@ -68,19 +68,3 @@ def test_cross_attention_is_parameterised_as_the_originals():
     summary = torch.stack([t.mean(1) for t in tokens], 1)
     _, attn = mha(fusion.query.expand(2, 1, a), summary, summary)
     assert torch.allclose(fusion(tokens)[1], attn[:, 0], atol=1e-6)
-
-
-def test_checkpoints_of_the_earlier_query_vector_load_unchanged():
-    from merv.models.fusion import upgrade_state
-
-    torch.manual_seed(0)
-    q, key = torch.randn(6), torch.nn.Linear(8, 6)
-    old = {"fusion.query": q, "fusion.key.weight": key.weight.detach(), "fusion.key.bias": key.bias.detach()}
-    fusion = build_fusion(FusionConfig(attn_dim=6), dim=8, num_encoders=2)
-    fusion.load_state_dict({k.removeprefix("fusion."): v for k, v in upgrade_state(old).items()})
-    tokens = [torch.randn(2, 5, 8) for _ in range(2)]
-    summary = torch.stack([t.mean(1) for t in tokens], 1)
-    with torch.no_grad():
-        assert torch.allclose(fusion(tokens)[1], (key(summary) @ q / 6**0.5).softmax(-1), atol=1e-6)
-    once = upgrade_state(old)
-    assert upgrade_state(once) is once, "an upgraded (or current) state is left as it is"
