@@ -97,24 +97,17 @@ def cmd_fetch_weights(args):
 
 
 def cmd_status(args):
+    from merv.config import deep_merge
     from merv.pipeline import model_status, status_table
 
     config = {}
     for path in args.configfile:  # later files patch earlier ones, as snakemake --configfile does
-        config = deep_update(config, yaml.safe_load(Path(path).read_text()))
+        config = deep_merge(config, yaml.safe_load(Path(path).read_text()))
     rows = [model_status(config, name, Path(args.root)) for name in config["models"]]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print(status_table(rows))
-
-
-def deep_update(base: dict, patch: dict) -> dict:
-    """``patch`` merged into a copy of ``base``, mappings recursively (how Snakemake merges config files)."""
-    out = dict(base)
-    for key, value in patch.items():
-        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def parse_size(text: str) -> int:
