@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import re
 import sys
+import types
+import typing
 from pathlib import Path
 
 import yaml
 
-from merv.data.video import BACKENDS, DEFAULT_BACKEND
+from merv.settings import (
+    SECTIONS,
+    EvalSection,
+    ExtractSettings,
+    JudgeSection,
+    LaunchSection,
+    ShardsSection,
+    SynthSection,
+    parse_size,
+)
 
 log = logging.getLogger("merv")
 
@@ -110,13 +121,12 @@ def cmd_status(args):
         print(status_table(rows))
 
 
-def parse_size(text: str) -> int:
-    """``'200MB'``, ``'1GiB'``, ``'65536'`` -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match[2].upper() not in units:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200MB, 1GiB, 65536)")
-    return int(float(match[1]) * units[match[2].upper()])
+def size_argument(text: str) -> int:
+    """``--shard-size``: a size such as ``64MB`` (:func:`merv.settings.parse_size`) in bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_shard(args):
@@ -432,12 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write the built-in synthetic dataset (videos, training JSON, benchmarks)")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train-videos", type=int, default=400)
-    s.add_argument("--eval-videos", type=int, default=100)
-    s.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
-    s.add_argument("--frames", type=int, default=16, help="frames per clip")
-    s.add_argument("--fps", type=int, default=8)
+    for name in ("seed", "train_videos", "eval_videos", "size", "frames", "fps"):
+        add_setting(s, "--" + name.replace("_", "-"), SynthSection, name)
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("build-tiny", help="build random toy weights where a config points (no download)")
@@ -494,11 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="short side of the stored frames, aspect ratio kept (the largest encoder input size)",
     )
-    s.add_argument("--shard-size", type=parse_size, default="200MB", help="target size of a tar (default 200MB)")
-    s.add_argument("--frame-format", choices=["jpg", "npy"], default="jpg", help="jpg (default) or lossless npy")
-    s.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND, help="video decoder")
-    s.add_argument("--workers", type=int, default=1, help="decoding processes")
-    s.add_argument("--strict", action="store_true", help="fail on the first bad item instead of quarantining it")
+    add_setting(s, "--shard-size", ShardsSection, "target_size", type=size_argument)
+    add_setting(s, "--frame-format", ShardsSection, "frame_format")
+    add_setting(s, "--backend", ShardsSection, "backend")
+    add_setting(s, "--workers", ShardsSection, "workers")
+    add_setting(s, "--strict", ShardsSection, "strict")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shard)
 
@@ -534,9 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="preset name, YAML/JSON file, or inline JSON")
     s.add_argument("--encoder", required=True, help="id of the encoder in the config")
     s.add_argument("--out", required=True, help="cache folder")
-    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="stored dtype (default bf16)")
-    s.add_argument("--batch-size", type=int, default=16, help="samples per encoder forward")
-    s.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N")
+    for name in ("dtype", "batch_size", "device"):
+        add_setting(s, "--" + name.replace("_", "-"), ExtractSettings, name)
     s.add_argument("--no-progress", action="store_true")
     add_launch_options(s)
     s.set_defaults(func=cmd_features)
@@ -546,13 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="shard folder of the benchmark")
     s.add_argument("--name", help="benchmark name, looked up in the registry (default: the shard folder's name)")
     s.add_argument("--out", required=True, help="result JSON (rows, summary, manifest)")
-    s.add_argument("--mcq", choices=["generate", "likelihood", "both"], default="both", help="how MCQ is answered")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-new-tokens", type=int, help="generation limit (default: the benchmark's, e.g. 512)")
-    s.add_argument("--num-chunks", type=int, default=1, help="split the benchmark into N chunks ...")
+    for name in ("mcq", "batch_size", "max_new_tokens", "num_chunks"):
+        add_setting(s, "--" + name.replace("_", "-"), EvalSection, name)
     s.add_argument("--chunk-index", type=int, default=0, help="... and evaluate chunk K (0-based)")
     s.add_argument("--limit", type=int, help="only the first N questions of the benchmark (a quick look)")
-    s.add_argument("--cache", default="results/eval_cache", help="cache folder of answers and verdicts")
+    add_setting(s, "--cache", EvalSection, "cache_dir")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_runtime_options(s)
     g = s.add_argument_group(
@@ -562,11 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or the eval.judge section of "
         "--pipeline-config. Without a URL open-ended answers are scored by exact match.",
     )
-    g.add_argument("--judge-url", help="e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
-    g.add_argument("--judge-model", help="model name (default: the one model the endpoint serves)")
-    g.add_argument("--judge-preset", help="video-chatgpt (ours: temperature 0) or merv-original (max_tokens 500)")
-    g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default MERV_JUDGE_API_KEY)")
-    g.add_argument("--judge-api-key-file", help="file holding the API key")
+    for name in ("url", "model", "preset", "api_key_env", "api_key_file"):
+        add_setting(g, "--judge-" + name.replace("_", "-"), JudgeSection, name, layered=True)
     g.add_argument(
         "--judge-prompt-file",
         help="the judge's wording: YAML with 'system' and 'user' texts naming {question}, {answer} and {prediction} "
@@ -578,9 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reply that never parses: unjudged (default: reported, asked again next run) or no (score 0, as the "
         "original batch script counts it)",
     )
-    g.add_argument("--judge-concurrency", type=int, help="requests in flight (default 8)")
-    g.add_argument("--judge-timeout", type=float, help="seconds per request (default 60)")
-    g.add_argument("--judge-max-attempts", type=int, help="tries per request on timeouts/5xx/refused (default 5)")
+    add_setting(g, "--judge-concurrency", JudgeSection, "concurrency", layered=True)
+    add_setting(g, "--judge-timeout", JudgeSection, "timeout_s", layered=True)
+    add_setting(g, "--judge-max-attempts", JudgeSection, "max_attempts", layered=True)
     g.add_argument("--pipeline-config", help="read eval.judge from this config (e.g. config/config.yaml)")
     g.add_argument("--no-judge", action="store_true", help="no judge even if the environment names one")
     s.set_defaults(func=cmd_eval)
@@ -695,20 +695,39 @@ def build_parser() -> argparse.ArgumentParser:
 def add_launch_options(s: argparse.ArgumentParser) -> None:
     """How a job runs: in this process (or under torchrun), or submitted through submitit."""
     g = s.add_argument_group("launch (submitit)")
-    g.add_argument(
-        "--launcher",
-        choices=["none", "local", "slurm"],
-        default="none",
-        help="none: train in this process (or under torchrun); local/slurm: submit through submitit",
-    )
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
-    g.add_argument("--gpus-per-node", type=int, default=0)
+    for name in ("launcher", "nodes", "tasks_per_node", "gpus_per_node"):
+        add_setting(g, "--" + name.replace("_", "-"), LaunchSection, name)
     g.add_argument("--cpus-per-task", type=int, default=1)
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    for name in ("partition", "account"):
+        add_setting(g, "--" + name, LaunchSection, name)
+    add_setting(g, "--time", LaunchSection, "time_min")
     g.add_argument("--submitit-dir", default="results/submitit", help="submitit's job folders and logs")
+
+
+def add_setting(parser, flag: str, record: type, name: str, *, layered: bool = False, **kwargs) -> argparse.Action:
+    """An option whose default, type or choices, and help come from the field ``name`` of a settings record
+    (:mod:`merv.settings`); ``kwargs`` add to or override them. The action's ``config_key`` names the pipeline
+    config key it stands for (``tests/test_settings.py`` compares the defaults). ``layered``: the option's own
+    default is None, because a value given nowhere else comes from the environment or the config file first; the
+    help still names the field's default, which applies last."""
+    field = next(f for f in dataclasses.fields(record) if f.name == name)
+    hint = typing.get_type_hints(record)[name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    if typing.get_origin(options[0]) is typing.Literal:
+        kwargs.setdefault("choices", list(typing.get_args(options[0])))
+    elif options[0] is bool:
+        kwargs.setdefault("action", argparse.BooleanOptionalAction)
+    else:
+        kwargs.setdefault("type", options[0])
+    default = field.default
+    shown = "" if default is None else f" (default {default})"
+    kwargs.setdefault("help", (field.metadata.get("help", "") + shown).replace("%", "%%"))
+    action = parser.add_argument(flag, default=None if layered else default, **kwargs)
+    section = next((key for key, cls in SECTIONS.items() if cls is record), None)
+    action.config_key = f"{section}.{name}" if section else None
+    action.layered = layered
+    return action
 
 
 def main(argv: list[str] | None = None) -> int:

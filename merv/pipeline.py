@@ -11,13 +11,46 @@ paper-size model in the same config read different shards.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from merv.config import RunConfig, resolve_run_config
+from merv.config import RunConfig, parse_config, resolve_run_config
 from merv.fetch import with_local_weights
+from merv.pretrain.config import PretrainConfig
+from merv.settings import (
+    DataSection,
+    EvalSection,
+    LaunchSection,
+    ModelEntry,
+    PipelineSection,
+    ReportSection,
+    ShardsSection,
+    SynthSection,
+)
 
 BUILT_WEIGHTS = "data/weights/{model}/built"
 FETCHED_WEIGHTS = "data/weights/{model}/fetched.json"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole ``config/config.yaml``, typed: a section's record (and so its defaults) is :mod:`merv.settings`'s,
+    the pretrain entries' :class:`merv.pretrain.config.PretrainConfig`."""
+
+    pipeline: PipelineSection
+    data: DataSection
+    models: dict[str, ModelEntry]
+    synth: SynthSection = SynthSection()
+    shards: ShardsSection = field(default_factory=ShardsSection)
+    pretrain: dict[str, PretrainConfig] = field(default_factory=dict)
+    report: ReportSection = ReportSection()
+    launch: LaunchSection = LaunchSection()
+    eval: EvalSection = EvalSection()
+
+
+def parse_pipeline_config(config: dict) -> PipelineConfig:
+    """The pipeline config, every key known and typed (a ``ValueError`` names the first key that is not)."""
+    return parse_config(PipelineConfig, config, "config")
 
 
 def selected_models(config: dict) -> list[str]:

@@ -7,8 +7,9 @@ and wrong types are errors naming the key). Its field defaults are the defaults 
 :class:`merv.train.launch.LaunchConfig`) take or extend them, and ``tests/test_settings.py`` checks that the JSON
 schema (``workflow/schemas/config.schema.yaml``), which Snakemake fills missing keys from, says the same.
 
-The whole file is :class:`merv.pipeline.PipelineConfig` (it also holds the models and the pretrain entries, typed by
-their own modules). This module imports nothing of merv, so every stage may use it.
+A field's ``help`` (:func:`setting`) is the help of its command-line option. The whole file is
+:class:`merv.pipeline.PipelineConfig` (it also holds the pretrain entries, typed by their own module). This module
+imports nothing of merv, so every stage may use it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ Backend = Literal["decord", "pyav"]  # merv.data.video.BACKENDS
 McqMode = Literal["generate", "likelihood", "both"]
 FeatureDtype = Literal["bf16", "fp16", "fp32"]
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def setting(default: Any, help: str):  # noqa: A002 (argparse's word)
+    """A field with its default and the help text its command-line option shows (:func:`merv.cli.add_setting`)."""
+    return field(default=default, metadata={"help": help})
 
 
 def parse_size(text: str) -> int:
@@ -46,12 +52,12 @@ class PipelineSection:
 class SynthSection:
     """``synth``: the built-in synthetic dataset (``merv synth``), a pure function of these settings."""
 
-    seed: int = 0
-    train_videos: int = 1200
-    eval_videos: int = 200  # clips (one question each) per benchmark
-    size: int = 64  # frame width and height in pixels (even: H.264)
-    frames: int = 16  # frames per clip
-    fps: int = 8
+    seed: int = setting(0, "random seed; the dataset is a pure function of these settings")
+    train_videos: int = setting(1200, "training clips")
+    eval_videos: int = setting(200, "clips (one question each) per benchmark")
+    size: int = setting(64, "frame width and height in pixels (even: H.264)")
+    frames: int = setting(16, "frames per clip")
+    fps: int = setting(8, "frame rate of the written mp4 files")
 
     def __post_init__(self):
         if self.size % 2 or self.size < 32:
@@ -103,13 +109,14 @@ def _small_shard_set() -> dict[str, ShardSet]:
 class ShardsSection:
     """``shards``: WebDataset sharding (``merv shard``)."""
 
-    target_size: str = "64MB"  # of one tar (MB = 10⁶ bytes)
-    frame_format: Literal["jpg", "npy"] = "jpg"  # JPEG or lossless npy
+    target_size: str = setting("64MB", "target size of one tar, e.g. 64MB, 1GiB (MB = 10^6 bytes)")
+    frame_format: Literal["jpg", "npy"] = setting("jpg", "how frames are stored: JPEG (quality 95) or lossless npy")
     # decord: faster than PyAV on sampled frames (benchmarks/ingest.py measures both)
-    backend: Backend = "decord"
-    workers: int = 2  # decoding processes of one sharding job
-    # true: fail on the first bad item, naming it; false: skip it and list it in <shards>/quarantine.jsonl
-    strict: bool = True
+    backend: Backend = setting("decord", "video decoder")
+    workers: int = setting(2, "decoding processes of one sharding job")
+    strict: bool = setting(
+        True, "fail on the first bad item, naming it (--no-strict: skip it and list it in <out>/quarantine.jsonl)"
+    )
     sets: dict[str, ShardSet] = field(default_factory=_small_shard_set)
 
     def __post_init__(self):
@@ -162,13 +169,15 @@ class LaunchSection:
     """``launch``: how training stages run; not part of what a stage computes (changing it reruns nothing).
     :class:`merv.train.launch.LaunchConfig` adds what a submission needs besides."""
 
-    launcher: Literal["none", "local", "slurm"] = "none"  # none: in the job; local: N processes; slurm: a Slurm job
-    nodes: int = 1
-    tasks_per_node: int = 1  # processes per node (one per GPU)
-    gpus_per_node: int = 0
-    partition: str | None = None
-    account: str | None = None
-    time_min: int = 1440  # time limit of one job in minutes; a job that runs out requeues and resumes
+    launcher: Literal["none", "local", "slurm"] = setting(
+        "none", "none: run in this process (or under torchrun); local: N processes; slurm: a Slurm job (submitit)"
+    )
+    nodes: int = setting(1, "nodes (slurm)")
+    tasks_per_node: int = setting(1, "processes per node (one per GPU)")
+    gpus_per_node: int = setting(0, "GPUs per node")
+    partition: str | None = setting(None, "Slurm partition")
+    account: str | None = setting(None, "Slurm account")
+    time_min: int = setting(1440, "time limit of one job in minutes; a job that runs out requeues and resumes")
 
     def __post_init__(self):
         if self.nodes < 1 or self.tasks_per_node < 1 or self.gpus_per_node < 0 or self.time_min < 1:
@@ -180,14 +189,16 @@ class JudgeSection:
     """``eval.judge``: the LLM judge of open-ended answers at an OpenAI-compatible endpoint (no url: exact match).
     :class:`merv.eval.judge.JudgeConfig` adds the settings only the command line and environment reach."""
 
-    url: str | None = None
-    model: str | None = None  # None: the one model the endpoint serves
-    preset: Literal["video-chatgpt", "merv-original"] = "video-chatgpt"  # sampling settings: merv.eval.judge.PRESETS
-    api_key_env: str = "MERV_JUDGE_API_KEY"  # the environment variable holding the key (never written anywhere)
-    api_key_file: str | None = None  # or a file holding it
-    concurrency: int = 8  # requests in flight
-    timeout_s: float = 60.0  # per request
-    max_attempts: int = 5  # tries per request on timeouts, refused connections and HTTP 429/5xx
+    url: str | None = setting(None, "e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
+    model: str | None = setting(None, "judge model (None: the one model the endpoint serves)")
+    preset: Literal["video-chatgpt", "merv-original"] = setting(
+        "video-chatgpt", "video-chatgpt (temperature 0, 64 tokens) or merv-original (max_tokens 500, no temperature)"
+    )  # sampling settings: merv.eval.judge.PRESETS
+    api_key_env: str = setting("MERV_JUDGE_API_KEY", "environment variable holding the API key (never written)")
+    api_key_file: str | None = setting(None, "file holding the API key instead")
+    concurrency: int = setting(8, "judge requests in flight")
+    timeout_s: float = setting(60.0, "seconds per judge request")
+    max_attempts: int = setting(5, "tries per request on timeouts, refused connections and HTTP 429/5xx")
 
     def __post_init__(self):
         for name in ("concurrency", "max_attempts"):
@@ -202,11 +213,11 @@ class EvalSection:
     """``eval``: evaluation (``merv eval``); changing it reruns only the evaluation jobs (answers come from the
     cache)."""
 
-    batch_size: int = 32  # questions per generation batch
-    max_new_tokens: int | None = None  # None: each benchmark's own (merv/eval/registry.py)
-    mcq: McqMode = "both"  # multiple choice by generation (MERV's scoring), by option likelihood, or both
-    num_chunks: int = 1  # chunk jobs per benchmark, merged with an exactly-once check
-    cache_dir: str = "results/eval_cache"  # content-addressed answers and verdicts
+    batch_size: int = setting(32, "questions per generation batch")
+    max_new_tokens: int | None = setting(None, "generation length limit (None: the benchmark's own, e.g. 512)")
+    mcq: McqMode = setting("both", "multiple choice by generation (MERV's scoring), by option likelihood, or both")
+    num_chunks: int = setting(1, "split the benchmark into N chunks (merged with an exactly-once check) ...")
+    cache_dir: str = setting("results/eval_cache", "cache folder of answers and judge verdicts (content-addressed)")
     judge: JudgeSection = JudgeSection()
 
     def __post_init__(self):
@@ -240,6 +251,18 @@ class EvalSettings:
 class ExtractSettings:
     """How ``merv features`` runs one frozen encoder over a shard folder."""
 
-    dtype: FeatureDtype = "bf16"  # how the features are stored
-    batch_size: int = 16  # samples per encoder forward
-    device: str | None = None  # None: CUDA when present
+    dtype: FeatureDtype = setting("bf16", "stored dtype")
+    batch_size: int = setting(16, "samples per encoder forward")
+    device: str | None = setting(None, "cpu, cuda or cuda:N (None: CUDA when present)")
+
+
+# The config sections whose fields have defaults, by their key in config/config.yaml (command-line options name
+# their config key through these; see merv.cli.add_setting).
+SECTIONS: dict[str, type] = {
+    "synth": SynthSection,
+    "shards": ShardsSection,
+    "report": ReportSection,
+    "launch": LaunchSection,
+    "eval": EvalSection,
+    "eval.judge": JudgeSection,
+}

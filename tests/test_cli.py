@@ -37,8 +37,9 @@ def test_strict_shard_stops_on_bad_video_with_a_clear_error(synth_dir, tmp_path,
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert f"cannot read video {victim}: " in res.stderr and reason in res.stderr
-    # without --strict the bad video is quarantined and the run succeeds with a summary
-    res = merv(*args)
+    assert merv(*args).returncode == 1, "strict is the default (shards.strict)"
+    # with --no-strict the bad video is quarantined and the run succeeds with a summary
+    res = merv(*args, "--no-strict")
     assert res.returncode == 0, res.stderr
     assert "12 items: 11 good, 1 bad" in res.stderr
     (line,) = (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()

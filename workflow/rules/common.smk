@@ -69,7 +69,7 @@ def shard_settings(wildcards):
         "frames": " ".join(str(c) for c in sorted(chosen["frames"])),
         "size": chosen["size"],
         "options": f"--shard-size {shards['target_size']} --frame-format {shards['frame_format']}"
-        f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else ""),
+        f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else " --no-strict"),
     }
 
 
