@@ -30,6 +30,7 @@ from merv.settings import (
 
 BUILT_WEIGHTS = "data/weights/{model}/built"
 FETCHED_WEIGHTS = "data/weights/{model}/fetched.json"
+REPORT_DIR = "results/tables"
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,15 @@ def report_models(config: dict) -> list[str]:
     if unknown:
         raise ValueError(f"report names model(s) {unknown} that config models does not define")
     return [m for m in config["models"] if m in named]
+
+
+def report_outputs(config: dict) -> list[str]:
+    """What the tables job writes (results/tables/...): :func:`merv.report.tables.report_files` of config ``report``."""
+    from merv.report.tables import report_files
+
+    report = config.get("report") or {}
+    names = report_files(bool(report.get("fusion_ablation")), bool(report.get("fusion_weights")))
+    return [f"{REPORT_DIR}/{name}" for name in names]
 
 
 def report_dvc_deps(config: dict) -> list[str]:
