@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from merv import __version__
 from merv.settings import (
     SECTIONS,
     EvalSection,
@@ -437,7 +438,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merv", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"merv {__version__}")
+    add_verbosity(p, default=False)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write the built-in synthetic dataset (videos, training JSON, benchmarks)")
@@ -689,7 +691,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runtime_options(s)
     s.set_defaults(func=cmd_serve)
+    for s in sub.choices.values():  # -v / -q after the subcommand's name too
+        add_verbosity(s, default=argparse.SUPPRESS)
     return p
+
+
+def add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    """``-v`` (debug logging, and a traceback on errors) and ``-q`` (warnings and errors only, no progress bars).
+    A subcommand's copies default to SUPPRESS, so that ``merv -v eval`` keeps the ``-v`` given before it."""
+    g = parser.add_argument_group("output").add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging, tracebacks")
+    g.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only, no progress")
 
 
 def add_launch_options(s: argparse.ArgumentParser) -> None:
@@ -731,16 +743,26 @@ def add_setting(parser, flag: str, record: type, name: str, *, layered: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     if args.command != "fetch-weights":  # only fetch-weights downloads: every other command stays offline
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    if args.command == "fetch-weights" and not args.quiet:  # downloads show their progress (not their log lines)
+        enable_progress_bars()  # still off under HF_HUB_DISABLE_PROGRESS_BARS=1
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     # the HTTP clients' request lines and headers stay out of the logs (they may carry a judge's API key)
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
