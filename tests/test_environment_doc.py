@@ -46,16 +46,18 @@ def environment_uses():
         local = dict(consts[str(path)])
         tree = ast.parse(path.read_text())
         for loop in ast.walk(tree):  # `for k in TORCH_VARIABLES`: k stands for the constant's names
-            if isinstance(loop, ast.comprehension | ast.For) and isinstance(loop.target, ast.Name):
-                if isinstance(loop.iter, ast.Name) and loop.iter.id in local:
-                    local.setdefault(loop.target.id, set()).update(local[loop.iter.id])
+            if (
+                isinstance(loop, ast.comprehension | ast.For)
+                and isinstance(loop.target, ast.Name)
+                and isinstance(loop.iter, ast.Name)
+                and loop.iter.id in local
+            ):
+                local.setdefault(loop.target.id, set()).update(local[loop.iter.id])
         for node in ast.walk(tree):
             key = None
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                receiver = node.func.value
-                if node.func.attr in ("get", "setdefault", "pop") and is_environ(receiver) and node.args:
-                    key = node.args[0]
-                elif node.func.attr == "getenv" and node.args:
+                reads = node.func.attr in ("get", "setdefault", "pop") and is_environ(node.func.value)
+                if (reads or node.func.attr == "getenv") and node.args:
                     key = node.args[0]
             elif isinstance(node, ast.Subscript) and is_environ(node.value):
                 key = node.slice
