@@ -100,7 +100,7 @@ def weights_inputs(config: dict, model: str) -> list[str]:
 
 
 def weights_kind(config: dict, model: str) -> str:
-    return config["models"][model].get("weights", "fetch")
+    return config["models"][model].get("weights", ModelEntry.weights)
 
 
 def weights_marker(config: dict, model: str) -> str:
