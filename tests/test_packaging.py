@@ -7,7 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +26,9 @@ def normal(name: str) -> str:
 
 def declared() -> tuple[set[str], dict[str, set[str]]]:
     """Core distributions and each extra's (``merv[x]`` inside an extra expanded)."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    from setuptools.config.pyprojecttoml import read_configuration  # its own TOML reader: Python 3.10 has none
+
+    project = read_configuration(REPO / "pyproject.toml", expand=False)["project"]
     core = {normal(Requirement(r).name) for r in project["dependencies"]}
     raw = {extra: [Requirement(r) for r in reqs] for extra, reqs in project["optional-dependencies"].items()}
 
