@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from merv.cli import build_parser
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # a command in inline code or on a line of a code block: `merv <sub> ...` up to the end of the code span or line
 COMMAND = re.compile(r"(?:^|[`\s$(])merv ([a-z][a-z-]*)([^`\n]*)")
