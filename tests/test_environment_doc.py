@@ -4,9 +4,9 @@ row of the table; no row names a variable merv no longer touches."""
 
 import ast
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 PACKAGE = REPO / "merv"
 DOC = REPO / "docs" / "environment.md"
 # uses whose variable name is data, not a constant: what they read by default (the doc says how to rename it)

@@ -5,11 +5,11 @@ dependency is imported somewhere, and each "pip install '...[extra]'" hint names
 import ast
 import re
 import sys
-from pathlib import Path
 
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 PACKAGE = REPO / "merv"
 # import name -> distribution, where they differ
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "decord": "decord2", "liger_kernel": "liger-kernel",

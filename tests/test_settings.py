@@ -4,7 +4,6 @@ the same. A key added anywhere without the others fails here with the key named.
 
 import dataclasses
 import typing
-from pathlib import Path
 
 import pytest
 import yaml
@@ -13,8 +12,8 @@ from merv.cli import build_parser
 from merv.eval.judge import resolve_judge_config
 from merv.pipeline import PipelineConfig, parse_pipeline_config
 from merv.settings import SECTIONS, JudgeSection
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config/config.yaml").read_text())
 MISSING = dataclasses.MISSING
