@@ -28,5 +28,5 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         expand("results/{model}/eval.json", model=SELECTED),
-        report_outputs() if REPORTED else [],
+        report_outputs(config) if REPORTED else [],
     default_target: True

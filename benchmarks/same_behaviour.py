@@ -36,7 +36,7 @@ def checkout(ref: str, dest: Path) -> Path:
 
 def snakemake(work: Path, cores: int, *targets: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(work), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--rerun-triggers", "mtime", *targets]
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), "--rerun-triggers=mtime", *targets]
     start = time.monotonic()
     res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if res.returncode != 0:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
-import re
 import sys
+import types
+import typing
 from pathlib import Path
 
 import yaml
 
-from merv.data.video import BACKENDS, DEFAULT_BACKEND
+from merv import __version__
+from merv.settings import (
+    SECTIONS,
+    EvalSection,
+    ExtractSettings,
+    JudgeSection,
+    LaunchSection,
+    ShardsSection,
+    SynthSection,
+    parse_size,
+)
 
 log = logging.getLogger("merv")
 
@@ -97,11 +109,12 @@ def cmd_fetch_weights(args):
 
 
 def cmd_status(args):
+    from merv.config import deep_merge
     from merv.pipeline import model_status, status_table
 
     config = {}
     for path in args.configfile:  # later files patch earlier ones, as snakemake --configfile does
-        config = deep_update(config, yaml.safe_load(Path(path).read_text()))
+        config = deep_merge(config, yaml.safe_load(Path(path).read_text()))
     rows = [model_status(config, name, Path(args.root)) for name in config["models"]]
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -109,21 +122,12 @@ def cmd_status(args):
         print(status_table(rows))
 
 
-def deep_update(base: dict, patch: dict) -> dict:
-    """``patch`` merged into a copy of ``base``, mappings recursively (how Snakemake merges config files)."""
-    out = dict(base)
-    for key, value in patch.items():
-        out[key] = deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def parse_size(text: str) -> int:
-    """``'200MB'``, ``'1GiB'``, ``'65536'`` -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match[2].upper() not in units:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200MB, 1GiB, 65536)")
-    return int(float(match[1]) * units[match[2].upper()])
+def size_argument(text: str) -> int:
+    """``--shard-size``: a size such as ``64MB`` (:func:`merv.settings.parse_size`) in bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_shard(args):
@@ -434,17 +438,14 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="merv", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"merv {__version__}")
+    add_verbosity(p, default=False)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write the built-in synthetic dataset (videos, training JSON, benchmarks)")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train-videos", type=int, default=400)
-    s.add_argument("--eval-videos", type=int, default=100)
-    s.add_argument("--size", type=int, default=64, help="frame width and height in pixels (even)")
-    s.add_argument("--frames", type=int, default=16, help="frames per clip")
-    s.add_argument("--fps", type=int, default=8)
+    for name in ("seed", "train_videos", "eval_videos", "size", "frames", "fps"):
+        add_setting(s, "--" + name.replace("_", "-"), SynthSection, name)
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("build-tiny", help="build random toy weights where a config points (no download)")
@@ -501,11 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="short side of the stored frames, aspect ratio kept (the largest encoder input size)",
     )
-    s.add_argument("--shard-size", type=parse_size, default="200MB", help="target size of a tar (default 200MB)")
-    s.add_argument("--frame-format", choices=["jpg", "npy"], default="jpg", help="jpg (default) or lossless npy")
-    s.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND, help="video decoder")
-    s.add_argument("--workers", type=int, default=1, help="decoding processes")
-    s.add_argument("--strict", action="store_true", help="fail on the first bad item instead of quarantining it")
+    add_setting(s, "--shard-size", ShardsSection, "target_size", type=size_argument)
+    add_setting(s, "--frame-format", ShardsSection, "frame_format")
+    add_setting(s, "--backend", ShardsSection, "backend")
+    add_setting(s, "--workers", ShardsSection, "workers")
+    add_setting(s, "--strict", ShardsSection, "strict")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shard)
 
@@ -541,9 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="preset name, YAML/JSON file, or inline JSON")
     s.add_argument("--encoder", required=True, help="id of the encoder in the config")
     s.add_argument("--out", required=True, help="cache folder")
-    s.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="stored dtype (default bf16)")
-    s.add_argument("--batch-size", type=int, default=16, help="samples per encoder forward")
-    s.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N")
+    for name in ("dtype", "batch_size", "device"):
+        add_setting(s, "--" + name.replace("_", "-"), ExtractSettings, name)
     s.add_argument("--no-progress", action="store_true")
     add_launch_options(s)
     s.set_defaults(func=cmd_features)
@@ -553,13 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="shard folder of the benchmark")
     s.add_argument("--name", help="benchmark name, looked up in the registry (default: the shard folder's name)")
     s.add_argument("--out", required=True, help="result JSON (rows, summary, manifest)")
-    s.add_argument("--mcq", choices=["generate", "likelihood", "both"], default="both", help="how MCQ is answered")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-new-tokens", type=int, help="generation limit (default: the benchmark's, e.g. 512)")
-    s.add_argument("--num-chunks", type=int, default=1, help="split the benchmark into N chunks ...")
+    for name in ("mcq", "batch_size", "max_new_tokens", "num_chunks"):
+        add_setting(s, "--" + name.replace("_", "-"), EvalSection, name)
     s.add_argument("--chunk-index", type=int, default=0, help="... and evaluate chunk K (0-based)")
     s.add_argument("--limit", type=int, help="only the first N questions of the benchmark (a quick look)")
-    s.add_argument("--cache", default="results/eval_cache", help="cache folder of answers and verdicts")
+    add_setting(s, "--cache", EvalSection, "cache_dir")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_runtime_options(s)
     g = s.add_argument_group(
@@ -569,11 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or the eval.judge section of "
         "--pipeline-config. Without a URL open-ended answers are scored by exact match.",
     )
-    g.add_argument("--judge-url", help="e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
-    g.add_argument("--judge-model", help="model name (default: the one model the endpoint serves)")
-    g.add_argument("--judge-preset", help="video-chatgpt (ours: temperature 0) or merv-original (max_tokens 500)")
-    g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default MERV_JUDGE_API_KEY)")
-    g.add_argument("--judge-api-key-file", help="file holding the API key")
+    for name in ("url", "model", "preset", "api_key_env", "api_key_file"):
+        add_setting(g, "--judge-" + name.replace("_", "-"), JudgeSection, name, layered=True)
     g.add_argument(
         "--judge-prompt-file",
         help="the judge's wording: YAML with 'system' and 'user' texts naming {question}, {answer} and {prediction} "
@@ -585,9 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reply that never parses: unjudged (default: reported, asked again next run) or no (score 0, as the "
         "original batch script counts it)",
     )
-    g.add_argument("--judge-concurrency", type=int, help="requests in flight (default 8)")
-    g.add_argument("--judge-timeout", type=float, help="seconds per request (default 60)")
-    g.add_argument("--judge-max-attempts", type=int, help="tries per request on timeouts/5xx/refused (default 5)")
+    add_setting(g, "--judge-concurrency", JudgeSection, "concurrency", layered=True)
+    add_setting(g, "--judge-timeout", JudgeSection, "timeout_s", layered=True)
+    add_setting(g, "--judge-max-attempts", JudgeSection, "max_attempts", layered=True)
     g.add_argument("--pipeline-config", help="read eval.judge from this config (e.g. config/config.yaml)")
     g.add_argument("--no-judge", action="store_true", help="no judge even if the environment names one")
     s.set_defaults(func=cmd_eval)
@@ -696,39 +691,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runtime_options(s)
     s.set_defaults(func=cmd_serve)
+    for s in sub.choices.values():  # -v / -q after the subcommand's name too
+        add_verbosity(s, default=argparse.SUPPRESS)
     return p
+
+
+def add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    """``-v`` (debug logging, and a traceback on errors) and ``-q`` (warnings and errors only, no progress bars).
+    A subcommand's copies default to SUPPRESS, so that ``merv -v eval`` keeps the ``-v`` given before it."""
+    g = parser.add_argument_group("output").add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging, tracebacks")
+    g.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only, no progress")
 
 
 def add_launch_options(s: argparse.ArgumentParser) -> None:
     """How a job runs: in this process (or under torchrun), or submitted through submitit."""
     g = s.add_argument_group("launch (submitit)")
-    g.add_argument(
-        "--launcher",
-        choices=["none", "local", "slurm"],
-        default="none",
-        help="none: train in this process (or under torchrun); local/slurm: submit through submitit",
-    )
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU)")
-    g.add_argument("--gpus-per-node", type=int, default=0)
+    for name in ("launcher", "nodes", "tasks_per_node", "gpus_per_node"):
+        add_setting(g, "--" + name.replace("_", "-"), LaunchSection, name)
     g.add_argument("--cpus-per-task", type=int, default=1)
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    for name in ("partition", "account"):
+        add_setting(g, "--" + name, LaunchSection, name)
+    add_setting(g, "--time", LaunchSection, "time_min")
     g.add_argument("--submitit-dir", default="results/submitit", help="submitit's job folders and logs")
 
 
+def add_setting(parser, flag: str, record: type, name: str, *, layered: bool = False, **kwargs) -> argparse.Action:
+    """An option whose default, type or choices, and help come from the field ``name`` of a settings record
+    (:mod:`merv.settings`); ``kwargs`` add to or override them. The action's ``config_key`` names the pipeline
+    config key it stands for (``tests/test_settings.py`` compares the defaults). ``layered``: the option's own
+    default is None, because a value given nowhere else comes from the environment or the config file first; the
+    help still names the field's default, which applies last."""
+    field = next(f for f in dataclasses.fields(record) if f.name == name)
+    hint = typing.get_type_hints(record)[name]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    if typing.get_origin(options[0]) is typing.Literal:
+        kwargs.setdefault("choices", list(typing.get_args(options[0])))
+    elif options[0] is bool:
+        kwargs.setdefault("action", argparse.BooleanOptionalAction)
+    else:
+        kwargs.setdefault("type", options[0])
+    default = field.default
+    shown = "" if default is None else f" (default {default})"
+    kwargs.setdefault("help", (field.metadata.get("help", "") + shown).replace("%", "%%"))
+    action = parser.add_argument(flag, default=None if layered else default, **kwargs)
+    section = next((key for key, cls in SECTIONS.items() if cls is record), None)
+    action.config_key = f"{section}.{name}" if section else None
+    action.layered = layered
+    return action
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     if args.command != "fetch-weights":  # only fetch-weights downloads: every other command stays offline
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    if args.command == "fetch-weights" and not args.quiet:  # downloads show their progress (not their log lines)
+        enable_progress_bars()  # still off under HF_HUB_DISABLE_PROGRESS_BARS=1
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
     # the HTTP clients' request lines and headers stay out of the logs (they may carry a judge's API key)
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -307,7 +307,10 @@ class RunConfig:
 # Parsing: dict -> dataclass with type checks and clear errors
 
 
-def _parse(cls, data: Any, where: str):
+def parse_config(cls, data: Any, where: str):
+    """``data`` (parsed YAML/JSON) as an instance of the dataclass ``cls``: every key known, every value of its field's
+    type (nested dataclasses, tuples, mappings, ``Literal``, optional fields), missing keys taken from the defaults;
+    a problem is a ``ValueError`` naming the key (``where.key[i]``)."""
     if dataclasses.is_dataclass(cls):
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -316,7 +319,7 @@ def _parse(cls, data: Any, where: str):
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-        kwargs = {k: _parse(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        kwargs = {k: parse_config(hints[k], v, f"{where}.{k}") for k, v in data.items()}
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -337,17 +340,18 @@ def _parse(cls, data: Any, where: str):
         (item_type, _) = get_args(cls)
         if not isinstance(data, list | tuple):
             raise ValueError(f"{where}: expected a list, got {type(data).__name__}")
-        return tuple(_parse(item_type, v, f"{where}[{i}]") for i, v in enumerate(data))
+        return tuple(parse_config(item_type, v, f"{where}[{i}]") for i, v in enumerate(data))
     if origin is dict:
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-        return dict(data)
+        key_type, value_type = get_args(cls) or (str, Any)
+        return {parse_config(key_type, k, where): parse_config(value_type, v, f"{where}.{k}") for k, v in data.items()}
     args = get_args(cls)
     if args and type(None) in args:  # Optional[X]
         if data is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _parse(inner, data, where)
+        return parse_config(inner, data, where)
     if cls is float:
         if isinstance(data, int | float) and not isinstance(data, bool):
             return float(data)
@@ -358,8 +362,10 @@ def _parse(cls, data: Any, where: str):
 
 
 def deep_merge(base: dict, patch: dict) -> dict:
-    """Recursively merge ``patch`` into a copy of ``base``. Lists are replaced, except lists of
-    mappings with an ``id``/``name`` key, which are merged item by item (so an override can touch one encoder)."""
+    """Recursively merge ``patch`` into a copy of ``base``: merv's one merge, of a preset with its ``base`` and its
+    overrides, and of config files given in turn (as ``snakemake --configfile`` merges them: mappings recursively,
+    everything else replaced). Lists are replaced, except that a mapping patching a list of mappings with an
+    ``id``/``name`` key merges item by item (so an override can touch one encoder)."""
     out = copy.deepcopy(base)
     for key, value in patch.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -400,7 +406,7 @@ def preset_dict(name: str, _seen: tuple[str, ...] = ()) -> dict:
 
 
 def run_config_from_dict(data: dict, where: str = "config") -> RunConfig:
-    return _parse(RunConfig, data, where)
+    return parse_config(RunConfig, data, where)
 
 
 def resolve_run_config(preset: str, overrides: dict | None = None) -> RunConfig:

@@ -11,13 +11,47 @@ paper-size model in the same config read different shards.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from merv.config import RunConfig, resolve_run_config
+from merv.config import RunConfig, parse_config, resolve_run_config
 from merv.fetch import with_local_weights
+from merv.pretrain.config import PretrainConfig
+from merv.settings import (
+    DataSection,
+    EvalSection,
+    LaunchSection,
+    ModelEntry,
+    PipelineSection,
+    ReportSection,
+    ShardsSection,
+    SynthSection,
+)
 
 BUILT_WEIGHTS = "data/weights/{model}/built"
 FETCHED_WEIGHTS = "data/weights/{model}/fetched.json"
+REPORT_DIR = "results/tables"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole ``config/config.yaml``, typed: a section's record (and so its defaults) is :mod:`merv.settings`'s,
+    the pretrain entries' :class:`merv.pretrain.config.PretrainConfig`."""
+
+    pipeline: PipelineSection
+    data: DataSection
+    models: dict[str, ModelEntry]
+    synth: SynthSection = SynthSection()
+    shards: ShardsSection = field(default_factory=ShardsSection)
+    pretrain: dict[str, PretrainConfig] = field(default_factory=dict)
+    report: ReportSection = ReportSection()
+    launch: LaunchSection = LaunchSection()
+    eval: EvalSection = EvalSection()
+
+
+def parse_pipeline_config(config: dict) -> PipelineConfig:
+    """The pipeline config, every key known and typed (a ``ValueError`` names the first key that is not)."""
+    return parse_config(PipelineConfig, config, "config")
 
 
 def selected_models(config: dict) -> list[str]:
@@ -66,7 +100,7 @@ def weights_inputs(config: dict, model: str) -> list[str]:
 
 
 def weights_kind(config: dict, model: str) -> str:
-    return config["models"][model].get("weights", "fetch")
+    return config["models"][model].get("weights", ModelEntry.weights)
 
 
 def weights_marker(config: dict, model: str) -> str:
@@ -103,6 +137,15 @@ def report_models(config: dict) -> list[str]:
     if unknown:
         raise ValueError(f"report names model(s) {unknown} that config models does not define")
     return [m for m in config["models"] if m in named]
+
+
+def report_outputs(config: dict) -> list[str]:
+    """What the tables job writes (results/tables/...): :func:`merv.report.tables.report_files` of config ``report``."""
+    from merv.report.tables import report_files
+
+    report = config.get("report") or {}
+    names = report_files(bool(report.get("fusion_ablation")), bool(report.get("fusion_weights")))
+    return [f"{REPORT_DIR}/{name}" for name in names]
 
 
 def report_dvc_deps(config: dict) -> list[str]:

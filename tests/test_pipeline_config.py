@@ -4,7 +4,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from merv.cli import deep_update
+from merv.config import deep_merge
 from merv.pipeline import model_run, selected_models, shard_set
 from tests.helpers import REPO
 
@@ -15,7 +15,7 @@ def load(*names: str) -> dict:
     """config/config.yaml patched by further config files, as `snakemake --configfile` does."""
     config = {}
     for name in ("config.yaml", *names):
-        config = deep_update(config, yaml.safe_load((REPO / "config" / name).read_text()))
+        config = deep_merge(config, yaml.safe_load((REPO / "config" / name).read_text()))
     return config
 
 

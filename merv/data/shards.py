@@ -37,6 +37,7 @@ import numpy as np
 
 from merv.config import fingerprint
 from merv.data.video import BACKENDS, DEFAULT_BACKEND, FOLDER_FPS, IMAGE_EXTENSIONS, VideoError, read_frames
+from merv.settings import ShardsSection, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ class ShardSettings:
 
     frame_counts: tuple[int, ...]
     size: int  # of the short side: frames keep their aspect ratio (encoder transforms crop or squash at load time)
-    target_bytes: int = 200 * 2**20
-    frame_format: Literal["jpg", "npy"] = "jpg"
+    target_bytes: int = parse_size(ShardsSection.target_size)
+    frame_format: Literal["jpg", "npy"] = ShardsSection.frame_format
     jpeg_quality: int = 95
     backend: str = DEFAULT_BACKEND
     resize: Literal["short_side"] = "short_side"  # stored frame geometry; earlier shards were squashed squares
@@ -607,12 +608,13 @@ def write_shards(
     settings: ShardSettings,
     *,
     workers: int = 1,
-    strict: bool = False,
+    strict: bool = ShardsSection.strict,
     progress: bool = False,
 ) -> ShardSummary:
     """Shard ``items`` into ``out`` (reusing by content what a previous run with the same settings left, see the
     module docstring), write ``quarantine.jsonl`` and ``manifest.json``. With ``strict`` the first bad item raises
-    :class:`VideoError`."""
+    :class:`VideoError`; without, bad items are skipped and listed in ``quarantine.jsonl``. ``workers``: decoding
+    processes (1: this one)."""
     import shutil
 
     from tqdm import tqdm

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from merv.prompting import mcq_prompt, option_letters
+from merv.settings import SynthSection
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -145,12 +146,12 @@ def _conversation(clip: Clip, rng: random.Random) -> list[dict]:
 def write_dataset(
     out: str | Path,
     *,
-    seed: int = 0,
-    train_videos: int = 400,
-    eval_videos: int = 100,
-    size: int = 64,
-    num_frames: int = 16,
-    fps: int = 8,
+    seed: int = SynthSection.seed,
+    train_videos: int = SynthSection.train_videos,
+    eval_videos: int = SynthSection.eval_videos,
+    size: int = SynthSection.size,
+    num_frames: int = SynthSection.frames,
+    fps: int = SynthSection.fps,
 ) -> dict:
     """Write the whole synthetic dataset under ``out``; returns a summary dict (also written as ``summary.json``)."""
     if size % 2 or size < 32:

@@ -14,12 +14,15 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
+from merv.settings import Backend, ShardsSection
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-BACKENDS = ("decord", "pyav")
-DEFAULT_BACKEND = "decord"  # faster than PyAV on sampled frames: benchmarks/ingest.py measures both
+BACKENDS = get_args(Backend)
+DEFAULT_BACKEND = ShardsSection.backend
 FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: eval registry)
 SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
 

@@ -21,7 +21,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -31,33 +30,11 @@ from merv.eval.metrics import degenerate_kinds, first_char_letter, normalise, su
 from merv.eval.provenance import frame_sampling, git_commit, package_versions, weights_provenance
 from merv.eval.registry import BenchmarkSpec, check_question, lookup
 from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_letters
+from merv.settings import EvalSettings
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "merv-eval-result/1"
-McqMode = Literal["generate", "likelihood", "both"]
 LETTER_RULE = "first character of the stripped prediction, either case (MERV)"
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How a benchmark is evaluated (what its numbers depend on, except the chunking)."""
-
-    mcq: McqMode = "both"
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # None: the benchmark's registry default
-    num_chunks: int = 1
-    chunk_index: int = 0
-    limit: int | None = None  # only the first N questions of the benchmark (a quick look)
-
-    def __post_init__(self):
-        if self.mcq not in ("generate", "likelihood", "both"):
-            raise ValueError(f"--mcq must be generate, likelihood or both, got {self.mcq!r}")
-        if self.batch_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
-        if not 0 <= self.chunk_index < self.num_chunks:
-            raise ValueError(f"--chunk-index {self.chunk_index} must be in [0, --num-chunks {self.num_chunks})")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from merv.settings import JudgeSection
+
 log = logging.getLogger(__name__)
 
 # Written from the protocol's description (Video-ChatGPT's QA evaluation as MERV and lmms-eval use it). Changing a
@@ -147,34 +149,30 @@ class VerdictError(ValueError):
 
 
 @dataclass(frozen=True)
-class JudgeConfig:
-    """Where the judge is and how it is asked. The API key itself is never part of this object."""
+class JudgeConfig(JudgeSection):
+    """Where the judge is and how it is asked: the pipeline's ``eval.judge`` settings (:class:`JudgeSection`, with
+    their defaults) and those only the command line and the environment reach. The API key itself is never part of
+    this object."""
 
-    url: str
-    model: str | None = None  # None: the one model the endpoint serves (GET /models)
-    preset: str = "video-chatgpt"
-    api_key_env: str = "MERV_JUDGE_API_KEY"  # name of the environment variable holding the key (if any)
-    api_key_file: str | None = None  # or a file holding it
     prompt_file: str | None = None  # the judge's wording (YAML: system, user); None: merv's built-in wording
     unparseable: str = "unjudged"  # a reply that never parses: "unjudged" (ours) or "no" (score 0, the original's)
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    max_attempts: int = 5  # per request, for transport errors
     parse_attempts: int = 3  # per question, for replies that do not parse
     backoff_s: float = 1.0  # first retry delay; doubles each time (with jitter), at most 30 s
 
     def __post_init__(self):
+        super().__post_init__()
+        if not self.url:
+            raise ValueError("a judge needs a url (--judge-url, MERV_JUDGE_URL or eval.judge.url)")
         if urlsplit(self.url).scheme not in ("http", "https"):
             raise ValueError(f"judge url {redact_url(self.url)!r} must start with http:// or https://")
         if self.preset not in PRESETS:
             raise ValueError(f"judge preset {self.preset!r} is unknown; presets: {sorted(PRESETS)}")
         if self.unparseable not in UNPARSEABLE:
             raise ValueError(f"judge unparseable must be one of {list(UNPARSEABLE)}, got {self.unparseable!r}")
-        for name in ("concurrency", "max_attempts", "parse_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"judge {name} must be >= 1, got {getattr(self, name)}")
-        if self.timeout_s <= 0 or self.backoff_s < 0:
-            raise ValueError(f"judge timeout_s must be > 0 and backoff_s >= 0, got {self.timeout_s}, {self.backoff_s}")
+        if self.parse_attempts < 1:
+            raise ValueError(f"judge parse_attempts must be >= 1, got {self.parse_attempts}")
+        if self.backoff_s < 0:
+            raise ValueError(f"judge backoff_s must be >= 0, got {self.backoff_s}")
 
     def api_key(self) -> str | None:
         """The key from ``api_key_file`` or the ``api_key_env`` variable. None only for a local endpoint without

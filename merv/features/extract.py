@@ -9,7 +9,6 @@ manifest once every shard is committed.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -23,15 +22,9 @@ from merv.config import ModelConfig, fingerprint
 from merv.data.shards import decode_sample, read_manifest, shard_keys
 from merv.data.transforms import video_inputs
 from merv.features.cache import POOLED, encoder_key, member, sha256, source_digest, to_bytes
+from merv.settings import ExtractSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtractSettings:
-    dtype: str = "bf16"
-    batch_size: int = 16
-    device: str | None = None  # None: CUDA when present
 
 
 def cache_key(model: ModelConfig, encoder_id: str, shard_manifest: dict, dtype: str) -> dict:

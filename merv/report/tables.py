@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from merv.config import _parse
+from merv.config import parse_config
 from merv.report.results import OVERALL, BenchmarkResult, model_results, question_types
 
 
@@ -78,7 +78,7 @@ class ReportConfig:
 
 
 def report_config_from_dict(data: dict, where: str = "report") -> ReportConfig:
-    return _parse(ReportConfig, data, where)
+    return parse_config(ReportConfig, data, where)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,29 +219,36 @@ def ablation_table(cfg: ReportConfig, results: Results, costs: dict[str, dict]) 
     return md, csv_text(csv_header, csv_rows)
 
 
+def report_files(fusion_ablation: bool, fusion_weights: bool) -> list[str]:
+    """The names of the files :func:`write_report` writes, in its order: the one list the Snakemake rule's outputs
+    (:func:`merv.pipeline.report_outputs`) and dvc.yaml's tables stage (checked by a test) take them from."""
+    names = ["main.md", "main.csv"]
+    names += ["fusion_ablation.md", "fusion_ablation.csv"] if fusion_ablation else []
+    names += ["by_type.csv", "metrics.json", "accuracy_by_type.png"]
+    return names + (["fusion_weights.csv", "fusion_weights.png"] if fusion_weights else [])
+
+
 def write_report(cfg: ReportConfig, out: Path) -> list[Path]:
-    """Write every table and figure of the report under ``out``; returns the written paths."""
+    """Write every table and figure of the report under ``out`` (:func:`report_files`); returns the written paths."""
     from merv.report.figures import accuracy_by_type_png, fusion_weights_png
     from merv.report.models import fusion_weights_by_type, model_costs
 
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(cfg)
-    files: dict[str, str | bytes] = {}
-    files["main.md"], files["main.csv"] = main_table(cfg, results)
+    contents: list[str | bytes] = [*main_table(cfg, results)]
     costs = model_costs(cfg) if cfg.fusion_ablation else {}
     if cfg.fusion_ablation:
-        files["fusion_ablation.md"], files["fusion_ablation.csv"] = ablation_table(cfg, results, costs)
-    files["by_type.csv"] = csv_text(["model", "benchmark", "question_type", "value", "n"], by_type_rows(cfg, results))
-    files["metrics.json"] = json.dumps(metrics_json(cfg, results, costs), indent=1, sort_keys=True) + "\n"
-    files["accuracy_by_type.png"] = accuracy_by_type_png(cfg, results)
+        contents += ablation_table(cfg, results, costs)
+    contents.append(csv_text(["model", "benchmark", "question_type", "value", "n"], by_type_rows(cfg, results)))
+    contents.append(json.dumps(metrics_json(cfg, results, costs), indent=1, sort_keys=True) + "\n")
+    contents.append(accuracy_by_type_png(cfg, results))
     if cfg.fusion_weights_model:
         weights = fusion_weights_by_type(cfg)
-        files["fusion_weights.csv"] = csv_text(
-            ["question_type", "encoder", "mean", "std", "n"], [list(r) for r in weights]
-        )
-        files["fusion_weights.png"] = fusion_weights_png(cfg, weights)
+        contents.append(csv_text(["question_type", "encoder", "mean", "std", "n"], [list(r) for r in weights]))
+        contents.append(fusion_weights_png(cfg, weights))
     written = []
-    for name, content in files.items():
+    names = report_files(bool(cfg.fusion_ablation), cfg.fusion_weights_model is not None)
+    for name, content in zip(names, contents, strict=True):
         path = out / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         written.append(path)

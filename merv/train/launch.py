@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+
+from merv.settings import LaunchSection
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,19 @@ class JobFailed(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LaunchConfig:
-    launcher: Literal["local", "slurm"]
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
+class LaunchConfig(LaunchSection):
+    """A submission through submitit: the pipeline's ``launch`` settings (:class:`LaunchSection`, with their
+    defaults; the launcher must be local or slurm) and what the command line adds."""
+
     cpus_per_task: int = 1
-    partition: str | None = None
-    account: str | None = None
-    time_min: int = 60
-    folder: str = "results/submitit"
+    folder: str = "results/submitit"  # submitit's job folders and logs
 
     def __post_init__(self):
+        super().__post_init__()
         if self.launcher not in ("local", "slurm"):
             raise ValueError(f"launcher must be 'local' or 'slurm', got {self.launcher!r}")
-        if self.nodes < 1 or self.tasks_per_node < 1:
-            raise ValueError("nodes and tasks_per_node must be >= 1")
+        if self.cpus_per_task < 1:
+            raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.launcher == "local" and self.nodes != 1:
             raise ValueError("the local launcher runs on this machine: nodes must be 1")
 

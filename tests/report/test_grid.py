@@ -67,11 +67,14 @@ def test_config_models_resolve_with_pretrained_encoders():
 
 
 def test_the_dvc_tables_stage_depends_on_every_reported_model():
-    """DVC cannot template a list of deps: dvc.yaml names them, and this keeps it in step with config `report`."""
-    from merv.pipeline import report_dvc_deps, report_models
+    """DVC cannot template a list of deps: dvc.yaml names them, and this keeps it in step with config `report`;
+    its outputs are the files merv.report.tables.report_files names (the Snakemake rule's outputs too)."""
+    from merv.pipeline import report_dvc_deps, report_models, report_outputs
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tables"]
     assert stage["deps"] == report_dvc_deps(CONFIG)
+    listed = stage["outs"] + stage["metrics"] + [next(iter(p)) if isinstance(p, dict) else p for p in stage["plots"]]
+    assert sorted(listed) == sorted(report_outputs(CONFIG))
     assert {f"results/{m}/eval.json" for m in report_models(CONFIG)} <= set(stage["deps"])
 
 

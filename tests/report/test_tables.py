@@ -106,3 +106,15 @@ def test_missing_results_file_is_named(spec, tmp_path):
     cfg = report_config_from_dict(spec)
     with pytest.raises(FileNotFoundError, match="missing.json not found"):
         load_results(cfg)
+
+
+def test_write_report_writes_exactly_the_named_files(spec, tmp_path):
+    """The files on disk are report_files' names (the Snakemake rule's and dvc.yaml's outputs), no more."""
+    from merv.report.tables import report_files, write_report
+
+    written = write_report(report_config_from_dict(spec), tmp_path / "tables")
+    names = report_files(fusion_ablation=False, fusion_weights=False)
+    assert [p.name for p in written] == names
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == sorted(names)
+    assert "| fused | 75.0 |" in (tmp_path / "tables" / "main.md").read_text()
+    json.loads((tmp_path / "tables" / "metrics.json").read_text())

@@ -9,6 +9,7 @@ from merv.pipeline import (
     model_run,
     pretrained_encoders,
     report_models,
+    report_outputs,
     selected_models,
     shard_set,
     weights_inputs,
@@ -69,7 +70,7 @@ def shard_settings(wildcards):
         "frames": " ".join(str(c) for c in sorted(chosen["frames"])),
         "size": chosen["size"],
         "options": f"--shard-size {shards['target_size']} --frame-format {shards['frame_format']}"
-        f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else ""),
+        f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else " --no-strict"),
     }
 
 
@@ -330,16 +331,6 @@ def report_inputs(wildcards):
     if config["report"].get("fusion_weights"):
         inputs["shards"] = report_benchmark_shards(config["report"]["fusion_weights"]["benchmark"])
     return inputs
-
-
-def report_outputs():
-    tables = config["report"]
-    names = ["main.md", "main.csv", "by_type.csv", "metrics.json", "accuracy_by_type.png"]
-    if tables["fusion_ablation"]:
-        names += ["fusion_ablation.md", "fusion_ablation.csv"]
-    if tables.get("fusion_weights"):
-        names += ["fusion_weights.csv", "fusion_weights.png"]
-    return [f"results/tables/{n}" for n in names]
 
 
 def report_spec_json(wildcards):

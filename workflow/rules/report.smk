@@ -5,7 +5,7 @@ rule make_tables:
     input:
         unpack(report_inputs),
     output:
-        report_outputs(),
+        report_outputs(config),
     params:
         spec=report_spec_json,
     log:
