@@ -262,11 +262,3 @@ def _decode(ld: ShardLoader, raw: dict) -> dict:
             sample["features"][fs.encoder] = value
     return sample
 
-
-def pad_sequences(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to ``[B, L]``; returns the padded tensor and the lengths ``[B]``."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    out = torch.full((len(seqs), int(lengths.max())), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out, lengths

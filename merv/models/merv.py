@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merv.config import ModelConfig
-from merv.data.loader import pad_sequences
+from merv.data.batching import pad_sequences
 from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.fusion import build_fusion
 from merv.models.projector import build_projector
