@@ -27,6 +27,7 @@ from merv.data.shards import read_manifest
 from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
+from merv.schedule import warmup_cosine
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
 from merv.train.lock import holds_output_lock
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
@@ -55,14 +56,6 @@ def set_trainable(model: MERV, groups: tuple[str, ...]) -> list[torch.nn.Paramet
     model.train()
     model.encoders.eval()
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class NonFiniteLoss(ValueError):
