@@ -50,9 +50,9 @@ def train_tiny(work: Path, train_videos: int, eval_videos: int, epochs: int) -> 
 def load_questions(handle, data: Path, limit: int | None):
     """Decoded, transformed questions in memory, so the timings below measure the model only."""
     from merv.data.batching import encoder_frames
+    from merv.data.benchmarks import lookup
     from merv.data.shards import iter_samples
     from merv.eval.benchmark import letter_continuations, question_prompt
-    from merv.eval.registry import lookup
     from merv.prompting import mcq_prompt, option_letters
 
     spec = lookup("synth_mcq")

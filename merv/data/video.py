@@ -20,7 +20,7 @@ import numpy as np
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 BACKENDS = ("decord", "pyav")
 DEFAULT_BACKEND = "decord"  # faster than PyAV on sampled frames: benchmarks/ingest.py measures both
-FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: eval registry)
+FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: merv.data.benchmarks)
 SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
 
 

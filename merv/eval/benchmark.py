@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 
 from merv.config import fingerprint
+from merv.data.benchmarks import BenchmarkSpec, check_question, lookup
 from merv.eval.cache import ResultCache, content_key
 from merv.eval.metrics import degenerate_kinds, first_char_letter, normalise, summarise
 from merv.eval.provenance import frame_sampling, git_commit, package_versions, weights_provenance
-from merv.eval.registry import BenchmarkSpec, check_question, lookup
 from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_letters
 
 log = logging.getLogger(__name__)
