@@ -147,16 +147,49 @@ def check_tensors(
 
 def check_finite(tensors, where: str) -> None:
     """Every floating value of ``tensors`` (``{name: tensor}`` or ``(name, tensor)`` pairs) is finite, or an error
-    naming ``where``, the first tensors with NaN/inf and how many values."""
+    naming ``where``, the first tensors with NaN/inf and how many values. Meta tensors (shapes only) hold no values."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
     bad = []
     for name, t in items:
-        if t.is_floating_point() and t.numel():
+        if t.is_floating_point() and t.numel() and not t.is_meta:
             count = int((~torch.isfinite(t)).sum())
             if count:
                 bad.append(f"{name} ({count} of {t.numel()} values)")
     if bad:
         raise IntegrityError(f"{where}: non-finite (NaN or inf) weights in {_list(bad)}")
+
+
+def check_header(
+    path: str | Path,
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    *,
+    allow_unexpected: tuple[str, ...] = (),
+) -> None:
+    """A safetensors file's header (read before any data): intact, and matching ``expected`` names, shapes and dtypes
+    (None: any names and shapes, but floating or integer data only)."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    found = {k: (t.shape, t.dtype) for k, t in header.items()}
+    if expected is not None:
+        check_tensors(str(path), found, expected, allow_unexpected=allow_unexpected)
+    else:
+        odd = [f"{k} ({t.dtype})" for k, t in header.items() if t.dtype not in DTYPE_BYTES or t.dtype == "C64"]
+        if odd:
+            raise IntegrityError(f"{path}: tensors of a dtype weights cannot have: {_list(odd)}")
+
+
+def check_names(path: str | Path, names: set[str], what: str, *, allow_unexpected: tuple[str, ...] = ()) -> None:
+    """The tensors of a safetensors file are exactly ``names`` (less those starting with ``allow_unexpected``)."""
+    found = set(read_safetensors_header(path))
+    missing = sorted(names - found)
+    unexpected = sorted(k for k in found - names if not k.startswith(allow_unexpected or ("\0",)))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors (left randomly initialised) {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors (nothing in the model consumes them) {_list(unexpected)}")
+    if problems:
+        raise IntegrityError(f"{what}: {path}: " + "; ".join(problems))
 
 
 def load_verified(
@@ -170,30 +203,13 @@ def load_verified(
     from safetensors.torch import load_file
 
     path = Path(path)
-    header = read_safetensors_header(path)
-    found = {k: (t.shape, t.dtype) for k, t in header.items()}
-    if expected is not None:
-        check_tensors(str(path), found, expected, allow_unexpected=allow_unexpected)
-    else:
-        odd = [f"{k} ({t.dtype})" for k, t in header.items() if t.dtype not in DTYPE_BYTES or t.dtype == "C64"]
-        if odd:
-            raise IntegrityError(f"{path}: tensors of a dtype weights cannot have: {_list(odd)}")
+    check_header(path, expected, allow_unexpected=allow_unexpected)
     try:
         state = load_file(str(path))
     except Exception as e:  # the header was fine, so this is damage the header check cannot see
         raise IntegrityError(f"{path}: cannot read the tensors ({type(e).__name__}: {e})") from None
     check_finite(state, str(path))
     return state
-
-
-def load_module_file(module: torch.nn.Module, path: str | Path, what: str) -> None:
-    """Load a safetensors state-dict file into ``module`` strictly (every tensor present, shaped and typed as the
-    module's, none left over, all finite). Errors name ``what`` and the file."""
-    try:
-        state = load_verified(path, expected_of(module.state_dict()))
-    except IntegrityError as e:
-        raise IntegrityError(f"{what}: {e}") from None
-    module.load_state_dict(state, strict=True)
 
 
 def folder_safetensors(folder: str | Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:

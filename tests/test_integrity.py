@@ -88,8 +88,9 @@ def test_llm_and_encoder_folders_are_loaded_strictly(tiny_run, tmp_path):
 
     vit = weights / "vit" / "model.safetensors"
     state = load_file(str(vit))
-    save_file({**state, "head.weight": torch.zeros(3, 64)}, str(vit))
-    with pytest.raises(IntegrityError, match=r"encoder 'vit': .*model.safetensors: unexpected tensors .*head.weight"):
+    # (a classifier head is dropped, as timm adapts any hub checkpoint to num_classes=0; anything else is refused)
+    save_file({**state, "blocks.0.extra": torch.zeros(3, 64)}, str(vit))
+    with pytest.raises(IntegrityError, match=r"encoder 'vit': .*unexpected tensors .*blocks.0.extra"):
         MERV.from_config(run.model)
     save_file(state, str(vit))
     MERV.from_config(run.model)  # restored: loads

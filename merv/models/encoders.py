@@ -26,15 +26,32 @@ class TimmImageEncoder(VisualEncoder):
         super().__init__(cfg)
         import timm
 
-        from merv.integrity import load_module_file
+        from merv.integrity import IntegrityError, check_finite, check_header, check_names
 
         path = Path(cfg.weights)
         if not path.is_file():
             raise FileNotFoundError(f"encoder {cfg.id!r}: weights file {path} not found")
-        # The file is the model's own state dict (how `merv fetch-weights` and `merv build-tiny` write it), loaded
-        # strictly: every tensor present with the model's shape, none left over, all finite (merv.integrity).
-        self.model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, **cfg.model_kwargs)
-        load_module_file(self.model, path, f"encoder {cfg.id!r}")
+        # The path real checkpoints take: timm's pretrained loader pointed at the local file, which adapts a hub
+        # checkpoint to the model (position embeddings resampled to the image size, the classifier dropped) and
+        # loads it strictly. Around it, merv.integrity: an intact header before any data, all values finite after.
+        what = f"encoder {cfg.id!r}"
+        try:
+            check_header(path)
+        except IntegrityError as e:
+            raise IntegrityError(f"{what}: {e}") from None
+        try:
+            self.model = timm.create_model(
+                cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **cfg.model_kwargs
+            )
+        except RuntimeError as e:  # torch's load_state_dict: misshapen tensors
+            detail = " ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)
+            raise IntegrityError(f"{what}: {path}: {detail}") from None
+        # timm loads non-strictly once the classifier differs (num_classes=0): check the names against the header
+        # (timm hub files and merv's own are in timm's layout; only a classifier may be left over)
+        classifier = self.model.pretrained_cfg.get("classifier") or ()
+        heads = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+        check_names(path, set(self.model.state_dict()), what, allow_unexpected=heads)
+        check_finite(self.model.state_dict(), f"{what} ({path})")
         if cfg.feature_layer is not None:
             if not hasattr(self.model, "blocks"):
                 raise ValueError(f"encoder {cfg.id!r}: feature_layer needs a timm vision transformer (with blocks)")
