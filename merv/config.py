@@ -314,7 +314,9 @@ class RunConfig:
 # Parsing: dict -> dataclass with type checks and clear errors
 
 
-def _parse(cls, data: Any, where: str):
+def parse_dataclass(cls, data: Any, where: str):
+    """``data`` (parsed YAML or JSON) as the typed ``cls``: every key known, every value of its declared type, errors
+    naming the key path from ``where``."""
     if dataclasses.is_dataclass(cls):
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -323,7 +325,7 @@ def _parse(cls, data: Any, where: str):
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-        kwargs = {k: _parse(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+        kwargs = {k: parse_dataclass(hints[k], v, f"{where}.{k}") for k, v in data.items()}
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -344,7 +346,7 @@ def _parse(cls, data: Any, where: str):
         (item_type, _) = get_args(cls)
         if not isinstance(data, list | tuple):
             raise ValueError(f"{where}: expected a list, got {type(data).__name__}")
-        return tuple(_parse(item_type, v, f"{where}[{i}]") for i, v in enumerate(data))
+        return tuple(parse_dataclass(item_type, v, f"{where}[{i}]") for i, v in enumerate(data))
     if origin is dict:
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -354,7 +356,7 @@ def _parse(cls, data: Any, where: str):
         if data is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _parse(inner, data, where)
+        return parse_dataclass(inner, data, where)
     if cls is float:
         if isinstance(data, int | float) and not isinstance(data, bool):
             return float(data)
@@ -407,7 +409,7 @@ def preset_dict(name: str, _seen: tuple[str, ...] = ()) -> dict:
 
 
 def run_config_from_dict(data: dict, where: str = "config") -> RunConfig:
-    return _parse(RunConfig, data, where)
+    return parse_dataclass(RunConfig, data, where)
 
 
 def resolve_run_config(preset: str, overrides: dict | None = None) -> RunConfig:

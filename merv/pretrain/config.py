@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from merv.config import EncoderConfig, ModelConfig, RunConfig, _parse, resolve_run_config
+from merv.config import EncoderConfig, ModelConfig, RunConfig, parse_dataclass, resolve_run_config
 
 PretextTask = Literal["appearance", "motion"]
 PRETRAINED_DIR = "data/weights/pretrained"
@@ -62,7 +62,7 @@ class PretrainConfig:
 
 
 def pretrain_config_from_dict(data: dict, where: str = "pretrain") -> PretrainConfig:
-    return _parse(PretrainConfig, data, where)
+    return parse_dataclass(PretrainConfig, data, where)
 
 
 def weights_path(enc: EncoderConfig, out: str | Path) -> Path:

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from merv.config import _parse
+from merv.config import parse_dataclass
 from merv.report.results import OVERALL, BenchmarkResult, model_results, question_types
 
 
@@ -78,7 +78,7 @@ class ReportConfig:
 
 
 def report_config_from_dict(data: dict, where: str = "report") -> ReportConfig:
-    return _parse(ReportConfig, data, where)
+    return parse_dataclass(ReportConfig, data, where)
 
 
 # --------------------------------------------------------------------------------------------------------------
