@@ -74,7 +74,8 @@ def cmd_pretrain(args):
 
 
 def cmd_report(args):
-    from merv.report.tables import report_config_from_dict, write_report
+    from merv.report.config import report_config_from_dict
+    from merv.report.tables import write_report
 
     written = write_report(report_config_from_dict(json.loads(args.spec), where="--spec"), Path(args.out))
     print((Path(args.out) / "main.md").read_text(), end="")

@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 
-from merv.report.results import OVERALL
-from merv.report.tables import ReportConfig, Results, benchmark_names, type_names
+from merv.report.config import ReportConfig
+from merv.report.results import OVERALL, Results, benchmark_names, type_names
 
 
 def _pyplot():
