@@ -341,25 +341,10 @@ def cmd_merge(args):
 
 
 def cmd_collect(args):
-    from merv.config import fingerprint
-    from merv.eval.merge import read_result
+    from merv.eval.merge import collect_results
 
-    benchmarks = {}
-    for path in args.results:
-        r = read_result(path)
-        if r.get("chunk", {}).get("count", 1) != 1:
-            raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
-        benchmarks[r["benchmark"]] = {
-            **r["summary"],
-            "questions": r["questions"],
-            "config_fingerprint": r["config_fingerprint"],
-            "manifest": r["manifest"],
-        }
-    out = {
-        "model": args.model,
-        "config_fingerprint": fingerprint(sorted(b["config_fingerprint"] for b in benchmarks.values())),
-        "benchmarks": benchmarks,
-    }
+    out = collect_results(args.results, args.model)
+    benchmarks = out["benchmarks"]
     write_json(args.out, out)
     for name, b in benchmarks.items():
         log.info("%s: %s = %s (n=%d)", name, b["metric"], b["value"], b["n"])
