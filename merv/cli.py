@@ -74,9 +74,17 @@ def cmd_pretrain(args):
 
 
 def cmd_report(args):
+    from merv.report.compare import write_comparison
     from merv.report.config import report_config_from_dict
     from merv.report.tables import write_report
 
+    if bool(args.results) == bool(args.spec):
+        raise ValueError("merv report: give either --spec (the pipeline's report) or eval.json files, not both")
+    if args.results:  # a quick comparison across models, no spec
+        files = write_comparison(args.results, args.out)
+        print(files["markdown"].read_text(), end="")
+        log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+        return
     written = write_report(report_config_from_dict(json.loads(args.spec), where="--spec"), Path(args.out))
     print((Path(args.out) / "main.md").read_text(), end="")
     log.info("wrote %s", ", ".join(str(p) for p in written))
@@ -350,14 +358,6 @@ def cmd_collect(args):
         log.info("%s: %s = %s (n=%d)", name, b["metric"], b["value"], b["n"])
 
 
-def cmd_table(args):
-    from merv.eval.table import write_table
-
-    files = write_table(args.results, args.out)
-    print(files["markdown"].read_text(), end="")
-    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
-
-
 def cmd_import_original(args):
     from merv.convert import import_original
 
@@ -452,8 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser("report", help="the paper's tables and figures across models (merv.report)")
-    s.add_argument("--spec", required=True, help="inline JSON: models, their results and checkpoints, benchmarks")
+    s = sub.add_parser(
+        "report",
+        aliases=["table"],
+        help="the paper's tables and figures across models (--spec), or one table across eval.json files (merv.report)",
+    )
+    s.add_argument("results", nargs="*", help="eval.json files (results/*/eval.json): table.md, table.csv, table.png")
+    s.add_argument("--spec", help="inline JSON: models, their results and checkpoints, benchmarks")
     s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
     s.set_defaults(func=cmd_report)
 
@@ -588,11 +593,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_collect)
-
-    s = sub.add_parser("table", help="Markdown + CSV + bar chart PNG across models' eval.json")
-    s.add_argument("results", nargs="+", help="eval.json files (results/*/eval.json)")
-    s.add_argument("--out", required=True, help="folder for table.md, table.csv, table.png")
-    s.set_defaults(func=cmd_table)
 
     s = sub.add_parser("import-original", help="convert a checkpoint of the original MERV code into a merv folder")
     s.add_argument("checkpoint", help="the original's .pt file (read with weights_only=True)")

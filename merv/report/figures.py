@@ -36,6 +36,17 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], errors:
     ax.set_xticks(x, [g.replace("_", "\n") for g in groups])
 
 
+def grouped_bars_png(groups: list[str], series: dict[str, list[float]], ylabel: str) -> bytes:
+    """Grouped bars (0-100): per group one bar per series (NaN: none)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(groups) + 2), 3.5))
+    _grouped_bars(ax, groups, series)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def accuracy_by_type_png(cfg: ReportConfig, results: Results) -> bytes:
     """Per benchmark with question types (else overall only): grouped bars of each model's score per type."""
     plt = _pyplot()
