@@ -79,7 +79,7 @@ def cmd_report(args):
     from merv.report.tables import write_report
 
     if bool(args.results) == bool(args.spec):
-        raise ValueError("merv report: give either --spec (the pipeline's report) or eval.json files, not both")
+        raise ValueError("give either --spec (the pipeline's report) or eval.json files, not both")
     if args.results:  # a quick comparison across models, no spec
         files = write_comparison(args.results, args.out)
         print(files["markdown"].read_text(), end="")
