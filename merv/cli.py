@@ -452,15 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser(
-        "report",
-        aliases=["table"],
-        help="the paper's tables and figures across models (--spec), or one table across eval.json files (merv.report)",
-    )
-    s.add_argument("results", nargs="*", help="eval.json files (results/*/eval.json): table.md, table.csv, table.png")
-    s.add_argument("--spec", help="inline JSON: models, their results and checkpoints, benchmarks")
-    s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
-    s.set_defaults(func=cmd_report)
+    for name, help_ in (
+        ("report", "the paper's tables and figures across models (--spec), or one table across eval.json files"),
+        ("table", "merv report over eval.json files: one table across models (an alias)"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("results", nargs="*", help="eval.json files: table.md, table.csv, table.png")
+        s.add_argument("--spec", help="inline JSON: models, their results and checkpoints, benchmarks")
+        s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
+        s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("fetch-weights", help="download a model's missing weights from their sources (hub, timm)")
     s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def tiny_overrides(weights_dir: Path) -> dict:

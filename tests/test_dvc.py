@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from merv.pipeline import report_dvc_deps
+from tests.helpers import REPO
 from tests.test_pipeline import small_config
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

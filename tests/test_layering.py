@@ -7,7 +7,7 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # Private names still imported across modules, each with the change that removes it. An entry that no longer occurs
 # fails the test, so the list only shrinks.

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, planned_jobs, snakemake, write_config
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,34 +28,6 @@ def small_config() -> dict:
     cfg["report"] = {"main": ["merv_tiny", "tiny_motion"], "fusion_ablation": ["merv_tiny"],
                      "fusion_weights": {"model": "merv_tiny", "benchmark": "synth_mcq"}}  # fmt: skip
     return cfg
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "2",
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-
-
-def write_config(workdir: Path, cfg: dict) -> None:
-    (workdir / "config").mkdir(exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-
-
-def planned_jobs(dry_run_output: str) -> dict[str, int]:
-    """Rule -> count from the 'Job stats' table of a dry run."""
-    table = dry_run_output.split("Job stats:")[1].split("total")[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 @pytest.fixture(scope="module")

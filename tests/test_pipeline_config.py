@@ -1,15 +1,13 @@
 """The pipeline config: every shipped config validates and resolves every model; shard sets and selection."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from snakemake.utils import validate
 
 from merv.cli import deep_update
 from merv.pipeline import model_run, selected_models, shard_set
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
 
 

@@ -3,14 +3,15 @@ Slurm job, training stages submitted by submitit, GPUs (fake ones, declared as G
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+from tests.helpers import snakemake as run_snakemake
+
 pytestmark = pytest.mark.slow
 # the target goes before --configfile, which takes every following word as a config file
 COMMAND = ["--profile", "slurm", "results/merv_full/eval.json", "--configfile", "config/miniature.yaml"]
@@ -24,12 +25,6 @@ def small_config() -> dict:
     cfg["launch"].update(launcher="slurm", partition="debug", gpus_per_node=1, time_min=10)
     cfg["eval"]["batch_size"] = 4
     return cfg
-
-
-def snakemake(workdir: Path, env: dict, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` as a user runs it in the project folder (the Snakefile given, since workdir is a copy)."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def sacct(env: dict, *fields: str) -> list[dict]:
@@ -107,3 +102,8 @@ def test_failed_job_shows_its_log(slurm_run):
         assert "results/logs/shard_train_small_broken.log" in out and "missing/train.json" in out, out[-3000:]
     finally:
         (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(small_config()))
+
+
+def snakemake(workdir: Path, env: dict, *args: str, timeout: int = 1200):
+    """`snakemake ARGS` as a user runs it in the project folder, the cores left to the profile."""
+    return run_snakemake(workdir, *args, cores=None, env=env, timeout=timeout)

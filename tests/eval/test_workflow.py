@@ -4,10 +4,8 @@ checkpoint and shards made by the session fixtures, with a stand-in judge over H
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,9 @@ from merv.eval.benchmark import CheckpointHandle, EvalSettings, evaluate
 from merv.eval.cache import ResultCache
 from merv.eval.judge import Judge, JudgeConfig
 from merv.pipeline import weights_inputs
+from tests.helpers import REPO, planned_jobs
+from tests.helpers import snakemake as run_snakemake
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # Only the evaluation stage: the checkpoint and the shards are inputs here, not outputs of other rules.
@@ -31,15 +30,11 @@ include: "{REPO}/workflow/rules/eval.smk"
 """
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    cmd = [sys.executable, "-m", "snakemake", "-s", "Snakefile", "--cores", "2", *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+def snakemake(workdir: Path, *args: str):
+    return run_snakemake(workdir, *args, snakefile="Snakefile", timeout=600)
 
 
 def jobs(res: subprocess.CompletedProcess) -> dict[str, int]:
-    from tests.test_pipeline import planned_jobs
-
     return planned_jobs(res.stdout + res.stderr)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import REPO
 from tests.overfit import fit
 
 if sys.version_info >= (3, 11):
@@ -17,7 +18,6 @@ if sys.version_info >= (3, 11):
 else:  # pytest depends on tomli before Python 3.11
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[2]
 EVAL_VIDEOS = 24
 TAUGHT = 12  # the checkpoint is taught the answers of the first TAUGHT questions; the others it has never seen
 FIT_STEPS = 120

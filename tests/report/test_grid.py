@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,8 @@ import yaml
 
 from merv.config import resolve_run_config
 from merv.models.merv import MERV
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 GRID = {
     "merv-tiny": ("cross_attention", ["vit", "vivit"], 64),
@@ -85,7 +84,7 @@ def test_snakemake_plans_the_grid_through_the_tables(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    from tests.test_pipeline import planned_jobs
+    from tests.helpers import planned_jobs
 
     jobs = planned_jobs(res.stdout + res.stderr)
     n = len(CONFIG["pipeline"]["models"])

@@ -14,7 +14,6 @@ import pytest
 from merv.config import resolve_run_config
 from tests.conftest import tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
