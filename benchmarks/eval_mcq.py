@@ -50,9 +50,10 @@ def train_tiny(work: Path, train_videos: int, eval_videos: int, epochs: int) -> 
 def load_questions(handle, data: Path, limit: int | None):
     """Decoded, transformed questions in memory, so the timings below measure the model only."""
     from merv.data.batching import encoder_frames
+    from merv.data.benchmarks import lookup
     from merv.data.shards import iter_samples
-    from merv.eval.benchmark import letter_continuations, question_prompt
-    from merv.eval.registry import lookup
+    from merv.decoding import letter_continuations
+    from merv.eval.benchmark import question_prompt
     from merv.prompting import mcq_prompt, option_letters
 
     spec = lookup("synth_mcq")
@@ -64,7 +65,7 @@ def load_questions(handle, data: Path, limit: int | None):
                 "videos": encoder_frames(handle.model, sample),
                 "prompt": question_prompt(handle, spec, rec),
                 "continuations": letter_continuations(
-                    handle, mcq_prompt(rec["question"], rec["options"]), len(rec["options"])
+                    handle.prompt_builder, mcq_prompt(rec["question"], rec["options"]), len(rec["options"])
                 ),
                 "answer": option_letters(len(rec["options"]))[rec["answer_id"]],
             }

@@ -43,7 +43,8 @@ import torch
 from merv.config import run_config_from_dict
 from merv.data.loader import Position
 from merv.models.merv import MERV
-from merv.train.loop import set_trainable, warmup_cosine
+from merv.schedule import warmup_cosine
+from merv.train.loop import set_trainable
 from merv.train.state import latest_state, load_state, save_state
 from merv.train.strategy import make_optimizer
 

@@ -3,8 +3,9 @@
 ``from merv import load_vid`` is the entry point for inference; the heavy imports happen on first use.
 """
 
-__version__ = "0.1.0"
-__all__ = ["load_vid"]
+from merv.version import __version__
+
+__all__ = ["__version__", "load_vid"]
 
 
 def load_vid(path_or_name):

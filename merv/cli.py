@@ -14,7 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from merv import __version__
 from merv.settings import (
     SECTIONS,
     EvalSection,
@@ -25,6 +24,7 @@ from merv.settings import (
     SynthSection,
     parse_size,
 )
+from merv.version import __version__
 
 log = logging.getLogger("merv")
 
@@ -86,8 +86,17 @@ def cmd_pretrain(args):
 
 
 def cmd_report(args):
-    from merv.report.tables import report_config_from_dict, write_report
+    from merv.report.compare import write_comparison
+    from merv.report.config import report_config_from_dict
+    from merv.report.tables import write_report
 
+    if bool(args.results) == bool(args.spec):
+        raise ValueError("give either --spec (the pipeline's report) or eval.json files, not both")
+    if args.results:  # a quick comparison across models, no spec
+        files = write_comparison(args.results, args.out)
+        print(files["markdown"].read_text(), end="")
+        log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+        return
     written = write_report(report_config_from_dict(json.loads(args.spec), where="--spec"), Path(args.out))
     print((Path(args.out) / "main.md").read_text(), end="")
     log.info("wrote %s", ", ".join(str(p) for p in written))
@@ -344,36 +353,13 @@ def cmd_merge(args):
 
 
 def cmd_collect(args):
-    from merv.config import fingerprint
-    from merv.eval.merge import read_result
+    from merv.eval.merge import collect_results
 
-    benchmarks = {}
-    for path in args.results:
-        r = read_result(path)
-        if r.get("chunk", {}).get("count", 1) != 1:
-            raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
-        benchmarks[r["benchmark"]] = {
-            **r["summary"],
-            "questions": r["questions"],
-            "config_fingerprint": r["config_fingerprint"],
-            "manifest": r["manifest"],
-        }
-    out = {
-        "model": args.model,
-        "config_fingerprint": fingerprint(sorted(b["config_fingerprint"] for b in benchmarks.values())),
-        "benchmarks": benchmarks,
-    }
+    out = collect_results(args.results, args.model)
+    benchmarks = out["benchmarks"]
     write_json(args.out, out)
     for name, b in benchmarks.items():
         log.info("%s: %s = %s (n=%d)", name, b["metric"], b["value"], b["n"])
-
-
-def cmd_table(args):
-    from merv.eval.table import write_table
-
-    files = write_table(args.results, args.out)
-    print(files["markdown"].read_text(), end="")
-    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
 
 
 def cmd_import_original(args):
@@ -467,10 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser("report", help="the paper's tables and figures across models (merv.report)")
-    s.add_argument("--spec", required=True, help="inline JSON: models, their results and checkpoints, benchmarks")
-    s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
-    s.set_defaults(func=cmd_report)
+    for name, help_ in (
+        ("report", "the paper's tables and figures across models (--spec), or one table across eval.json files"),
+        ("table", "merv report over eval.json files: one table across models (an alias)"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("results", nargs="*", help="eval.json files: table.md, table.csv, table.png")
+        s.add_argument("--spec", help="inline JSON: models, their results and checkpoints, benchmarks")
+        s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
+        s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("fetch-weights", help="download a model's missing weights from their sources (hub, timm)")
     s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")
@@ -597,11 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_collect)
-
-    s = sub.add_parser("table", help="Markdown + CSV + bar chart PNG across models' eval.json")
-    s.add_argument("results", nargs="+", help="eval.json files (results/*/eval.json)")
-    s.add_argument("--out", required=True, help="folder for table.md, table.csv, table.png")
-    s.set_defaults(func=cmd_table)
 
     s = sub.add_parser("import-original", help="convert a checkpoint of the original MERV code into a merv folder")
     s.add_argument("checkpoint", help="the original's .pt file (read with weights_only=True)")

@@ -22,6 +22,7 @@ import yaml
 
 EncoderKind = Literal["timm_image", "hf_image", "hf_video", "languagebind_video", "hiera_video"]
 PoolingKind = Literal["avgpool3d", "avgpool2d", "conv3d", "attentive"]
+PARAMETER_FREE_POOLING = ("avgpool3d", "avgpool2d")
 HeadKind = Literal["linear", "mlp"]
 FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "sequence_concat", "single"]
 PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
@@ -119,6 +120,12 @@ class ProjectorConfig:
     @property
     def visual_tokens(self) -> int:
         return self.temporal_tokens * self.tokens_per_frame
+
+    @property
+    def parameter_free(self) -> bool:
+        """The pooling has no parameters (``avgpool3d``, ``avgpool2d``): its output depends on the frozen encoder
+        alone, so a feature cache stores it pooled and training applies only the head."""
+        return self.pooling in PARAMETER_FREE_POOLING
 
 
 @dataclass(frozen=True)

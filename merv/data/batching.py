@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from merv.config import ModelConfig
-from merv.data.loader import pad_sequences
 from merv.data.transforms import video_inputs
 from merv.prompting import IGNORE_INDEX, caption_to_ids, conversation_to_ids
 
@@ -64,6 +63,15 @@ class ExampleBuilder:
 def training_example(model, sample: dict) -> dict:
     """One training example for ``model`` (see :class:`ExampleBuilder`)."""
     return ExampleBuilder(model.cfg, model.tokenizer)(sample)
+
+
+def pad_sequences(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to ``[B, L]``; returns the padded tensor and the lengths ``[B]``."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths
 
 
 def _stack(rows: list[dict], field: str) -> dict[str, torch.Tensor] | None:

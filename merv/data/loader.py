@@ -234,18 +234,14 @@ def _cache_range(feature_set, first: int, count: int) -> Iterator[dict]:
 
 def _with_features(ld: ShardLoader, piece: Piece, lead: Iterator[dict]) -> Iterator[dict]:
     """The lead shard's samples with every other cache's feature members joined in, checked key by key."""
-    from merv.features.cache import FeatureCacheError, member
-
     start = ld.first[piece.shard["name"]] + piece.first
     others = [_cache_range(fs, start, piece.count) for fs in ld.feature_sets]
     for sample, *joined in itertools.zip_longest(lead, *others):
         for fs, extra in zip(ld.feature_sets, joined, strict=True):
             if sample is None or extra is None or extra["__key__"] != sample["__key__"]:
-                raise FeatureCacheError(
-                    f"{fs.folder}: its samples do not line up with {ld.shard_dir / piece.shard['name']} (at "
-                    f"{(sample or {}).get('__key__')!r} vs {(extra or {}).get('__key__')!r}): extract it again"
-                )
-            name = member(fs.encoder)
+                where = ld.shard_dir / piece.shard["name"]
+                raise fs.misaligned(where, (sample or {}).get("__key__"), (extra or {}).get("__key__"))
+            name = fs.member
             if name in extra:
                 sample[name], sample[f"{name}.__url__"] = extra[name], extra["__url__"]
         yield sample
@@ -262,11 +258,3 @@ def _decode(ld: ShardLoader, raw: dict) -> dict:
             sample["features"][fs.encoder] = value
     return sample
 
-
-def pad_sequences(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to ``[B, L]``; returns the padded tensor and the lengths ``[B]``."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    out = torch.full((len(seqs), int(lengths.max())), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out, lengths

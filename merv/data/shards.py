@@ -156,7 +156,7 @@ def benchmark_items(bench_dir: Path) -> list[Item]:
     """Items of a MERV ``eval_data/<benchmark>`` folder: ``test_q.json`` joined with ``test_a.json`` on
     ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``, at the
     frame rate the benchmark registry gives the folder's name (VLEP: 3 fps, as the original reads them)."""
-    from merv.eval.registry import lookup  # the benchmarks' layout facts are data in one table
+    from merv.data.benchmarks import lookup  # the benchmarks' layout facts are data in one table
 
     questions = _load_json_list(bench_dir / "test_q.json")
     answers = {a["question_id"]: a for a in _load_json_list(bench_dir / "test_a.json")}

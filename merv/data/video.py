@@ -23,7 +23,7 @@ from merv.settings import Backend, ShardsSection
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 BACKENDS = get_args(Backend)
 DEFAULT_BACKEND = ShardsSection.backend
-FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: eval registry)
+FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: merv.data.benchmarks)
 SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
 
 

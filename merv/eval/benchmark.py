@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from merv.config import fingerprint
+from merv.data.benchmarks import BenchmarkSpec, check_question, lookup
+from merv.decoding import GREEDY, letter_continuations
 from merv.eval.cache import ResultCache, content_key
 from merv.eval.metrics import degenerate_kinds, first_char_letter, normalise, summarise
 from merv.eval.provenance import frame_sampling, git_commit, package_versions, weights_provenance
-from merv.eval.registry import BenchmarkSpec, check_question, lookup
 from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_letters
 from merv.settings import EvalSettings
 
@@ -173,19 +174,6 @@ def question_prompt(handle: CheckpointHandle, spec: BenchmarkSpec, record: dict)
     return builder.get_prompt()
 
 
-def letter_continuations(handle: CheckpointHandle, prompt_message: str, num_options: int) -> list[str]:
-    """Each option letter as the prompt format writes the start of an answer (``" A"`` after ``Out:``), cut after the
-    letter so chat templates' end-of-turn text is not scored."""
-    out = []
-    for letter in option_letters(num_options):
-        builder = handle.prompt_builder()
-        prompt = builder.add_turn("human", prompt_message)
-        full = builder.add_turn("gpt", letter)
-        start = len(prompt)
-        out.append(full[start : full.index(letter, start) + 1])
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Running the model on cache misses
 
@@ -258,7 +246,7 @@ def _run_model(handle, shard_dir: Path, jobs: list[_Job], batch_size: int, max_n
         gen = [(j, v) for j, v in batch if j.gen_key]
         if gen:
             videos = {n: torch.stack([v[n] for _, v in gen]) for n in model.encoders}
-            texts = model.generate_batch(videos, [j.prompt for j, _ in gen], max_new_tokens)
+            texts = model.generate_batch(videos, [j.prompt for j, _ in gen], max_new_tokens, **GREEDY)
             handle.calls["generate"] += 1
             stored |= {j.gen_key: {"prediction": t} for (j, _), t in zip(gen, texts, strict=True)}
         scored = [(j, v) for j, v in batch if j.ll_key]
@@ -382,7 +370,7 @@ def _plan(handle, spec: BenchmarkSpec, questions: list[Question], modes: set[str
             gen_key = content_key("generate", {**base, "max_new_tokens": decoding["max_new_tokens"]})
         if "likelihood" in modes:
             message = mcq_prompt(q.record["question"], q.record["options"])
-            conts = letter_continuations(handle, message, len(q.record["options"]))
+            conts = letter_continuations(handle.prompt_builder, message, len(q.record["options"]))
             ll_key = content_key("likelihood", {**base, "continuations": conts})
         keys.append((gen_key, ll_key))
         missing = [

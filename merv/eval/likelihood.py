@@ -76,7 +76,7 @@ def continuation_logprobs(
     visual, _ = model.encode(videos)  # [B, V, D], once per video
     visual = visual[torch.as_tensor([v for v, _ in rows], device=visual.device)]  # [R, V, D]
     # Left padding ends every row at the same position: the last K positions predict all continuation tokens.
-    from merv.data.loader import pad_sequences
+    from merv.data.batching import pad_sequences
 
     ids, lengths = pad_sequences([list(seq) for _, seq in rows], value=0)
     has_video = torch.ones(len(rows), dtype=torch.bool)

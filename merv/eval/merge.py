@@ -1,4 +1,6 @@
-"""Join the chunk results of one benchmark, checking that every question is answered exactly once.
+"""Join the chunk results of one benchmark, checking that every question is answered exactly once
+(:func:`merge_files`, ``merv merge``), and a model's benchmark results into its ``eval.json``
+(:func:`collect_results`, ``merv collect``).
 
 Each chunk result carries the benchmark's question count and a digest of all its question ids in order, the ids
 it was assigned and its rows. The merge refuses -- naming what is wrong -- chunks of different benchmarks or
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from merv.config import fingerprint
 from merv.eval.benchmark import RESULT_FORMAT, ids_digest
 from merv.eval.metrics import summarise
 
@@ -112,3 +115,24 @@ def read_result(path: str | Path) -> dict:
 
 def merge_files(paths: list[str | Path]) -> dict:
     return merge_results([(str(path), read_result(path)) for path in paths])
+
+
+def collect_results(paths: list[str | Path], model: str) -> dict:
+    """A model's ``eval.json``: the summary, question selection, fingerprint and manifest of each whole-benchmark
+    result in ``paths`` (no rows), and a fingerprint over theirs. A chunk result is refused: merge it first."""
+    benchmarks = {}
+    for path in paths:
+        r = read_result(path)
+        if r.get("chunk", {}).get("count", 1) != 1:
+            raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
+        benchmarks[r["benchmark"]] = {
+            **r["summary"],
+            "questions": r["questions"],
+            "config_fingerprint": r["config_fingerprint"],
+            "manifest": r["manifest"],
+        }
+    return {
+        "model": model,
+        "config_fingerprint": fingerprint(sorted(b["config_fingerprint"] for b in benchmarks.values())),
+        "benchmarks": benchmarks,
+    }

@@ -29,7 +29,6 @@ import torch
 from merv.config import EncoderConfig, ModelConfig, fingerprint
 
 FORMAT_VERSION = 1
-POOLED = ("avgpool3d", "avgpool2d")  # projectors whose pooling has no parameters: their output can be cached
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MEMBER = "{encoder}.feat"
 
@@ -81,7 +80,7 @@ def weights_digest(path: str | Path) -> str:
 def encoder_key(model: ModelConfig, encoder: EncoderConfig, dtype: str) -> dict:
     """The fields of the cache key that come from the config and the weights (``encoder`` resolved: absolute weights,
     explicit preprocessing)."""
-    pooled = model.projector.pooling in POOLED
+    pooled = model.projector.parameter_free
     return {
         "format": FORMAT_VERSION,
         "encoder": encoder.id,
@@ -173,10 +172,21 @@ class FeatureSet:
     def dtype(self) -> str:
         return self.manifest["key"]["dtype"]
 
+    @property
+    def member(self) -> str:
+        """The tar member name of this encoder's features (``<key>.<member>``)."""
+        return member(self.encoder)
+
+    def misaligned(self, shard: Path, key: str | None, cached_key: str | None) -> FeatureCacheError:
+        """The error for a cache read beside ``shard`` whose samples do not line up with it."""
+        return FeatureCacheError(
+            f"{self.folder}: its samples do not line up with {shard} (at {key!r} vs {cached_key!r}): extract it again"
+        )
+
     def decode(self, raw: dict) -> torch.Tensor | None:
         """This encoder's features in a raw sample (None for a text-only sample), checked against the digest its
         shard index records: a damaged cache file is an error naming it, never a silent wrong input."""
-        name = member(self.encoder)
+        name = self.member
         if name not in raw:
             return None
         shard = Path(raw.get(f"{name}.__url__", raw["__url__"])).name

@@ -21,7 +21,7 @@ import torch
 from merv.config import ModelConfig, fingerprint
 from merv.data.shards import decode_sample, read_manifest, shard_keys
 from merv.data.transforms import video_inputs
-from merv.features.cache import POOLED, encoder_key, member, sha256, source_digest, to_bytes
+from merv.features.cache import encoder_key, member, sha256, source_digest, to_bytes
 from merv.settings import ExtractSettings
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class _Extractor:
         self.device = resolve_device(settings.device)
         # computed in fp32, whatever dtype a transformers folder is marked with; stored in the cache's dtype
         self.encoder = build_encoder(self.cfg).to(self.device, torch.float32).eval()
-        pooled = model.projector.pooling in POOLED
+        pooled = model.projector.parameter_free
         self.pool = build_projector(model.projector, self.encoder.embed_dim, 1).pool if pooled else None
 
     @torch.no_grad()

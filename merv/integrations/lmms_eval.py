@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 try:
     from lmms_eval.api.model import lmms
@@ -37,6 +36,7 @@ except ImportError as e:  # an optional dependency
     raise ImportError("merv's lmms-eval model needs lmms-eval: pip install 'merv[lmms-eval]'") from e
 
 from merv.data.video import VideoError, read_frames, resize_to, sample_frame_indices, short_side_size
+from merv.decoding import StopStrings, answer_continuation, cut_at_stop, sampling_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,7 @@ class Decoding:
             raise ValueError(f"generation kwarg 'max_new_tokens' must be a positive integer, got {max_new!r}")
         temperature = kw.get("temperature")
         temperature = None if temperature is None else float(temperature)
-        sample = kw.get("do_sample")
-        sample = (temperature or 0) > 0 if sample is None else bool(sample)
-        if temperature == 0:
-            sample = False
-        options: dict[str, object] = {"do_sample": sample}
-        if sample:
-            if temperature is not None:
-                options["temperature"] = temperature
-            options |= {k: kw[k] for k in SAMPLING_ONLY if kw.get(k) is not None}
+        options = sampling_kwargs(temperature, kw.get("do_sample"), *(kw.get(k) for k in SAMPLING_ONLY))
         options |= {k: kw[k] for k in PASSED_THROUGH if kw.get(k) is not None}
         ignored = tuple(sorted(k for k in kw if k not in UNDERSTOOD))
         return cls(max_new, stop, tuple(sorted(options.items())), ignored)
@@ -95,26 +87,6 @@ class Decoding:
     @property
     def generate_kwargs(self) -> dict:
         return dict(self.options)
-
-
-class StopStrings(StoppingCriteria):
-    """Ends each row of a ``generate`` call once its answer, as ``generate_batch`` returns it (stripped), holds one of
-    the stop strings. With ``inputs_embeds``, transformers passes only the generated tokens."""
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        hit = [any(s in text.lstrip() for s in self.stop) for text in texts]
-        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The answer up to the first stop string (stripped, as ``generate_batch`` strips answers)."""
-    for s in stop:
-        text = text.split(s)[0]
-    return text.strip()
 
 
 def generate(model, videos: dict[str, torch.Tensor] | None, prompts: list[str], decoding: Decoding) -> list[str]:
@@ -133,23 +105,6 @@ def generate(model, videos: dict[str, torch.Tensor] | None, prompts: list[str], 
 def user_prompt(model, context: str) -> str:
     """The task's text as the user's turn of the checkpoint's prompt format, ready for the answer."""
     return model.get_prompt_builder().add_turn("human", context)
-
-
-def answer_continuation(model, context: str, continuation: str) -> tuple[str, str]:
-    """``(prompt, continuation)`` to score: the continuation as the prompt format writes the start of an answer
-    (``" A"`` after vicuna's ``ASSISTANT:``), cut after its text so end-of-turn text is not scored -- what ``merv
-    eval`` scores for option letters. The whitespace before it is the format's, not the task's delimiter. A format
-    that rewrites answers gets the continuation as given."""
-    builder = model.get_prompt_builder()
-    prompt = builder.add_turn("human", context)
-    answer = continuation.strip()
-    if not answer:
-        raise ValueError(f"continuation {continuation!r} has no text to score")
-    full = builder.add_turn("gpt", answer)
-    at = full.find(answer, len(prompt))
-    if not full.startswith(prompt) or at < 0:
-        return prompt, continuation
-    return prompt, full[len(prompt) : at + len(answer)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -362,7 +317,7 @@ class MervLmms(lmms):
                     )
                 videos.append(video)
                 for i in docs[key]:
-                    prompt, continuation = answer_continuation(self.model, *requests[i].args[:2])
+                    prompt, continuation = answer_continuation(self.model.get_prompt_builder, *requests[i].args[:2])
                     contexts.append(prompt)
                     continuations.append(continuation)
                     index.append(j)

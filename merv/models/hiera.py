@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from merv.config import EncoderConfig
-from merv.models.encoders import VisualEncoder
-from merv.models.languagebind import read_checkpoint
+from merv.models.backbone import VisualEncoder, read_checkpoint
 
 
 def import_hiera():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from merv.config import EncoderConfig
-from merv.models.encoders import VisualEncoder, layer_index
+from merv.models.backbone import VisualEncoder, layer_index, read_checkpoint
 
 _TEMPORAL = re.compile(
     r"^vision_model\.encoder\.layers\.(\d+)\.(temporal_embedding|temporal_attn|temporal_layer_norm1)(.*)$"
@@ -55,20 +55,6 @@ class TemporalBlock(nn.Module):
         seq = x.reshape(-1, frames, d)  # every token position attends over time
         seq = seq + self.attn(hidden_states=self.norm(seq))[0]
         return seq.view(bt // frames, n, frames, d).transpose(1, 2).reshape(bt, n, d)
-
-
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: from safetensors after its header and values are checked (merv.integrity), else
-    from ``pytorch_model.bin`` without unpickling code (``weights_only``), checked finite."""
-    from merv.integrity import check_finite, load_verified
-
-    if (path / "model.safetensors").is_file():
-        return load_verified(path / "model.safetensors", None)
-    if (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        check_finite(state, str(path / "pytorch_model.bin"))
-        return state
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
 def to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merv.config import ModelConfig
-from merv.data.loader import pad_sequences
+from merv.data.batching import pad_sequences
 from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.fusion import build_fusion
 from merv.models.projector import build_projector
@@ -120,10 +120,8 @@ class MERV(nn.Module):
         A cached encoder's features are what :mod:`merv.features` stores: the pooled grid ``[B, L, C]`` for the
         parameter-free pooling projectors (only the head is left to apply), else the encoder output ``[B, T', N, C]``.
         """
-        from merv.features.cache import POOLED
-
         features = features or {}
-        pooled = self.cfg.projector.pooling in POOLED
+        pooled = self.cfg.projector.parameter_free
         tokens = []
         for name, encoder in self.encoders.items():
             projector = self.projectors[name]

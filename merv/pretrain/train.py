@@ -26,7 +26,7 @@ from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.tiny import init_encoder, save_encoder
 from merv.pretrain.config import PretrainConfig
 from merv.pretrain.data import label_classes, pretext_batch
-from merv.train.loop import warmup_cosine
+from merv.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 
-from merv.report.results import OVERALL
-from merv.report.tables import ReportConfig, Results, benchmark_names, type_names
+from merv.report.config import ReportConfig
+from merv.report.results import OVERALL, Results, benchmark_names, type_names
 
 
 def _pyplot():
@@ -34,6 +34,17 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], errors:
         yerr = errors[label] if errors else None
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, yerr=yerr, capsize=2, label=label)
     ax.set_xticks(x, [g.replace("_", "\n") for g in groups])
+
+
+def grouped_bars_png(groups: list[str], series: dict[str, list[float]], ylabel: str) -> bytes:
+    """Grouped bars (0-100): per group one bar per series (NaN: none)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(groups) + 2), 3.5))
+    _grouped_bars(ax, groups, series)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def accuracy_by_type_png(cfg: ReportConfig, results: Results) -> bytes:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merv.report.config import ReportConfig
 from merv.report.results import OVERALL
-from merv.report.tables import ReportConfig
 
 COST_PROMPT = "Describe the video."  # the same text for every model: FLOPs then differ only by the visual path
 

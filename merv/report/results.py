@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from merv.report.config import ReportConfig
+
 OVERALL = "all"
 
 
@@ -77,3 +79,26 @@ def model_results(eval_json: str | Path, types_by_bench: dict[str, dict[str, str
         rows_file = eval_json.parent / "eval" / f"{bench}.json"
         out[bench] = benchmark_result(entry, rows_file, types_by_bench.get(bench, {}))
     return out
+
+
+Results = dict[str, dict[str, BenchmarkResult]]  # model -> benchmark -> result
+
+
+def load_results(cfg: ReportConfig) -> Results:
+    types = {b.name: question_types(b.data) for b in cfg.benchmarks if b.data}
+    return {m.name: model_results(m.results, types) for m in cfg.models}
+
+
+def benchmark_names(cfg: ReportConfig, results: Results, models: tuple[str, ...]) -> list[str]:
+    """Configured benchmarks, in config order, that at least one of ``models`` was evaluated on."""
+    return [b.name for b in cfg.benchmarks if any(b.name in results[m] for m in models)]
+
+
+def type_names(results: Results, models: tuple[str, ...], bench: str) -> list[str]:
+    """The question types of ``bench`` across models, in first-seen order (overall excluded)."""
+    seen: list[str] = []
+    for m in models:
+        for qtype in results[m].get(bench, BenchmarkResult("", None, {})).scores:
+            if qtype != OVERALL and qtype not in seen:
+                seen.append(qtype)
+    return seen

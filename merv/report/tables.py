@@ -17,69 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from merv.config import parse_config
-from merv.report.results import OVERALL, BenchmarkResult, model_results, question_types
-
-
-@dataclass(frozen=True)
-class ReportModel:
-    name: str
-    results: str  # results/<model>/eval.json
-    checkpoint: str | None = None  # final checkpoint folder: needed for the ablation's cost and the fusion weights
-
-
-@dataclass(frozen=True)
-class ReportBenchmark:
-    name: str
-    data: str | None = None  # eval_data folder (its test_q.json gives question types)
-    shards: str | None = None  # shard folder (the fusion-weight figure runs the model over it)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    models: tuple[ReportModel, ...]
-    benchmarks: tuple[ReportBenchmark, ...]
-    main: tuple[str, ...]  # rows of the main table
-    fusion_ablation: tuple[str, ...] = ()  # rows of the fusion-ablation table
-    fusion_weights_model: str | None = None  # a model with per-sample fusion weights (cross_attention)
-    fusion_weights_benchmark: str | None = None
-
-    def __post_init__(self):
-        names = [m.name for m in self.models]
-        for key in ("main", "fusion_ablation"):
-            unknown = [m for m in getattr(self, key) if m not in names]
-            if unknown:
-                raise ValueError(f"report.{key}: unknown model(s) {unknown}; configured: {names}")
-        if self.fusion_weights_model is not None:
-            model = self.model(self.fusion_weights_model)
-            bench = self.benchmark(self.fusion_weights_benchmark)
-            if model.checkpoint is None or bench.shards is None:
-                raise ValueError(
-                    "report: the fusion-weight figure needs the model's checkpoint and the benchmark's shards"
-                )
-        for name in self.fusion_ablation:
-            if self.model(name).checkpoint is None:
-                raise ValueError(f"report.fusion_ablation: model {name!r} needs a checkpoint (for its cost)")
-
-    def model(self, name: str) -> ReportModel:
-        for m in self.models:
-            if m.name == name:
-                return m
-        raise ValueError(f"report: unknown model {name!r}; configured: {[m.name for m in self.models]}")
-
-    def benchmark(self, name: str | None) -> ReportBenchmark:
-        for b in self.benchmarks:
-            if b.name == name:
-                return b
-        raise ValueError(f"report: unknown benchmark {name!r}; configured: {[b.name for b in self.benchmarks]}")
-
-
-def report_config_from_dict(data: dict, where: str = "report") -> ReportConfig:
-    return parse_config(ReportConfig, data, where)
-
+from merv.report.config import ReportConfig
+from merv.report.results import OVERALL, Results, benchmark_names, load_results, type_names
 
 # --------------------------------------------------------------------------------------------------------------
 # Formatting
@@ -111,28 +52,6 @@ def _value(x: float | None) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # Tables
-
-Results = dict[str, dict[str, BenchmarkResult]]  # model -> benchmark -> result
-
-
-def load_results(cfg: ReportConfig) -> Results:
-    types = {b.name: question_types(b.data) for b in cfg.benchmarks if b.data}
-    return {m.name: model_results(m.results, types) for m in cfg.models}
-
-
-def benchmark_names(cfg: ReportConfig, results: Results, models: tuple[str, ...]) -> list[str]:
-    """Configured benchmarks, in config order, that at least one of ``models`` was evaluated on."""
-    return [b.name for b in cfg.benchmarks if any(b.name in results[m] for m in models)]
-
-
-def type_names(results: Results, models: tuple[str, ...], bench: str) -> list[str]:
-    """The question types of ``bench`` across models, in first-seen order (overall excluded)."""
-    seen: list[str] = []
-    for m in models:
-        for qtype in results[m].get(bench, BenchmarkResult("", None, {})).scores:
-            if qtype != OVERALL and qtype not in seen:
-                seen.append(qtype)
-    return seen
 
 
 def _metric_label(results: Results, models: tuple[str, ...], bench: str) -> str:

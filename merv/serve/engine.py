@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from merv.decoding import sampling_kwargs, visible_text
+
 log = logging.getLogger("merv.serve")
 
 
@@ -30,9 +32,8 @@ class Sampling:
     top_p: float
 
     def generate_kwargs(self) -> dict:
-        if self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        # OpenAI's sampling has no top-k: transformers' default (50) is turned off
+        return sampling_kwargs(self.temperature, top_p=self.top_p, top_k=0)
 
     def key(self) -> tuple:
         return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
@@ -58,27 +59,6 @@ class Job:
     future: asyncio.Future | None = None  # non-streaming: the Result
     cancelled: bool = False  # set when a streaming client goes away: its row stops at the next token
     loop: asyncio.AbstractEventLoop | None = None
-
-
-def visible_text(text: str, stop: tuple[str, ...], final: bool) -> tuple[str, bool]:
-    """The part of the decoded answer a client may see now, and whether a stop string was hit.
-
-    Cut at the first stop string. While generating, hold back what might still change: an incomplete UTF-8
-    character (decoded as U+FFFD), the start of a stop string, trailing whitespace (answers are stripped).
-    """
-    text = text.lstrip()
-    hits = [text.find(s) for s in stop if s in text]
-    if hits:
-        return text[: min(hits)].rstrip(), True
-    if final:
-        return text.rstrip(), False
-    keep = len(text.rstrip().rstrip("\ufffd"))
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                keep = min(keep, len(text) - n)
-                break
-    return text[:keep].rstrip(), False
 
 
 class RowTracker(StoppingCriteria):

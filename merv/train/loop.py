@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from merv.data.shards import read_manifest
 from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
+from merv.schedule import warmup_cosine
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
 from merv.train.lock import holds_output_lock
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
@@ -55,14 +57,6 @@ def set_trainable(model: MERV, groups: tuple[str, ...]) -> list[torch.nn.Paramet
     model.train()
     model.encoders.eval()
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class NonFiniteLoss(ValueError):
@@ -170,6 +164,39 @@ class StepLog:
             self.wandb.close()
 
 
+@dataclass
+class Stage:
+    """What a stage trains with, set up once before resuming: the model as it runs here, its optimizer and schedule,
+    the data, and the fingerprint a resumable state must match."""
+
+    run: RunConfig
+    stage: StageConfig
+    d: Dist
+    model: MERV
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    trainable: list[torch.nn.Parameter]
+    loader: ShardLoader
+    accum: int
+    total_steps: int
+    manifest: dict
+    caches: dict[str, str]  # encoder -> its feature cache's fingerprint
+    trained_groups: set[str]
+    fingerprint: str
+    peak: float | None = None  # the device's peak FLOP/s (MFU)
+
+
+@dataclass
+class Progress:
+    """Where the stage is: optimizer steps done, the data position after them, their records, samples seen."""
+
+    step: int = 0
+    position: Position = field(default_factory=Position)
+    metrics: list[dict] = field(default_factory=list)
+    samples_seen: int = 0
+
+
 @holds_output_lock  # one run per output folder: a second one is refused, naming the first's PID and host
 def train_stage(
     run: RunConfig,
@@ -195,8 +222,30 @@ def train_stage(
     features = {k: Path(v) for k, v in (features or {}).items()}
     if run.train.features == "cached" and not features and d.is_main:
         log.warning("train.features is 'cached' but no feature caches were given: the encoders run on the fly")
+    s = set_up(run, stage, data_dir, init, d, features)
+    work = work_dir(out)
+    p = resume(s, work)
+    stream = s.loader(p.position)
+    step_log = StepLog(run, s.stage, out, d, s.total_steps, p.step, progress)
+    s.peak, start = peak_flops(), time.time()
+    while p.step < s.total_steps:
+        step_log(step(s, stream, p))
+        periodic = s.stage.checkpoint_every and p.step % s.stage.checkpoint_every == 0
+        stopping = stop is not None and all_reduce_sum(float(stop()), d) > 0  # every rank agrees on the step
+        if (periodic or stopping) and p.step < s.total_steps:
+            extra = {"fingerprint": s.fingerprint, "config": run.to_dict(), "stage": s.stage.name}
+            extra |= {"metrics": p.metrics, "samples_seen": p.samples_seen}
+            save_state(work, p.step, s.model, s.optimizer, s.scheduler, p.position, extra, s.stage.keep_last, d)
+            if stopping:
+                step_log.close()
+                raise Preempted(p.step)
+    meta = stage_meta(s, p, data_dir, out, init, seconds=time.time() - start)
+    finish(s, p, meta, out, step_log)
+    return meta
 
-    # set up: the model, how it runs here, its optimizer, the data and the schedule
+
+def set_up(run: RunConfig, stage: StageConfig, data_dir: Path, init: Path | None, d: Dist, features) -> Stage:
+    """The model, how it runs here, its optimizer, the data and the schedule of ``stage``."""
     model, trained_groups, init_fingerprint = build_model(run, stage, init)
     strategy = Strategy(stage, d)
     model = strategy.prepare(model)
@@ -209,98 +258,103 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup))
     caches = {fs.encoder: fs.manifest["fingerprint"] for fs in loader.opened_caches()}
     config_fingerprint = fingerprint([init_fingerprint, run.to_dict(), manifest["fingerprint"], d.world_size, caches])
+    return Stage(
+        run, stage, d, model, strategy, optimizer, scheduler, trainable, loader, accum, total_steps, manifest, caches,
+        trained_groups, config_fingerprint,
+    )  # fmt: skip
 
-    # resume where an interrupted run with the same settings stopped
-    work = work_dir(out)
-    first_step, position, metrics, samples_seen = 0, Position(), [], 0
-    found = resume_state(work, config_fingerprint, model, optimizer, scheduler, d)  # verified; damaged ones set aside
-    if found is not None:
-        resume, first_step, position, resumed = found
-        metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
-        log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
-    stream = loader(position)
-    step_log = StepLog(run, stage, out, d, total_steps, first_step, progress)
-    peak, start = peak_flops(), time.time()
 
-    for step in range(first_step, total_steps):
-        t0 = time.time()
-        position, micro, counts = next_batches(stream, accum, d.device)
-        data_wait = time.time() - t0
-        sums, weights = train_step(strategy, model, optimizer, trainable, micro, counts, stage.grad_clip, d, step + 1)
-        scheduler.step()
-        samples_seen += int(sums["samples"])
-        step_tokens = sums["text_tokens"] + sums["videos"] * run.model.visual_tokens
-        seconds = max(1e-9, time.time() - t0)
-        record = {
-            "step": step + 1,
-            "loss": sums["loss"],
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": sums["grad_norm"],
-            "tokens": int(sums["targets"]),
-            "samples": samples_seen,
-            "step_s": seconds,
-            "data_wait_s": data_wait,
-            "samples_per_s": sums["samples"] / seconds,
-            "tokens_per_s": step_tokens / seconds,
-            "mfu": model_flops(model, step_tokens, sums["videos"]) / seconds / (peak * d.world_size) if peak else None,
-            "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
-        }
-        metrics.append(record)
-        step_log(record)
+def resume(s: Stage, work: Path) -> Progress:
+    """Where an interrupted run with the same settings stopped (its newest intact state, verified and loaded into the
+    model, optimizer and scheduler; damaged ones are set aside), or the start."""
+    found = resume_state(work, s.fingerprint, s.model, s.optimizer, s.scheduler, s.d)
+    if found is None:
+        return Progress()
+    state, first_step, position, resumed = found
+    log.info("stage %s: resuming from %s (step %d of %d)", s.stage.name, state, first_step, s.total_steps)
+    return Progress(first_step, position, resumed["metrics"], resumed["samples_seen"])
 
-        periodic = stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0
-        stopping = stop is not None and all_reduce_sum(float(stop()), d) > 0  # every rank agrees on the step
-        if (periodic or stopping) and step + 1 < total_steps:
-            extra = {
-                "fingerprint": config_fingerprint,
-                "config": run.to_dict(),
-                "stage": stage.name,
-                "metrics": metrics,
-                "samples_seen": samples_seen,
-            }
-            save_state(work, step + 1, model, optimizer, scheduler, position, extra, stage.keep_last, d)
-            if stopping:
-                step_log.close()
-                raise Preempted(step + 1)
 
-    meta = {
-        "stage": stage.name,
-        "step": total_steps,
-        "samples_seen": samples_seen,
-        "data_position": {"epoch": position.epoch, "batches": position.batches},
-        "processes": d.world_size,
-        "workers": loader.num_workers,
-        "strategy": strategy.describe(),
-        "precision": precision_record(run, model, optimizer, strategy),
-        "seed": run.train.seed,
-        "trained_groups": sorted(trained_groups),
+def step(s: Stage, stream, p: Progress) -> dict:
+    """One optimizer step over the next ``accum`` micro-batches of ``stream``; advances ``p`` and returns the step's
+    record (also appended to ``p.metrics``)."""
+    t0 = time.time()
+    p.position, micro, counts = next_batches(stream, s.accum, s.d.device)
+    data_wait = time.time() - t0
+    sums, weights = train_step(
+        s.strategy, s.model, s.optimizer, s.trainable, micro, counts, s.stage.grad_clip, s.d, p.step + 1
+    )
+    s.scheduler.step()
+    p.step += 1
+    p.samples_seen += int(sums["samples"])
+    p.metrics.append(step_record(s, p, sums, weights, data_wait, seconds=max(1e-9, time.time() - t0)))
+    return p.metrics[-1]
+
+
+def step_record(s: Stage, p: Progress, sums: dict, weights, data_wait: float, seconds: float) -> dict:
+    """A line of metrics.jsonl (and of Weights & Biases): the step's loss, learning rate, gradient norm, throughput,
+    the time it waited on data, MFU and the mean fusion weights."""
+    step_tokens = sums["text_tokens"] + sums["videos"] * s.run.model.visual_tokens
+    flops_per_s = model_flops(s.model, step_tokens, sums["videos"]) / seconds if s.peak else None
+    return {
+        "step": p.step,
+        "loss": sums["loss"],
+        "lr": s.scheduler.get_last_lr()[0],
+        "grad_norm": sums["grad_norm"],
+        "tokens": int(sums["targets"]),
+        "samples": p.samples_seen,
+        "step_s": seconds,
+        "data_wait_s": data_wait,
+        "samples_per_s": sums["samples"] / seconds,
+        "tokens_per_s": step_tokens / seconds,
+        "mfu": flops_per_s / (s.peak * s.d.world_size) if s.peak else None,
+        "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
+    }
+
+
+def stage_meta(s: Stage, p: Progress, data_dir: Path, out: Path, init: Path | None, seconds: float) -> dict:
+    """The checkpoint's meta.json: what was trained, on which data, how, and where weights were found."""
+    return {
+        "stage": s.stage.name,
+        "step": s.total_steps,
+        "samples_seen": p.samples_seen,
+        "data_position": {"epoch": p.position.epoch, "batches": p.position.batches},
+        "processes": s.d.world_size,
+        "workers": s.loader.num_workers,
+        "strategy": s.strategy.describe(),
+        "precision": precision_record(s.run, s.model, s.optimizer, s.strategy),
+        "seed": s.run.train.seed,
+        "trained_groups": sorted(s.trained_groups),
         "init": str(init) if init else None,
         "data": {
             "dir": str(data_dir),
-            "fingerprint": manifest["fingerprint"],
-            "samples": manifest["samples"],
-            "feature_caches": caches,
+            "fingerprint": s.manifest["fingerprint"],
+            "samples": s.manifest["samples"],
+            "feature_caches": s.caches,
         },
-        "config_fingerprint": config_fingerprint,
+        "config_fingerprint": s.fingerprint,
         "project": project_record(out),  # where relative weight paths were found (see merv.weights)
-        "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
-        "seconds": round(time.time() - start, 1),
+        "final_loss": float(np.mean([m["loss"] for m in p.metrics[-max(1, s.total_steps // 10) :]])),
+        "seconds": round(seconds, 1),
     }
+
+
+def finish(s: Stage, p: Progress, meta: dict, out: Path, step_log: StepLog) -> None:
+    """Write the checkpoint folder (rank 0; gathered from the shards under FSDP) with the metrics and the loss
+    curve, drop the resumable states it supersedes, and wait for every rank."""
     step_log.bar.close()
-    full_state = _full_state(model, strategy)
-    if d.is_main:
+    full_state = _full_state(s.model, s.strategy)
+    if s.d.is_main:
         extra = {
-            "metrics.jsonl": "\n".join(json.dumps(m, allow_nan=False) for m in metrics),  # strict JSON
-            "loss.png": loss_curve_png(metrics, f"{step_log.home.name} {stage.name}"),
+            "metrics.jsonl": "\n".join(json.dumps(m, allow_nan=False) for m in p.metrics),  # strict JSON
+            "loss.png": loss_curve_png(p.metrics, f"{step_log.home.name} {s.stage.name}"),
         }
-        save_checkpoint(model, run, out, meta, extra=extra, full_state=full_state)
-        shutil.rmtree(work, ignore_errors=True)  # the finished checkpoint supersedes the resumable states
-        log.info(
-            "stage %s: %d steps, final loss %.4f, %.0fs", stage.name, total_steps, meta["final_loss"], meta["seconds"]
-        )
+        save_checkpoint(s.model, s.run, out, meta, extra=extra, full_state=full_state)
+        shutil.rmtree(work_dir(out), ignore_errors=True)  # the finished checkpoint supersedes the resumable states
+        done = (s.stage.name, s.total_steps, meta["final_loss"], meta["seconds"])
+        log.info("stage %s: %d steps, final loss %.4f, %.0fs", *done)
     step_log.close()
-    barrier(d)
-    return meta
+    barrier(s.d)
 
 
 def next_batches(stream, accum: int, device: str) -> tuple[Position, list[dict], dict]:

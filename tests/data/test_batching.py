@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from merv.data.batching import ExampleBuilder
+from merv.data.batching import ExampleBuilder, pad_sequences
 from merv.prompting import IGNORE_INDEX
 
 CAPTION = [
@@ -51,3 +51,8 @@ def test_text_is_cut_on_its_own_before_the_visual_tokens(tiny_model, truncation,
     got = ExampleBuilder(cfg, tiny_model.tokenizer, cached=frozenset(cfg.frame_counts))(sample(long, features))
     limit = cfg.llm.max_length - (cfg.visual_tokens if truncation == "sequence" and video else 0)
     assert cfg.llm.max_length == 256 and len(got["input_ids"]) == len(got["labels"]) == limit
+
+
+def test_padding():
+    ids, lengths = pad_sequences([[5, 6, 7], [8]], value=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]

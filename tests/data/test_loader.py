@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import merv.data.loader as loader_module
-from merv.data.loader import Position, ShardLoader, pad_sequences, pieces, split_ranges, worker_order
+from merv.data.loader import Position, ShardLoader, pieces, split_ranges, worker_order
 from merv.data.shards import ShardSettings, collect_items, write_shards
 
 
@@ -78,11 +78,6 @@ def test_too_few_samples_is_a_clear_error(many_shards):
     make(many_shards, world_size=4, num_workers=3)  # fewer shards than workers is fine: the split is by samples
     with pytest.raises(ValueError, match="12 samples cannot feed 4 ranks x 4 workers"):
         make(many_shards, world_size=4, num_workers=4)
-
-
-def test_padding():
-    ids, lengths = pad_sequences([[5, 6, 7], [8]], value=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
 
 
 def test_real_training_batches(tiny_model, shards):

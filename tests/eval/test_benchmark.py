@@ -8,12 +8,12 @@ from collections import Counter
 
 import pytest
 
+from merv.data.benchmarks import lookup
 from merv.eval.benchmark import CheckpointHandle, EvalSettings, chunk_bounds, evaluate, question_prompt
 from merv.eval.cache import ResultCache
 from merv.eval.judge import Judge, JudgeConfig, JudgeUnavailable
 from merv.eval.merge import MergeError, merge_results
 from merv.eval.metrics import first_char_letter
-from merv.eval.registry import lookup
 
 IDENTITY = {"config_fingerprint": "tiny-random", "weights_sha256": "none"}
 

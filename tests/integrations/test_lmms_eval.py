@@ -77,7 +77,7 @@ def prompt_of(model, message: str) -> str:
 
 
 def test_generate_until_equals_generate_batch(lm, questions):
-    from merv.integrations.lmms_eval import StopStrings
+    from merv.decoding import StopStrings
     from merv.prompting import mcq_prompt
 
     model = lm.model
@@ -126,7 +126,8 @@ def test_generate_until_equals_generate_batch(lm, questions):
 
 
 def test_loglikelihood_equals_continuation_logprobs(lm, questions):
-    from merv.eval.benchmark import CheckpointHandle, letter_continuations
+    from merv.decoding import letter_continuations
+    from merv.eval.benchmark import CheckpointHandle
     from merv.eval.likelihood import continuation_logprobs
     from merv.prompting import mcq_prompt, option_letters
 
@@ -140,7 +141,7 @@ def test_loglikelihood_equals_continuation_logprobs(lm, questions):
         letters = option_letters(len(q["options"]))
         reqs += [instance("loglikelihood", (message, f" {x}", video_of, i, "t", "test"), i) for x in letters]
         contexts += [prompt_of(model, message)] * len(letters)
-        continuations += letter_continuations(handle, message, len(letters))  # what merv eval scores
+        continuations += letter_continuations(handle.prompt_builder, message, len(letters))  # what merv eval scores
         index += [i] * len(letters)
     got = lm.loglikelihood(reqs)
 

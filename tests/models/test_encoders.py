@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from merv.config import resolve_run_config
-from merv.models.encoders import build_encoder, layer_index
+from merv.models.backbone import layer_index
+from merv.models.encoders import build_encoder
 from merv.models.standins import build_standin_weights
 
 ORIGINAL_CHOICE = {"languagebind": -2, "dinov2": -2, "siglip": -2, "vivit": None}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from merv.config import EncoderConfig
-from merv.models.languagebind import LanguageBindVideoEncoder, read_checkpoint, write_standin
+from merv.models.backbone import read_checkpoint
+from merv.models.languagebind import LanguageBindVideoEncoder, write_standin
 
 
 def cfg(path, frames=4, size=28):

@@ -8,8 +8,8 @@ import torch
 from merv.checkpoint import save_checkpoint
 from merv.config import resolve_run_config
 from merv.models.merv import MERV
+from merv.report.config import report_config_from_dict
 from merv.report.models import fusion_weights_by_type, model_costs
-from merv.report.tables import report_config_from_dict
 
 
 def checkpoint(tiny_run, preset: str, out):

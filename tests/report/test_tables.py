@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from merv.report.tables import ablation_table, load_results, main_table, metrics_json, report_config_from_dict
+from merv.report.config import report_config_from_dict
+from merv.report.results import load_results
+from merv.report.tables import ablation_table, main_table, metrics_json
 
 QUESTIONS = [
     {"question_id": "q1", "video_name": "v1", "question": "?", "question_type": "colour"},

@@ -8,18 +8,9 @@ import torch
 from merv.checkpoint import read_meta
 from merv.config import resolve_run_config
 from merv.models.merv import MERV
-from merv.train.loop import set_trainable, train_stage, warmup_cosine
+from merv.train.loop import set_trainable, train_stage
 from merv.train.strategy import make_optimizer
 from tests.conftest import tiny_overrides
-
-
-def test_warmup_cosine():
-    total, warm = 10, 2
-    lrs = [warmup_cosine(s, total, warm) for s in range(total)]
-    assert lrs[0] == 0.5 and lrs[1] == 1.0
-    assert lrs[2] == pytest.approx(1.0)
-    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)), "monotone decay after warmup"
 
 
 def test_encoders_cannot_be_trained(tiny_model):

@@ -249,14 +249,13 @@ def train_gpus(wildcards, attempt=1):
 
 def cache_name(model, split, encoder_id):
     from merv.config import fingerprint
-    from merv.features.cache import POOLED
 
     run = RUNS[model]
     encoder = next(e for e in run.model.encoders if e.id == encoder_id)
     shards = {k: v for k, v in config["shards"].items() if k in ("frame_format", "backend")}
     key = {
         "encoder": dataclasses.asdict(encoder),
-        "pooling": dataclasses.asdict(run.model.projector) if run.model.projector.pooling in POOLED else None,
+        "pooling": dataclasses.asdict(run.model.projector) if run.model.projector.parameter_free else None,
         "dtype": run.train.feature_dtype,
         "split": config["data"]["train"][split],
         "synth": config["synth"] if config["data"]["train"][split]["json"].startswith("data/synth/") else None,

@@ -1,4 +1,5 @@
-"""``merv table``: one table across models' ``eval.json`` -- Markdown, CSV and a bar chart PNG.
+"""``merv report EVAL.json ...`` (also ``merv table``): one table across models' ``eval.json`` files -- every metric
+of every benchmark, in Markdown, CSV (long format) and a bar chart PNG -- without a report spec.
 
 Columns are (benchmark, metric): a judged and an exact-match number never share a column. Judged numbers of one
 benchmark must come from one judge (model, prompt version, sampling settings); mixing judges is refused, naming
@@ -7,22 +8,22 @@ them, because judge drift moves scores by points (see README).
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
+
+from merv.report.figures import grouped_bars_png
+from merv.report.results import read_json
+from merv.report.tables import csv_text, markdown_table
 
 # Metrics shown per benchmark kind, in order (when present); "chance" goes to the CSV only.
 SHOWN = ("accuracy_generate_firstchar", "accuracy_likelihood", "judge_accuracy", "judge_score", "exact_match")
 PERCENT = {"accuracy_generate_firstchar", "accuracy_likelihood", "judge_accuracy", "exact_match"}
 
 
-def load_results(paths: list[str | Path]) -> list[dict]:
+def load_evals(paths: list[str | Path]) -> list[dict]:
+    """The ``eval.json`` files, checked to be merv's, one per model name."""
     results = []
     for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read eval.json ({e})") from None
+        data = read_json(path, "eval.json")
         if not isinstance(data, dict) or "benchmarks" not in data or "model" not in data:
             raise ValueError(f"{path}: not a merv eval.json (needs 'model' and 'benchmarks')")
         results.append({**data, "_path": str(path)})
@@ -83,11 +84,8 @@ def markdown(results: list[dict], rows: list[dict]) -> str:
         present = {r["metric"] for r in rows if r["benchmark"] == bench}
         columns += [(bench, m) for m in SHOWN if m in present]
     value = {(r["model"], r["benchmark"], r["metric"]): r["value"] for r in rows}
-    header = "| model | " + " | ".join(f"{b}<br>{m}" for b, m in columns) + " |"
-    lines = [header, "|---" * (len(columns) + 1) + "|"]
-    for res in results:
-        cells = [_fmt(m, value.get((res["model"], b, m))) for b, m in columns]
-        lines.append(f"| {res['model']} | " + " | ".join(cells) + " |")
+    header = ["model"] + [f"{b}<br>{m}" for b, m in columns]
+    cells = [[res["model"]] + [_fmt(m, value.get((res["model"], b, m))) for b, m in columns] for res in results]
     notes = ["", "Accuracies in %, judge_score on 0-5. accuracy_generate_firstchar: MERV's scoring (first character"
              " of the generated answer); accuracy_likelihood: the most likely option letter."]  # fmt: skip
     for bench in dict.fromkeys(r["benchmark"] for r in rows):
@@ -97,51 +95,36 @@ def markdown(results: list[dict], rows: list[dict]) -> str:
         limited = sorted({r["model"] for r in rows if r["benchmark"] == bench and r["limit"]})
         if limited:
             notes.append(f"{bench}: only the first questions (--limit) for {', '.join(limited)}.")
-    return "\n".join(lines + notes) + "\n"
+    return markdown_table(header, cells) + "\n".join(notes) + "\n"
 
 
-def bar_chart(results: list[dict], rows: list[dict], path: Path) -> None:
-    """Grouped bars: the headline metric of every benchmark, one bar per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def headline_percent(results: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
+    """The bar chart's data: benchmarks (with their headline metric) and per model its headline value in % (NaN
+    where missing or not a percentage)."""
     headline = {(r["model"], b): (r["benchmarks"][b]["metric"], r["benchmarks"][b]["value"])
                 for r in results for b in r["benchmarks"]}  # fmt: skip
     benches = list(dict.fromkeys(b for _, b in headline))
     models = [r["model"] for r in results]
-    width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(benches) + 2), 3.5))
-    for i, model in enumerate(models):
-        xs, ys = [], []
-        for j, bench in enumerate(benches):
+    series = {}
+    for model in models:
+        values = []
+        for bench in benches:
             metric, value = headline.get((model, bench), (None, None))
-            if value is not None and metric in PERCENT:
-                xs.append(j + (i - (len(models) - 1) / 2) * width)
-                ys.append(100 * value)
-        ax.bar(xs, ys, width, label=model)
-    ax.set_xticks(range(len(benches)))
-    ax.set_xticklabels([f"{b}\n{headline.get((models[0], b), ('', None))[0] or ''}" for b in benches], fontsize=7)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            values.append(100 * value if value is not None and metric in PERCENT else float("nan"))
+        series[model] = values
+    labels = [f"{b} {headline.get((models[0], b), ('', None))[0] or ''}" for b in benches]
+    return labels, series
 
 
-def write_table(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
+def write_comparison(paths: list[str | Path], out: str | Path) -> dict[str, Path]:
     """Write ``table.md``, ``table.csv`` (long format) and ``table.png`` into ``out``; returns their paths."""
-    results = load_results(paths)
+    results = load_evals(paths)
     rows = long_rows(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "table.md", "csv": out / "table.csv", "png": out / "table.png"}
     files["markdown"].write_text(markdown(results, rows))
-    with open(files["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
-        writer.writeheader()
-        writer.writerows(rows)
-    bar_chart(results, rows, files["png"])
+    fields = list(rows[0]) if rows else ["model"]
+    files["csv"].write_text(csv_text(fields, [[r[f] for f in fields] for r in rows]))
+    files["png"].write_bytes(grouped_bars_png(*headline_percent(results), ylabel="%"))
     return files

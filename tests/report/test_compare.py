@@ -1,4 +1,5 @@
-"""merv table: Markdown, CSV and PNG across models; judged numbers of different judges are never mixed."""
+"""merv report over eval.json files (merv table): Markdown, CSV and PNG across models; judged numbers of different
+judges are never mixed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from merv.eval.table import write_table
+from merv.report.compare import write_comparison
 
 
 def _eval_json(model: str, judge: str | None, mcq: float, open_value: float) -> dict:
@@ -48,7 +49,7 @@ def test_table_across_models(tmp_path):
     for model, judge, mcq, judged in (("merv_a", "qwen-72b", 0.61, 0.55), ("merv_b", "qwen-72b", 0.5, 0.4)):
         paths.append(tmp_path / f"{model}.json")
         paths[-1].write_text(json.dumps(_eval_json(model, judge, mcq, judged)))
-    files = write_table(paths, tmp_path / "out")
+    files = write_comparison(paths, tmp_path / "out")
     md = files["markdown"].read_text()
     assert "| merv_a | 61.00 | 71.00 | 55.00 | 3.10 | 20.00 |" in md
     assert "| merv_b | 50.00 | 60.00 | 40.00 | 3.10 | 20.00 |" in md
@@ -66,8 +67,22 @@ def test_mixed_judges_are_refused_naming_them(tmp_path):
     for path, data in zip(paths, (a, b), strict=True):
         path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"msvd_qa.*different judges.*qwen-72b.*gpt-4o-mini"):
-        write_table(paths, tmp_path / "out")
+        write_comparison(paths, tmp_path / "out")
     # an exact-match number sits in its own column beside a judged one: allowed
     c = _eval_json("merv_c", None, 0.4, 0.0)
     paths[1].write_text(json.dumps(c))
-    assert "| merv_c | 40.00 | 50.00 | – | – | 20.00 |" in write_table(paths, tmp_path / "out")["markdown"].read_text()
+    md = write_comparison(paths, tmp_path / "out")["markdown"].read_text()
+    assert "| merv_c | 40.00 | 50.00 | – | – | 20.00 |" in md
+
+
+def test_report_command_takes_eval_files_or_a_spec(tmp_path, capsys):
+    from merv.cli import main
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(_eval_json("merv_a", "qwen-72b", 0.61, 0.55)))
+    assert main(["table", str(path), "--out", str(tmp_path / "t")]) == 0  # merv table: an alias of merv report
+    assert "| merv_a | 61.00 |" in capsys.readouterr().out
+    assert main(["report", str(path), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "table.md").read_text() == (tmp_path / "t" / "table.md").read_text()
+    assert main(["report", "--out", str(tmp_path / "n")]) != 0
+    assert "either --spec" in capsys.readouterr().err
