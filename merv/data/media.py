@@ -20,7 +20,7 @@ FORMAT = "merv-media-index/1"
 def source_media(source: Path, root: Path | None = None) -> list[Path]:
     """The media paths a source reads: a training JSON's ``video``/``image`` paths (against ``root``, default its
     folder), or every file under a benchmark's ``videos/`` (frame folders included), or under a folder of videos."""
-    from merv.data.shards import _load_json_list, _training_media
+    from merv.data.items import _load_json_list, _training_media
 
     source = Path(source)
     if source.suffix == ".json" and not source.is_dir():
@@ -50,7 +50,7 @@ def build_index(source: Path, root: Path | None = None) -> dict:
     """The index of a source: its own stat (a training JSON lists the media) and every media path's size and mtime.
     A source that cannot be read gets an index without media: the shard job, which reads it next, names the problem
     (this index only tells Snakemake when to run it)."""
-    from merv.data.shards import DataFormatError
+    from merv.data.items import DataFormatError
 
     source = Path(source)
     try:
