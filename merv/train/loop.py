@@ -23,7 +23,7 @@ from merv.checkpoint import load_checkpoint, save_checkpoint
 from merv.config import RunConfig, StageConfig, fingerprint
 from merv.data.batching import ExampleBuilder, collate
 from merv.data.loader import Position, ShardLoader
-from merv.data.reader import read_manifest
+from merv.data.shards import read_manifest
 from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
