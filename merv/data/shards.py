@@ -384,40 +384,54 @@ def write_shards(
         shown = ", ".join(encoded[:10]) + (f" (and {len(encoded) - 10} more)" if len(encoded) > 10 else "")
         log.info("%s: decoded %d new or changed items: %s", out, len(encoded), shown)
 
-    bad = [b for ix in indexes for b in ix["bad"]]
-    by_modality = sum((Counter(ix["modalities"]) for ix in indexes), Counter())
-    with open(out / "quarantine.jsonl.tmp", "w") as f:
-        for b in bad:
-            f.write(json.dumps(b) + "\n")
-    (out / "quarantine.jsonl.tmp").replace(out / "quarantine.jsonl")
+    manifest = write_manifest(out, indexes, len(items), asdict(settings), fp)
     summary = ShardSummary(
-        input=len(items),
-        good=sum(ix["samples"] for ix in indexes),
-        bad=len(bad),
-        by_reason=dict(Counter(reason_kind(b["reason"]) for b in bad)),
-        by_modality={m: by_modality[m] for m in MODALITIES},
+        input=manifest["input"],
+        good=manifest["samples"],
+        bad=manifest["bad"],
+        by_reason=manifest["by_reason"],
+        by_modality=manifest["by_modality"],
         shards=len(indexes),
         resumed_items=pos,
         seconds=round(time.time() - start, 2),
         reused_items=reused,
         encoded_keys=encoded,
     )
-    assert summary.good + summary.bad == summary.input, "every input item is either sharded or quarantined"
+    return summary
+
+
+def write_manifest(out: Path, indexes: list[dict], n_input: int, settings: dict, fp: str, **extra) -> dict:
+    """Write ``quarantine.jsonl`` and ``manifest.json`` of a shard folder from its shards' indexes, in order (what
+    :func:`write_shards` ends with, and what :func:`merv.data.parts.gather_parts` writes over the parts' shards);
+    ``extra`` keys go into the manifest as they are. Returns the manifest."""
+    bad = [b for ix in indexes for b in ix["bad"]]
+    by_modality = sum((Counter(ix["modalities"]) for ix in indexes), Counter())
+    with open(out / "quarantine.jsonl.tmp", "w") as f:
+        for b in bad:
+            f.write(json.dumps(b) + "\n")
+    (out / "quarantine.jsonl.tmp").replace(out / "quarantine.jsonl")
+    good = sum(ix["samples"] for ix in indexes)
+    if good + len(bad) != n_input:
+        raise ValueError(f"{out}: {good} samples and {len(bad)} quarantined items for {n_input} input items")
+    by_modality = {m: by_modality[m] for m in MODALITIES}
     manifest = {
-        "samples": summary.good,
-        "input": summary.input,
-        "bad": summary.bad,
-        "by_reason": summary.by_reason,
-        "by_modality": summary.by_modality,
-        "text_only": summary.by_modality["text"],
+        "samples": good,
+        "input": n_input,
+        "bad": len(bad),
+        "by_reason": dict(Counter(reason_kind(b["reason"]) for b in bad)),
+        "by_modality": by_modality,
+        "text_only": by_modality["text"],
         "shards": [{k: ix[k] for k in ("name", "samples", "bytes", "sha256", "frame_digests")} for ix in indexes],
-        "frame_digests": combine_digests([(ix["name"], ix["frame_digests"]) for ix in indexes], settings.frame_counts),
-        "settings": asdict(settings),
+        "frame_digests": combine_digests(
+            [(ix["name"], ix["frame_digests"]) for ix in indexes], settings["frame_counts"]
+        ),
+        "settings": settings,
         "fingerprint": fp,
+        **extra,
     }
     (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
     (out / "manifest.json.tmp").replace(out / "manifest.json")
-    return summary
+    return manifest
 
 
 def _preload(settings: ShardSettings) -> None:
