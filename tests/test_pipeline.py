@@ -91,8 +91,8 @@ def test_rerun_has_nothing_to_do(pipeline):
 def planned(dry_run_output: str) -> list[tuple[str, str, str]]:
     """``(rule, output, reason)`` of every job a dry run plans."""
     jobs = []
-    for block in re.split(r"\n(?=rule \w+:)", dry_run_output):
-        rule = re.match(r"rule (\w+):", block)
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", dry_run_output):
+        rule = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
         if rule:
             output = re.search(r"^    output: (.*)$", block, re.M)
             reason = re.search(r"^    reason: (.*)$", block, re.M)

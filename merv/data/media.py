@@ -2,8 +2,9 @@
 
 Snakemake reruns a job when one of its input files is newer than its outputs, so every file a job reads should be an
 input. Listing each of a split's videos would make planning slow (hundreds of thousands of inputs); instead the shard
-rules read one small index per source (``data/media/train/<split>.json``, ``data/media/eval/<bench>.json``): every
-media path with its size and mtime (ns). The pipeline rewrites an index when it plans (:func:`refresh_index`, from
+rules read one small index per source (``data/media/eval/<bench>.json``; a training split has one per part of its plan,
+``data/media/train/<split>/part-NNNNN.media.json``, see :mod:`merv.data.parts`): every media path with its size and
+mtime (ns). The pipeline rewrites an index when it plans (:func:`refresh_index`, from
 the Snakefile, main process only) and only when what it lists changed, so its own mtime moves exactly when a video is
 added, removed, replaced or touched -- the same rule Snakemake applies to the files it tracks itself.
 """
