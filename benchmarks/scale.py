@@ -248,16 +248,19 @@ def main() -> None:
         cache_per_sample = sum(e["cache_bytes"] for e in encoders if e["cached"])
         gpu_per_sample = sum(e["gpu_s"] for e in encoders if e["cached"])
         print(f"\n## Projection on {CLUSTER['nodes']} nodes x {CLUSTER['cores_per_node']} cores, "
-              f"{CLUSTER['gpus']} GPUs (per-sample costs: sharding from the {names[args.project_from]} (measured), "
-              "features computed; scaling assumed perfect)\n")  # fmt: skip
+              f"{CLUSTER['gpus']} GPUs (sharding from the {names[args.project_from]}, in brackets from the other "
+              "clips: measured per sample; caches computed; GPU time assumed; scaling assumed perfect)\n")  # fmt: skip
         print("| corpus | videos | shard parts (Slurm jobs) | shards | sharding wall | feature caches | extraction "
               "wall (GPU) | extraction wall (CPU only, all cores) |")  # fmt: skip
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, n in CORPORA.items():
             parts = -(-n // args.items_per_part)
             cpu_extract = sum(e.get("cpu_s", 0) for e in encoders if e["cached"])
-            cells = [name, f"{n:,}", parts, fmt_bytes(n * base["bytes_per_sample"]),
-                     fmt_hours(n * base["cpu_s_per_sample"] / cores), fmt_bytes(n * cache_per_sample),
+            other = shards["long" if args.project_from == "real" else "real"]
+            cells = [name, f"{n:,}", parts,
+                     f"{fmt_bytes(n * base['bytes_per_sample'])} ({fmt_bytes(n * other['bytes_per_sample'])})",
+                     f"{fmt_hours(n * base['cpu_s_per_sample'] / cores)} "
+                     f"({fmt_hours(n * other['cpu_s_per_sample'] / cores)})", fmt_bytes(n * cache_per_sample),
                      fmt_hours(n * gpu_per_sample / CLUSTER["gpus"]), fmt_hours(n * cpu_extract / cores)]  # fmt: skip
             print("| " + " | ".join(map(str, cells)) + " |")
         print(json.dumps({"shards": shards, "encoders": encoders}, default=str))
