@@ -169,6 +169,21 @@ def cmd_index_media(args):
         log.warning("%s: %s (left to sharding to report)", args.source, index["problem"])
 
 
+def cmd_plan_parts(args):
+    from merv.data.parts import plan_parts
+
+    plan = plan_parts(Path(args.json), Path(args.out), args.items_per_part, Path(args.root) if args.root else None)
+    log.info("%s: %d items in %d parts of up to %d", args.out, plan["items"], len(plan["parts"]), args.items_per_part)
+
+
+def cmd_gather_shards(args):
+    from merv.data.parts import gather_parts
+
+    manifest = gather_parts([Path(p) for p in args.parts], Path(args.out))
+    log.info("%s: %d samples, %d quarantined, %d shards", args.out, manifest["samples"], manifest["bad"],
+             len(manifest["shards"]))  # fmt: skip
+
+
 def cmd_inspect(args):
     from merv.data.shards import iter_samples, read_manifest
 
@@ -506,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_index_media)
+
+    s = sub.add_parser("plan-parts", help="cut a training JSON into parts sharded by separate jobs (scatter)")
+    s.add_argument("json", help="a training JSON")
+    s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
+    add_setting(s, "--items-per-part", ShardsSection, "items_per_part")
+    s.add_argument("--out", required=True, help="plan folder: parts.json and each part's JSON and media index")
+    s.set_defaults(func=cmd_plan_parts)
+
+    s = sub.add_parser("gather-shards", help="gather shard folders written part by part into one (gather)")
+    s.add_argument("parts", nargs="+", help="the parts' shard folders, in order")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_gather_shards)
 
     s = sub.add_parser("inspect", help="print a shard folder's manifest summary, or one sample")
     s.add_argument("dir")

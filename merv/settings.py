@@ -117,9 +117,15 @@ class ShardsSection:
     strict: bool = setting(
         True, "fail on the first bad item, naming it (--no-strict: skip it and list it in <out>/quarantine.jsonl)"
     )
+    items_per_part: int = setting(
+        5000,
+        "samples of a training split per sharding job (part): ranges of the JSON's order, gathered into one folder",
+    )
     sets: dict[str, ShardSet] = field(default_factory=_small_shard_set)
 
     def __post_init__(self):
+        if self.items_per_part < 1:
+            raise ValueError(f"shards.items_per_part must be >= 1, got {self.items_per_part}")
         if self.workers < 1:
             raise ValueError(f"shards.workers must be >= 1, got {self.workers}")
         if self.target_bytes < 1:

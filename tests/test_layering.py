@@ -11,12 +11,7 @@ from tests.helpers import REPO
 
 # Private names still imported across modules, each with the change that removes it. An entry that no longer occurs
 # fails the test, so the list only shrinks.
-PENDING_PRIVATE = {
-    # merv/data/shards.py is being split into a reader and a writer (issue 20, another branch); the split makes the
-    # sample-list reading public
-    ("merv.data.media", "merv.data.shards", "_load_json_list"),
-    ("merv.data.media", "merv.data.shards", "_training_media"),
-}
+PENDING_PRIVATE: set[tuple[str, str, str]] = set()  # (importer, module, name) exemptions: none left
 
 
 def read_layers(doc: Path) -> list[list[str]]:

@@ -64,8 +64,8 @@ def test_rerun_has_nothing_to_do(pipeline):
 def planned(dry_run_output: str) -> list[tuple[str, str, str]]:
     """``(rule, output, reason)`` of every job a dry run plans."""
     jobs = []
-    for block in re.split(r"\n(?=rule \w+:)", dry_run_output):
-        rule = re.match(r"rule (\w+):", block)
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", dry_run_output):
+        rule = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block)
         if rule:
             output = re.search(r"^    output: (.*)$", block, re.M)
             reason = re.search(r"^    reason: (.*)$", block, re.M)
@@ -117,10 +117,12 @@ EDITS = [
      {"index_benchmark_media": 1, "shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
     ("data/synth/eval_data/synth_open/videos/eval_00001.mp4", _replace_video, "data/media/eval/synth_open.json",
      {"shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
-    ("data/synth/train/align.json", _label_edit, None,  # (its media index is brought up to date when planning)
-     {"shard_train": 1, "extract_features": 2, "train_stage": 2, **EVAL}),
-    ("data/synth/train/videos/train_00001.mp4", _replace_video, "data/media/train/",
-     {"shard_train": 2, "extract_features": 4, "train_stage": 2, **EVAL}),
+    # (the parts a replanned split reruns are known once the plan ran: tests/test_parts_pipeline.py)
+    ("data/synth/train/align.json", _label_edit, None,
+     {"plan_train_parts": 1, "gather_train_shards": 1, "extract_features": 2, "train_stage": 2, **EVAL}),
+    # (the part's media index is brought up to date when planning: its content, a param of the part's job, changed)
+    ("data/synth/train/videos/train_00001.mp4", _replace_video, "Params have changed",
+     {"shard_train_part": 2, "gather_train_shards": 2, "extract_features": 4, "train_stage": 2, **EVAL}),
     ("data/weights/pretrained/motion", _rerun, None, {"extract_features": 2, "train_stage": 2, **EVAL}),
     ("data/weights/merv_tiny/built", _rerun, None, {"train_stage": 2, **EVAL}),
     ("results/merv_tiny/train/align", _rerun, None, {"train_stage": 1, **EVAL}),
@@ -151,7 +153,7 @@ def test_each_input_of_each_rule_reruns_exactly_its_dependents(pipeline):
             out = res.stdout + res.stderr
             assert res.returncode == 0, out[-3000:]
             assert planned_jobs(out) == expected, (rel, planned_jobs(out))
-            first = [r for _, _, r in planned(out) if r.startswith("Updated input files")]
+            first = [r for _, _, r in planned(out) if r.startswith(("Updated input files", "Params have changed"))]
             assert first and all((named or rel) in r for r in first), (rel, first)
         finally:
             for p, (data, mtime) in saved.items():
@@ -239,7 +241,7 @@ def test_bad_video_stops_the_pipeline_naming_the_file(pipeline):
     try:
         res = snakemake(workdir, "data/shards/small/train/mine")
         assert res.returncode != 0
-        log = (workdir / "results" / "logs" / "shard_train_small_mine.log").read_text()
+        log = (workdir / "results" / "logs" / "shard_train_part_small_mine_part-00000.log").read_text()
         assert "cannot read video user_data/videos/broken.mp4: not a decodable video" in log
         assert "Traceback" not in log
         shards = workdir / "data" / "shards" / "small"
@@ -280,7 +282,8 @@ def test_default_target_is_the_selected_models_and_any_configured_model_is_a_tar
     res = snakemake(workdir, "-n", "results/merv_full/eval.json")
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = planned_jobs(res.stdout + res.stderr)
-    assert jobs == {"fetch_weights": 1, "shard_train": 2, "shard_benchmark": 2, "train_stage": 2,
+    assert jobs == {"fetch_weights": 1, "shard_train_part": 2, "gather_train_shards": 2, "shard_benchmark": 2,
+                    "train_stage": 2,
                     "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}, jobs  # fmt: skip
     assert "data/shards/paper/train/align" in res.stdout
 

@@ -62,13 +62,14 @@ def test_every_job_ran_on_slurm_and_the_result_is_there(slurm_run):
         if job["Comment"].startswith("rule_"):
             rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
             by_rule.setdefault(rule, []).append(job)
-    expected = {"synth_dataset": 1, "build_tiny_weights": 1, "shard_train": 2, "shard_benchmark": 2,
+    # (planning parts and gathering them are local rules: no Slurm job)
+    expected = {"synth_dataset": 1, "build_tiny_weights": 1, "shard_train_part": 2, "shard_benchmark": 2,
                 "train_stage": 2, "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}  # fmt: skip
     assert {rule: len(js) for rule, js in by_rule.items()} == expected, jobs
     assert all(j["State"] == "COMPLETED" for js in by_rule.values() for j in js), jobs
     # the profile's per-rule resources reached Slurm: GPUs for evaluation, CPUs for sharding
     assert all("gres/gpu=1" in j["AllocTRES"] for j in by_rule["eval_benchmark"])
-    assert all("cpu=2" in j["AllocTRES"] for j in by_rule["shard_train"] + by_rule["shard_benchmark"])
+    assert all("cpu=2" in j["AllocTRES"] for j in by_rule["shard_train_part"] + by_rule["shard_benchmark"])
     # train_stage only submits: submitit's own jobs trained, one per stage, each with launch.gpus_per_node GPUs
     assert all("gres/gpu" not in j["AllocTRES"] for j in by_rule["train_stage"])
     submitted = sorted(p.name for p in (workdir / "results" / "merv_full" / "submitit").iterdir() if p.name.isdigit())
@@ -94,12 +95,15 @@ def test_failed_job_shows_its_log(slurm_run):
     cfg["data"]["train"]["broken"] = {"json": "missing/train.json"}
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (workdir / "missing").mkdir()
-    (workdir / "missing" / "train.json").write_text("[{]")  # not JSON
+    (workdir / "missing" / "broken.mp4").write_bytes(b"not an mp4" * 100)
+    sample = {"id": "b1", "video": "broken.mp4", "conversations": [{"from": "human", "value": "<video>\nHi"}]}
+    (workdir / "missing" / "train.json").write_text(json.dumps([sample]))
     try:
         res = snakemake(workdir, env, "--profile", "slurm", "data/shards/small/train/broken", timeout=600)
         out = res.stdout + res.stderr
-        assert res.returncode != 0 and "Error in rule shard_train" in out, out[-3000:]
-        assert "results/logs/shard_train_small_broken.log" in out and "missing/train.json" in out, out[-3000:]
+        assert res.returncode != 0 and "Error in rule shard_train_part" in out, out[-3000:]
+        log = "results/logs/shard_train_part_small_broken_part-00000.log"
+        assert log in out and "cannot read video missing/broken.mp4" in out, out[-3000:]
     finally:
         (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(small_config()))
 

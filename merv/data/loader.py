@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from merv.data.shards import decode_sample, read_manifest
+from merv.data.reader import decode_sample, read_manifest
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Snakemake reruns a job when one of its input files is newer than its outputs, so every file a job reads should be an
 input. Listing each of a split's videos would make planning slow (hundreds of thousands of inputs); instead the shard
-rules read one small index per source (``data/media/train/<split>.json``, ``data/media/eval/<bench>.json``): every
-media path with its size and mtime (ns). The pipeline rewrites an index when it plans (:func:`refresh_index`, from
+rules read one small index per source (``data/media/eval/<bench>.json``; a training split has one per part of its plan,
+``data/media/train/<split>/part-NNNNN.media.json``, see :mod:`merv.data.parts`): every media path with its size and
+mtime (ns). The pipeline rewrites an index when it plans (:func:`refresh_index`, from
 the Snakefile, main process only) and only when what it lists changed, so its own mtime moves exactly when a video is
 added, removed, replaced or touched -- the same rule Snakemake applies to the files it tracks itself.
 """
@@ -20,14 +21,14 @@ FORMAT = "merv-media-index/1"
 def source_media(source: Path, root: Path | None = None) -> list[Path]:
     """The media paths a source reads: a training JSON's ``video``/``image`` paths (against ``root``, default its
     folder), or every file under a benchmark's ``videos/`` (frame folders included), or under a folder of videos."""
-    from merv.data.shards import _load_json_list, _training_media
+    from merv.data.items import load_json_list, training_media
 
     source = Path(source)
     if source.suffix == ".json" and not source.is_dir():
         base = root or source.parent
         out = []
-        for i, sample in enumerate(_load_json_list(source)):
-            media, _ = _training_media(sample, f"{source} sample {i}") if isinstance(sample, dict) else (None, None)
+        for i, sample in enumerate(load_json_list(source)):
+            media, _ = training_media(sample, f"{source} sample {i}") if isinstance(sample, dict) else (None, None)
             if media is not None:
                 out.append(base / media)
         return sorted(set(out))
@@ -38,7 +39,7 @@ def source_media(source: Path, root: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def _stat(path: Path) -> list:
+def stat_entry(path: Path) -> list:
     try:
         st = path.stat()
     except OSError:
@@ -50,18 +51,18 @@ def build_index(source: Path, root: Path | None = None) -> dict:
     """The index of a source: its own stat (a training JSON lists the media) and every media path's size and mtime.
     A source that cannot be read gets an index without media: the shard job, which reads it next, names the problem
     (this index only tells Snakemake when to run it)."""
-    from merv.data.shards import DataFormatError
+    from merv.data.items import DataFormatError
 
     source = Path(source)
     try:
-        media, problem = [_stat(p) for p in source_media(source, root)], None
+        media, problem = [stat_entry(p) for p in source_media(source, root)], None
     except (DataFormatError, OSError) as e:
         media, problem = [], str(e)
     return {
         "format": FORMAT,
         "source": str(source),
         "root": None if root is None else str(root),
-        "source_stat": _stat(source) if source.is_file() else None,
+        "source_stat": stat_entry(source) if source.is_file() else None,
         "media": media,
         "problem": problem,
     }
@@ -86,10 +87,10 @@ def refresh_index(out: Path) -> bool:
         return False
     source = Path(index["source"])
     root = Path(index["root"]) if index.get("root") else None
-    if source.is_dir() or index.get("source_stat") != _stat(source):
+    if source.is_dir() or index.get("source_stat") != stat_entry(source):
         fresh = build_index(source, root) if source.exists() else None
     else:
-        fresh = {**index, "media": [_stat(Path(p)) for p, _, _ in index["media"]]}
+        fresh = {**index, "media": [stat_entry(Path(p)) for p, _, _ in index["media"]]}
     if fresh is None or fresh == index:
         return False
     write_index(fresh, out)

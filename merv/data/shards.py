@@ -13,6 +13,9 @@ Shards already written are matched to the items by content, not by id: each shar
 mtime, inode and ctime, so an unchanged file is never read again and a changed one is hashed to find out whether its
 bytes changed. A rerun keeps the leading shards whose items are all unchanged, copies the samples of other unchanged
 items from the old shards, and decodes only new and changed items (a mended video leaves the quarantine).
+
+The items come from :mod:`merv.data.items`, each is encoded by :mod:`merv.data.encoding`, and the folder is read by
+:mod:`merv.data.reader`; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import tarfile
 import time
@@ -31,320 +33,36 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
 
-import numpy as np
-
-from merv.config import fingerprint
-from merv.data.video import BACKENDS, DEFAULT_BACKEND, FOLDER_FPS, IMAGE_EXTENSIONS, VideoError, read_frames
-from merv.settings import ShardsSection, parse_size
+from merv.data.encoding import (  # noqa: F401 - re-exported: the sharding API in one place
+    ShardSettings,
+    combine_digests,
+    encode_item,
+    encode_with_media,
+    item_digest,
+    media_info,
+    media_sha256,
+    media_stat,
+    record_digest,
+)
+from merv.data.items import (  # noqa: F401 - re-exported
+    MODALITIES,
+    VIDEO_EXTENSIONS,
+    DataFormatError,
+    Item,
+    Modality,
+    benchmark_items,
+    collect_items,
+    folder_items,
+    training_items,
+)
+from merv.data.reader import decode_sample, iter_samples, read_manifest, sample_keys, shard_keys, shard_urls  # noqa: F401
+from merv.data.video import VideoError
+from merv.settings import ShardsSection
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".gif"}
 SHARD_PATTERN = "shard-{:06d}"
-
-
-Modality = Literal["video", "image", "text"]
-MODALITIES: tuple[str, ...] = get_args(Modality)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One thing to shard: a media path (video, image or frame folder) and the text that goes with it, or text
-    alone (``media`` None: a text-only conversation)."""
-
-    key: str
-    media: Path | None
-    record: dict = field(default_factory=dict)  # conversation (training) or question + answer (evaluation)
-    time: tuple[float, float] | None = None  # clip window in seconds
-    end_frame: int | None = None
-    modality: Modality = "video"
-    folder_fps: float = FOLDER_FPS  # frames a second of a folder of frames (VLEP's: 3)
-
-    def __post_init__(self):
-        if (self.media is None) != (self.modality == "text"):
-            raise ValueError(f"item {self.key!r}: modality {self.modality!r} with media {self.media}")
-
-
-@dataclass(frozen=True)
-class ShardSettings:
-    """Everything that determines the bytes of the shards (its fingerprint tags each shard)."""
-
-    frame_counts: tuple[int, ...]
-    size: int  # of the short side: frames keep their aspect ratio (encoder transforms crop or squash at load time)
-    target_bytes: int = parse_size(ShardsSection.target_size)
-    frame_format: Literal["jpg", "npy"] = ShardsSection.frame_format
-    jpeg_quality: int = 95
-    backend: str = DEFAULT_BACKEND
-    resize: Literal["short_side"] = "short_side"  # stored frame geometry; earlier shards were squashed squares
-    digests: int = 1  # samples record a digest of their frames per frame count (feature caches are keyed by them)
-
-    def __post_init__(self):
-        if not self.frame_counts or min(self.frame_counts) < 1:
-            raise ValueError(f"frame counts must be positive, got {list(self.frame_counts)}")
-        if self.size < 1:
-            raise ValueError(f"size must be positive, got {self.size}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown decoding backend {self.backend!r}; available: {list(BACKENDS)}")
-        if self.resize != "short_side":
-            raise ValueError(f"resize must be 'short_side', got {self.resize!r}")
-        if self.frame_format not in ("jpg", "npy"):
-            raise ValueError(f"frame_format must be 'jpg' or 'npy', got {self.frame_format!r}")
-        object.__setattr__(self, "frame_counts", tuple(sorted(set(self.frame_counts))))
-
-    def fingerprint(self) -> str:
-        return fingerprint(asdict(self))
-
-
-class DataFormatError(ValueError):
-    """An input file that is not in the format it claims to be."""
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def _safe_key(text: str) -> str:
-    # WebDataset splits member names at the first dot: keys stay dot-free and path-safe.
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
-
-
-def _load_json_list(path: Path) -> list:
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a JSON list, got {type(data).__name__}")
-    return data
-
-
-def _training_media(sample: dict, where: str) -> tuple[str | None, Modality]:
-    """The media path of a training sample and its modality; a sample with neither key is text-only (as in
-    LLaVA-665k and Video-LLaVA's stage-2 data)."""
-    kind = "video" if "video" in sample else "image" if "image" in sample else None
-    if kind is None:
-        return None, "text"
-    media = sample[kind]
-    if isinstance(media, list):
-        raise DataFormatError(f"{where}: {kind!r} is a list; one media path per sample is supported")
-    if not isinstance(media, str) or not media.strip():
-        raise DataFormatError(f"{where}: {kind!r} must be a non-empty path, got {media!r}")
-    return media, kind
-
-
-def training_items(json_path: Path, root: Path | None = None) -> list[Item]:
-    """Items of a Video-LLaVA training JSON (video, image and text-only samples); media paths resolve against
-    ``root`` (default: the JSON's folder)."""
-    root = root or json_path.parent
-    items = []
-    for i, sample in enumerate(_load_json_list(json_path)):
-        where = f"{json_path} sample {i}"
-        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
-            raise DataFormatError(f"{where}: expected an object with a 'conversations' list")
-        media, modality = _training_media(sample, f"{where} (id {sample.get('id')!r})")
-        key = _safe_key(str(sample.get("id", i)))
-        record = {"id": sample.get("id", i), "conversations": sample["conversations"]}
-        items.append(Item(key, None if media is None else root / media, record, modality=modality))
-    return items
-
-
-def benchmark_items(bench_dir: Path) -> list[Item]:
-    """Items of a MERV ``eval_data/<benchmark>`` folder: ``test_q.json`` joined with ``test_a.json`` on
-    ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``, at the
-    frame rate the benchmark registry gives the folder's name (VLEP: 3 fps, as the original reads them)."""
-    from merv.data.benchmarks import lookup  # the benchmarks' layout facts are data in one table
-
-    questions = _load_json_list(bench_dir / "test_q.json")
-    answers = {a["question_id"]: a for a in _load_json_list(bench_dir / "test_a.json")}
-    video_dir = bench_dir / "videos"
-    videos = {p.stem if p.is_file() else p.name: p for p in video_dir.iterdir()} if video_dir.is_dir() else {}
-    folder_fps = lookup(bench_dir.name, questions[0] if questions else {}).folder_fps
-    items = []
-    for i, q in enumerate(questions):
-        qid = q.get("question_id") if isinstance(q, dict) else None
-        if qid is None or "video_name" not in q or "question" not in q:
-            raise DataFormatError(f"{bench_dir}/test_q.json entry {i}: needs question_id, video_name and question")
-        if qid not in answers:
-            raise DataFormatError(f"{bench_dir}/test_q.json: question {qid!r} has no answer in test_a.json")
-        name = str(q["video_name"])
-        record = {**q, "answer": answers[qid]["answer"], "kind": "mcq" if "options" in q else "open"}
-        if "answer_id" in answers[qid]:
-            record["answer_id"] = answers[qid]["answer_id"]
-        window = tuple(q["time"]) if q.get("time") is not None else None
-        end_frame = q.get("end_frame")
-        media = videos.get(name, video_dir / f"{name}.mp4")
-        items.append(Item(_safe_key(str(qid)), media, record, window, end_frame, folder_fps=folder_fps))
-    return items
-
-
-def folder_items(folder: Path) -> list[Item]:
-    """Every video or image below ``folder`` (sorted by relative path), with no text."""
-    paths = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
-    )
-    if not paths:
-        raise DataFormatError(f"{folder}: no video or image files found")
-    return [
-        Item(
-            _safe_key(str(p.relative_to(folder).with_suffix(""))),
-            p,
-            {"source": str(p)},
-            modality="image" if p.suffix.lower() in IMAGE_EXTENSIONS else "video",
-        )
-        for p in paths
-    ]
-
-
-def collect_items(sources: Path | list[Path], root: Path | None = None) -> list[Item]:
-    """Items of one or more inputs (training JSON, benchmark folder, folder of videos), keys checked unique."""
-    items = []
-    for source in [sources] if isinstance(sources, Path) else sources:
-        source = Path(source)
-        if source.suffix == ".json" and not source.is_dir():
-            items += training_items(source, root)
-        elif source.is_dir() and (source / "test_q.json").is_file():
-            items += benchmark_items(source)
-        elif source.is_dir():
-            items += folder_items(source)
-        else:
-            raise DataFormatError(f"{source}: not a training JSON, an eval_data benchmark folder or a folder of videos")
-    duplicates = [k for k, n in Counter(it.key for it in items).items() if n > 1]
-    if duplicates:
-        raise DataFormatError(f"duplicate sample keys (ids) across the inputs, e.g. {duplicates[:5]}")
-    return items
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Encoding (runs in worker processes)
-
-
-def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] | None, str | None]:
-    """``(tar members, None)`` for a good item, ``(None, reason)`` for a bad one. A text-only item is its ``json``
-    record alone."""
-    if item.media is None:
-        meta = {"key": item.key, "modality": "text", **item.record}
-        return {"json": json.dumps(meta, sort_keys=True).encode()}, None
-    try:
-        frames, positions = read_frames(
-            item.media,
-            list(settings.frame_counts),
-            settings.size,
-            time=item.time,
-            end_frame=item.end_frame,
-            backend=settings.backend,
-            folder_fps=item.folder_fps,
-        )
-    except VideoError as e:
-        return None, e.reason
-    except ValueError as e:  # e.g. an impossible clip window
-        return None, f"bad clip window ({e})"
-    members: dict[str, bytes] = {}
-    if settings.frame_format == "npy":
-        buf = io.BytesIO()
-        np.save(buf, frames)
-        members["frames.npy"] = buf.getvalue()
-        stored = [frame.tobytes() for frame in frames]
-    else:
-        from PIL import Image
-
-        for i, frame in enumerate(frames):
-            buf = io.BytesIO()
-            Image.fromarray(frame).save(buf, format="JPEG", quality=settings.jpeg_quality)
-            members[f"{i:03d}.jpg"] = buf.getvalue()
-        stored = [members[f"{i:03d}.jpg"] for i in range(len(frames))]
-    meta = {
-        "key": item.key,
-        "modality": item.modality,
-        "source": str(item.media),
-        "frame_positions": {str(c): p for c, p in positions.items()},
-        # what an encoder of each frame count reads, as stored: its feature cache is keyed by this
-        "frame_digests": {str(c): _digest(stored[i] for i in p) for c, p in positions.items()},
-        **item.record,
-    }
-    members["json"] = json.dumps(meta, sort_keys=True).encode()
-    return members, None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Content of an item: what its samples depend on
-
-
-def media_stat(path: Path) -> list | None:
-    """What says a media file (or frame folder) is unchanged without reading it: size, mtime (ns), inode, ctime (ns);
-    for a folder, a digest of its files' listing with theirs. None when it does not exist."""
-    from merv.digests import stat_key, tree_files
-
-    try:
-        if path.is_dir():
-            listing = [[p.relative_to(path).as_posix(), *stat_key(p.stat())] for p in tree_files(path)]
-            return ["dir", hashlib.sha256(json.dumps(listing).encode()).hexdigest()]
-        return stat_key(path.stat())
-    except OSError:
-        return None
-
-
-def media_sha256(path: Path) -> str:
-    """The content digest of a media file or frame folder; a marker for one that cannot be read (which an item's
-    digest then carries, so the item is redone once the file is there)."""
-    from merv.digests import DigestMemo, sha256_file
-
-    try:
-        return DigestMemo(None).tree(path) if path.is_dir() else sha256_file(path)
-    except OSError as e:
-        return f"unreadable: {e.strerror or type(e).__name__}"
-
-
-def record_digest(item: Item) -> str:
-    """The digest of everything about an item but its media bytes."""
-    text = {"key": item.key, "modality": item.modality, "media": None if item.media is None else str(item.media),
-            "record": item.record, "time": item.time, "end_frame": item.end_frame,
-            "folder_fps": item.folder_fps}  # fmt: skip
-    return hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def item_digest(record: str, media_sha: str | None) -> str:
-    return hashlib.sha256(f"{record}:{media_sha or '-'}".encode()).hexdigest()
-
-
-def media_info(item: Item) -> dict | None:
-    """``{"path", "stat", "sha256"}`` of an item's media (None for text); the stat is taken before reading."""
-    if item.media is None:
-        return None
-    stat = media_stat(item.media)
-    return {"path": str(item.media), "stat": stat, "sha256": media_sha256(item.media) if stat else "missing"}
-
-
-def encode_with_media(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] | None, str | None, dict | None]:
-    """:func:`encode_item` plus the media's :func:`media_info` (hashed first: decoding then reads from the cache)."""
-    media = media_info(item)
-    return (*encode_item(item, settings), media)
-
-
-def _digest(parts) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(hashlib.sha256(part).digest())
-    return h.hexdigest()
-
-
-def decode_sample(raw: dict) -> dict:
-    """Raw tar members of one sample -> ``{"frames": uint8 [F, H, W, 3], "meta": dict}`` (``min(H, W)`` is the
-    settings' size); ``frames`` is None for a text-only sample (``meta["modality"] == "text"``)."""
-    meta = raw["json"] if isinstance(raw["json"], dict) else json.loads(raw["json"])
-    names = sorted(k for k in raw if k.endswith(".jpg"))
-    if "frames.npy" in raw:
-        frames = np.load(io.BytesIO(raw["frames.npy"]))
-    elif names:
-        from PIL import Image
-
-        frames = np.stack([np.asarray(Image.open(io.BytesIO(raw[n])).convert("RGB")) for n in names])
-    else:
-        frames = None
-    return {"frames": frames, "meta": meta}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -373,7 +91,7 @@ class _Shard:
     def __init__(self, out: Path, number: int, fingerprint_: str, counts: tuple[int, ...]):
         self.out, self.name, self.fingerprint, self.counts = out, SHARD_PATTERN.format(number), fingerprint_, counts
         self.tmp = out / f"{self.name}.tar.tmp"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed by commit()
         self.keys: list[str] = []
         self.bad: list[dict] = []
         self.samples = 0
@@ -417,24 +135,6 @@ class _Shard:
         tmp.write_text(json.dumps(index))
         tmp.replace(self.out / f"{self.name}.json")
         return index
-
-
-def combine_digests(parts: list[tuple[str, dict]], counts) -> dict[str, str]:
-    """Per frame count, one digest over named parts in order (a part without that count, e.g. a text-only sample,
-    still counts by its name): the sample digests of a shard, or the shard digests of a folder."""
-    return {str(c): _digest(f"{name}:{d.get(str(c), '-')}".encode() for name, d in parts) for c in counts}
-
-
-def shard_keys(shard_dir: Path, name: str) -> list[str]:
-    """The keys of the samples in one shard (bad items excluded), in order, from its index."""
-    index = json.loads((Path(shard_dir) / f"{name.removesuffix('.tar')}.json").read_text())
-    bad = {b["key"] for b in index["bad"]}
-    return [k for k in index["keys"] if k not in bad]
-
-
-def sample_keys(shard_dir: Path) -> list[str]:
-    """Every sample's key, in the shard folder's order."""
-    return [k for s in read_manifest(shard_dir)["shards"] for k in shard_keys(shard_dir, s["name"])]
 
 
 REUSE = ".reuse"  # shards of an earlier run whose samples may be copied; removed when the run completes
@@ -686,40 +386,54 @@ def write_shards(
         shown = ", ".join(encoded[:10]) + (f" (and {len(encoded) - 10} more)" if len(encoded) > 10 else "")
         log.info("%s: decoded %d new or changed items: %s", out, len(encoded), shown)
 
-    bad = [b for ix in indexes for b in ix["bad"]]
-    by_modality = sum((Counter(ix["modalities"]) for ix in indexes), Counter())
-    with open(out / "quarantine.jsonl.tmp", "w") as f:
-        for b in bad:
-            f.write(json.dumps(b) + "\n")
-    (out / "quarantine.jsonl.tmp").replace(out / "quarantine.jsonl")
+    manifest = write_manifest(out, indexes, len(items), asdict(settings), fp)
     summary = ShardSummary(
-        input=len(items),
-        good=sum(ix["samples"] for ix in indexes),
-        bad=len(bad),
-        by_reason=dict(Counter(reason_kind(b["reason"]) for b in bad)),
-        by_modality={m: by_modality[m] for m in MODALITIES},
+        input=manifest["input"],
+        good=manifest["samples"],
+        bad=manifest["bad"],
+        by_reason=manifest["by_reason"],
+        by_modality=manifest["by_modality"],
         shards=len(indexes),
         resumed_items=pos,
         seconds=round(time.time() - start, 2),
         reused_items=reused,
         encoded_keys=encoded,
     )
-    assert summary.good + summary.bad == summary.input, "every input item is either sharded or quarantined"
+    return summary
+
+
+def write_manifest(out: Path, indexes: list[dict], n_input: int, settings: dict, fp: str, **extra) -> dict:
+    """Write ``quarantine.jsonl`` and ``manifest.json`` of a shard folder from its shards' indexes, in order (what
+    :func:`write_shards` ends with, and what :func:`merv.data.parts.gather_parts` writes over the parts' shards);
+    ``extra`` keys go into the manifest as they are. Returns the manifest."""
+    bad = [b for ix in indexes for b in ix["bad"]]
+    by_modality = sum((Counter(ix["modalities"]) for ix in indexes), Counter())
+    with open(out / "quarantine.jsonl.tmp", "w") as f:
+        for b in bad:
+            f.write(json.dumps(b) + "\n")
+    (out / "quarantine.jsonl.tmp").replace(out / "quarantine.jsonl")
+    good = sum(ix["samples"] for ix in indexes)
+    if good + len(bad) != n_input:
+        raise ValueError(f"{out}: {good} samples and {len(bad)} quarantined items for {n_input} input items")
+    by_modality = {m: by_modality[m] for m in MODALITIES}
     manifest = {
-        "samples": summary.good,
-        "input": summary.input,
-        "bad": summary.bad,
-        "by_reason": summary.by_reason,
-        "by_modality": summary.by_modality,
-        "text_only": summary.by_modality["text"],
+        "samples": good,
+        "input": n_input,
+        "bad": len(bad),
+        "by_reason": dict(Counter(reason_kind(b["reason"]) for b in bad)),
+        "by_modality": by_modality,
+        "text_only": by_modality["text"],
         "shards": [{k: ix[k] for k in ("name", "samples", "bytes", "sha256", "frame_digests")} for ix in indexes],
-        "frame_digests": combine_digests([(ix["name"], ix["frame_digests"]) for ix in indexes], settings.frame_counts),
-        "settings": asdict(settings),
+        "frame_digests": combine_digests(
+            [(ix["name"], ix["frame_digests"]) for ix in indexes], settings["frame_counts"]
+        ),
+        "settings": settings,
         "fingerprint": fp,
+        **extra,
     }
     (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
     (out / "manifest.json.tmp").replace(out / "manifest.json")
-    return summary
+    return manifest
 
 
 def _preload(settings: ShardSettings) -> None:
@@ -774,32 +488,3 @@ def _encoded(
 
 def _result(entry) -> tuple:
     return entry if isinstance(entry, tuple) else entry.result()
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_manifest(shard_dir: Path) -> dict:
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{shard_dir}: no manifest.json (not a merv shard folder; run `merv shard` first)")
-    return json.loads(path.read_text())
-
-
-def shard_urls(shard_dir: Path) -> list[str]:
-    return [str(Path(shard_dir) / s["name"]) for s in read_manifest(shard_dir)["shards"]]
-
-
-def iter_samples(shard_dir: Path, shuffle_buffer: int = 0, seed: int = 0) -> Iterator[dict]:
-    """Decoded samples ``{"frames": uint8 [F, H, W, 3] or None, "meta": {...}}`` in shard order (or
-    buffer-shuffled)."""
-    import random
-
-    import webdataset as wds
-
-    pipeline = [wds.SimpleShardList(shard_urls(shard_dir)), wds.tarfile_to_samples()]
-    if shuffle_buffer:
-        pipeline.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed)))
-    for raw in wds.DataPipeline(*pipeline):
-        yield decode_sample(raw)

@@ -234,7 +234,7 @@ def open_feature_set(
 def open_feature_sets(model: ModelConfig, shard_dir: Path, folders: dict[str, Path]) -> list[FeatureSet]:
     """Open and check the caches of the encoders in ``folders`` (``{encoder: folder}``) for training ``model``
     (resolved) on ``shard_dir``."""
-    from merv.data.shards import read_manifest, sample_keys
+    from merv.data.reader import read_manifest, sample_keys
 
     if not folders:
         return []

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from merv.config import ModelConfig, fingerprint
-from merv.data.shards import decode_sample, read_manifest, shard_keys
+from merv.data.reader import decode_sample, read_manifest, shard_keys
 from merv.data.transforms import video_inputs
 from merv.features.cache import encoder_key, member, sha256, source_digest, to_bytes
 from merv.settings import ExtractSettings

@@ -32,11 +32,12 @@ def refresh_media_indexes():
     merv.data.media): the shard jobs (and feature extraction) that read that source then rerun. Only the main
     Snakemake process does it; a cluster job's own Snakemake plans one job and must not touch inputs."""
     from merv.data.media import refresh_index
+    from merv.data.parts import refresh_part_indexes
 
     if not workflow.is_main_process:
         return
     for split in config["data"]["train"]:
-        refresh_index(Path(f"data/media/train/{split}.json"))
+        refresh_part_indexes(Path(f"data/media/train/{split}"))
     for bench in config["data"]["benchmarks"]:
         refresh_index(Path(f"data/media/eval/{bench}.json"))
 
@@ -50,6 +51,7 @@ wildcard_constraints:
     split="[A-Za-z0-9_]+",
     bench="[A-Za-z0-9_]+",
     shardset="|".join(config["shards"]["sets"]),
+    part="part-[0-9]+",
 
 
 def whole_machine():
@@ -76,6 +78,32 @@ def shard_settings(wildcards):
 
 def train_split(wildcards):
     return config["data"]["train"][wildcards.split]
+
+
+def train_root(wildcards):
+    """The folder a training JSON's media paths are relative to: its `root`, else the JSON's folder."""
+    split = train_split(wildcards)
+    return split.get("root") or str(Path(split["json"]).parent)
+
+
+def train_plan(wildcards):
+    """The part plan of a training split (checkpoint plan_train_parts); the parts are known once it exists."""
+    return checkpoints.plan_train_parts.get(split=wildcards.split).output[0]
+
+
+def train_parts(wildcards):
+    """The shard folders of a training split's parts, in order (what gather_train_shards joins)."""
+    from merv.data.parts import read_plan
+
+    parts = read_plan(train_plan(wildcards))["parts"]
+    return [f"data/shards/{wildcards.shardset}/parts/train/{wildcards.split}/{p}" for p in parts]
+
+
+def train_part_digest(wildcards):
+    """What a part's shards depend on (its samples, its media's stats): the part's job reruns when it changes."""
+    from merv.data.parts import part_digest
+
+    return part_digest(train_plan(wildcards), wildcards.part)
 
 
 def benchmark_dir(wildcards):

@@ -21,27 +21,13 @@ rule synth_dataset:
         " --size {params.size} --frames {params.frames} --fps {params.fps} > {log} 2>&1"
 
 
-# The media a source reads, with size and mtime (merv.data.media): the shard rules read this instead of listing
+# The media a benchmark reads, with size and mtime (merv.data.media): its shard rule reads this instead of listing
 # every video as an input; common.smk rewrites it when a video is added, removed or replaced, so that reaches a rerun.
-# Listing files is no cluster job's work: these run where Snakemake runs.
+# Listing files and planning parts is no cluster job's work: these run where Snakemake runs.
 localrules:
-    index_train_media,
+    plan_train_parts,
+    gather_train_shards,
     index_benchmark_media,
-
-
-rule index_train_media:
-    input:
-        json=lambda w: train_split(w)["json"],
-    output:
-        "data/media/train/{split}.json",
-    params:
-        root=lambda w: f"--root {train_split(w)['root']}" if "root" in train_split(w) else "",
-    log:
-        "results/logs/index_train_media_{split}.log",
-    conda:
-        MERV_ENV
-    shell:
-        "merv index-media {input.json} {params.root} --out {output} > {log} 2>&1"
 
 
 rule index_benchmark_media:
@@ -59,22 +45,59 @@ rule index_benchmark_media:
         "merv index-media {params.bench} --out {output} > {log} 2>&1"
 
 
-rule shard_train:
+# A training split is sharded scatter-gather (merv.data.parts): the plan cuts its JSON into parts of
+# shards.items_per_part samples (ranges of the JSON's order: appending leaves the full parts as they are), one job
+# per part writes that part's shards, and the gather writes the split's folder (hard links) and manifest once.
+checkpoint plan_train_parts:
     input:
-        unpack(lambda w: {"json": train_split(w)["json"], "media": f"data/media/train/{w.split}.json"}),
+        json=lambda w: train_split(w)["json"],
     output:
-        directory("data/shards/{shardset}/train/{split}"),
-    threads: config["shards"]["workers"]
+        directory("data/media/train/{split}"),
     params:
-        root=lambda w: f"--root {train_split(w)['root']}" if "root" in train_split(w) else "",
-        settings=shard_settings,
+        root=train_root,
+        items_per_part=config["shards"]["items_per_part"],
     log:
-        "results/logs/shard_train_{shardset}_{split}.log",
+        "results/logs/plan_train_parts_{split}.log",
     conda:
         MERV_ENV
     shell:
-        "merv shard {input.json} {params.root} --out {output} --frames {params.settings[frames]}"
+        "merv plan-parts {input.json} --root {params.root} --items-per-part {params.items_per_part} --out {output}"
+        " > {log} 2>&1"
+
+
+rule shard_train_part:
+    input:
+        # ancient: a new plan rewrites every part's files; a part reruns when its content changes (params.content:
+        # its samples and its media's size and mtime), which a replaced video also does (common.smk restats them)
+        plan=lambda w: ancient(train_plan(w)),
+    output:
+        directory("data/shards/{shardset}/parts/train/{split}/{part}"),
+    threads: config["shards"]["workers"]
+    params:
+        content=train_part_digest,
+        part=lambda w: f"{train_plan(w)}/{w.part}.json",
+        root=train_root,
+        settings=shard_settings,
+    log:
+        "results/logs/shard_train_part_{shardset}_{split}_{part}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv shard {params.part} --root {params.root} --out {output} --frames {params.settings[frames]}"
         " --size {params.settings[size]} {params.settings[options]} --workers {threads} --no-progress > {log} 2>&1"
+
+
+rule gather_train_shards:
+    input:
+        train_parts,
+    output:
+        directory("data/shards/{shardset}/train/{split}"),
+    log:
+        "results/logs/gather_train_shards_{shardset}_{split}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv gather-shards {input} --out {output} > {log} 2>&1"
 
 
 rule shard_benchmark:
