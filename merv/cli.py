@@ -67,7 +67,7 @@ def cmd_pretrain(args):
     from merv.pretrain.train import pretrain_encoder
 
     cfg = pretrain_config_from_dict(json.loads(args.config), where="--config")
-    report = pretrain_encoder(cfg, Path(args.out), threads=args.threads)
+    report = pretrain_encoder(cfg, Path(args.out))
     log.info("held-out pretext accuracy %s (chance %s)", report["held_out_accuracy"], report["chance"])
 
 
@@ -190,9 +190,11 @@ def launch_config(args):
 
 
 def cmd_train(args):
+    from merv.config import with_loader_workers
     from merv.train.loop import train_stage
 
-    run = load_config_spec(args.config)
+    # the worker count is part of the sample order: named in the run config, so the checkpoint records it
+    run = with_loader_workers(load_config_spec(args.config), args.workers)
     run.train.stage(args.stage)  # an unknown stage fails here, before anything is submitted
     features = parse_features(args.features)
     if args.launcher == "none":
@@ -426,12 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pretrain a tiny encoder on its synthetic pretext task (merv.pretrain)")
     s.add_argument("--config", required=True, help="inline JSON of one config `pretrain:` entry")
     s.add_argument("--out", required=True, help="folder for the weights and pretext.json")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    add_compute_options(s)
     s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("report", help="the paper's tables and figures across models (merv.report)")
     s.add_argument("--spec", required=True, help="inline JSON: models, their results and checkpoints, benchmarks")
     s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
+    add_compute_options(s)
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("fetch-weights", help="download a model's missing weights from their sources (hub, timm)")
@@ -485,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read this encoder's cached features (merv features) instead of running it; repeat per encoder",
     )
     s.add_argument("--no-progress", action="store_true")
+    add_compute_options(s, workers=True)
     add_launch_options(s)
     s.set_defaults(func=cmd_train)
 
@@ -497,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16, help="samples per encoder forward")
     s.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu, cuda or cuda:N")
     s.add_argument("--no-progress", action="store_true")
+    add_compute_options(s)
     add_launch_options(s)
     s.set_defaults(func=cmd_features)
 
@@ -514,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", default="results/eval_cache", help="cache folder of answers and verdicts")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_runtime_options(s)
+    add_compute_options(s)
     g = s.add_argument_group(
         "judge (open-ended)",
         "an OpenAI-compatible chat-completions endpoint; each setting also comes from MERV_JUDGE_URL, "
@@ -595,6 +601,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_compute_options(s: argparse.ArgumentParser, workers: bool = False) -> None:
+    """``--threads`` / ``--isa`` (config ``compute``) of a command that computes: applied by :func:`main` before
+    anything runs (merv.runtime.reproducible), so its float results are the same bytes in every run."""
+    from merv.config import ComputeConfig
+
+    g = s.add_argument_group("compute (config `compute`: what the float results depend on)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=ComputeConfig.threads,
+        help=f"CPU compute threads, whatever cores the job was given (default {ComputeConfig.threads})",
+    )
+    g.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default=ComputeConfig.isa,
+        help=f"CPU code path: this CPU's own, or AVX2 on every machine (default {ComputeConfig.isa})",
+    )
+    if workers:
+        g.add_argument(
+            "--workers",
+            type=int,
+            default=ComputeConfig.loader_workers,
+            help="DataLoader workers when the stage names no num_workers (part of the sample order; "
+            f"default {ComputeConfig.loader_workers})",
+        )
+
+
 def add_launch_options(s: argparse.ArgumentParser) -> None:
     """How a job runs: in this process (or under torchrun), or submitted through submitit."""
     g = s.add_argument_group("launch (submitit)")
@@ -633,6 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     from merv.eval.judge import JudgeUnavailable
 
     try:
+        if hasattr(args, "threads"):  # a command that computes: pinned before torch runs anything
+            from merv.runtime import reproducible
+
+            log.debug("compute settings: %s", reproducible(args.threads, args.isa))
         args.func(args)
     except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable) as e:
         if args.verbose:

@@ -188,7 +188,7 @@ class StageConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     activation_checkpointing: bool = False
     fsdp: Literal["full_shard", "shard_grad_op"] = "full_shard"  # used when training on several processes
-    num_workers: int | None = None  # DataLoader processes per rank decoding frames (None: from the free cores)
+    num_workers: int | None = None  # DataLoader processes per rank (None: compute.loader_workers); sets the order
     prefetch: int = 4  # batches each DataLoader worker prepares ahead
     # The loss projects only the positions that have a target through the LM head ("targets": no [B, S, vocab]
     # logits), or every position ("all": the reference path). kernels "liger" (GPU): Liger's RMSNorm/SwiGLU/RoPE
@@ -252,6 +252,45 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         return fingerprint(self.to_dict())
+
+
+CpuIsa = Literal["native", "avx2"]
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How every computing job runs its numerics (config ``compute``): what makes CPU float results bit-identical.
+
+    ``threads`` is part of what a job computes (a float sum split over 2 threads is not the one over 1), so it comes
+    from here, never from the cores a scheduler happens to give. ``isa``: ``native`` runs the fastest code path of
+    this CPU (results are identical on CPUs of the same instruction set); ``avx2`` pins MKL, ATen and oneDNN to
+    their AVX2 code paths, so AVX-512 and AVX2 machines compute the same bytes (see docs/reproducibility.md).
+    ``loader_workers``: DataLoader processes of a training stage whose config names no ``num_workers``; the worker
+    count is part of the sample order."""
+
+    threads: int = 2
+    isa: CpuIsa = "native"
+    loader_workers: int = 1
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError(f"compute.threads must be >= 1, got {self.threads}")
+        if self.loader_workers < 0:
+            raise ValueError(f"compute.loader_workers must be >= 0, got {self.loader_workers}")
+
+
+def compute_config_from_dict(data: dict | None, where: str = "compute") -> ComputeConfig:
+    return _parse(ComputeConfig, data or {}, where)
+
+
+def with_loader_workers(run: RunConfig, workers: int) -> RunConfig:
+    """``run`` with ``workers`` DataLoader workers in every stage that names none (``num_workers: null``)."""
+    if workers < 0:
+        raise ValueError(f"loader workers must be >= 0, got {workers}")
+    stages = tuple(
+        s if s.num_workers is not None else dataclasses.replace(s, num_workers=workers) for s in run.train.stages
+    )
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, stages=stages))
 
 
 # --------------------------------------------------------------------------------------------------------------

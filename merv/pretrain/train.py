@@ -26,6 +26,7 @@ from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.tiny import init_encoder, save_encoder
 from merv.pretrain.config import PretrainConfig
 from merv.pretrain.data import label_classes, pretext_batch
+from merv.runtime import runtime_record
 from merv.train.loop import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,9 @@ def accuracy(encoder: VisualEncoder, head: PretextHead, batch) -> dict[str, floa
     return hits(head(encoder(prepare(encoder, batch.frames))), batch.labels)
 
 
-def pretrain_encoder(cfg: PretrainConfig, out: str | Path, threads: int | None = None) -> dict:
-    """Train ``cfg``'s encoder, write it to ``out`` (weights + ``pretext.json``), return the report."""
-    if threads:
-        torch.set_num_threads(threads)
+def pretrain_encoder(cfg: PretrainConfig, out: str | Path) -> dict:
+    """Train ``cfg``'s encoder, write it to ``out`` (weights + ``pretext.json``), return the report. Its threads and
+    CPU code path are the process's (``merv pretrain --threads``: merv.runtime.reproducible)."""
     return train_encoder(cfg, Path(out))[1]
 
 
@@ -160,6 +160,7 @@ def train_encoder(cfg: PretrainConfig, out: Path) -> tuple[VisualEncoder, dict]:
         "loss_last": float(np.mean(losses[-window:])),
         "losses": [round(x, 5) for x in losses],
         "reload_max_abs_diff": max_diff,
+        "runtime": runtime_record(),
         "seconds": round(seconds, 1),
     }
     (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")

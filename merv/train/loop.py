@@ -27,6 +27,7 @@ from merv.data.shards import read_manifest
 from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
+from merv.runtime import runtime_record
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
 from merv.train.state import latest_state, load_state, save_state, work_dir
@@ -71,10 +72,11 @@ class Preempted(Exception):
 
 
 def default_workers(d: Dist) -> int:
-    """DataLoader workers per rank when the stage does not say: the cores this rank can spare (up to 4)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
-    return max(0, min(4, cores // max(1, local_ranks) - 1))
+    """DataLoader workers per rank when the stage does not say: config ``compute.loader_workers``'s default, never the
+    machine's core count (the worker count is part of the sample order; ``merv train --workers`` names it)."""
+    from merv.config import ComputeConfig
+
+    return ComputeConfig.loader_workers
 
 
 def build_model(run: RunConfig, stage: StageConfig, init: Path | None) -> tuple[MERV, set[str], str | None]:
@@ -295,6 +297,7 @@ def train_stage(
         },
         "config_fingerprint": config_fingerprint,
         "project": project_record(out),  # where relative weight paths were found (see merv.weights)
+        "runtime": runtime_record(),  # threads and CPU code path: what the float bytes depend on besides the inputs
         "final_loss": float(np.mean([m["loss"] for m in metrics[-max(1, total_steps // 10) :]])),
         "seconds": round(time.time() - start, 1),
     }

@@ -13,6 +13,7 @@ from merv.pipeline import (
     weights_inputs,
     weights_kind,
 )
+from merv.config import compute_config_from_dict
 from merv.pretrain.config import PRETRAINED_DIR
 
 MERV_ENV = "../../envs/merv.yaml"
@@ -33,10 +34,20 @@ wildcard_constraints:
     shardset="|".join(config["shards"]["sets"]),
 
 
-def whole_machine():
-    """Threads of a job that should have the machine to itself: every core given locally (--cores), one elsewhere
-    (a cluster job's CPUs are the profile's `cpus_per_task`)."""
-    return workflow.resource_settings.cores or 1
+# How computing jobs run their numerics (config `compute`): their threads come from here, never from the cores
+# Snakemake grants a job (it exports OMP_NUM_THREADS = the job's `threads`, which `merv --threads` overrides).
+COMPUTE = compute_config_from_dict(config.get("compute"))
+
+
+def compute_threads():
+    """The cores a computing job reserves: the threads it computes with (so jobs side by side never oversubscribe
+    the machine; Snakemake lowers a reservation to --cores, which leaves the job's own threads as they are)."""
+    return COMPUTE.threads
+
+
+def compute_flags():
+    """`merv` options that fix a job's float results: threads and CPU code path (a param: changing one reruns)."""
+    return f"--threads {COMPUTE.threads} --isa {COMPUTE.isa}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
