@@ -8,12 +8,15 @@ data uses:
 - training JSON in the Video-LLaVA conversation layout (``align.json`` captions, ``finetune.json`` QA),
 - evaluation benchmarks in the MERV ``eval_data`` layout (``test_q.json``, ``test_a.json``, ``videos/``).
 
-Options of a multiple-choice question are listed in a fixed order per question type: the tiny CPU model then only
-has to learn perception, not to match option text, and chance is still 1/len(options).
+Each evaluation clip has one question; every benchmark asks each question type equally often (a score per type is
+then as precise as the next). Options of a multiple-choice question are listed in a fixed order per question type:
+the tiny CPU model then only has to learn perception, not to match option text, and chance is still
+1/len(options).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -134,6 +137,14 @@ def _render_all(clips: list[Clip], video_dir: Path, size: int, num_frames: int, 
         write_mp4(video_dir / f"{clip.name}.mp4", render(clip, size, num_frames, size // 5), fps)
 
 
+def balanced_types(rng: random.Random, n: int) -> list[str]:
+    """A question type for each of ``n`` clips: every type equally often (the first ``n % 4`` types once more),
+    in a random order."""
+    types = list(itertools.islice(itertools.cycle(QUESTIONS), n))
+    rng.shuffle(types)
+    return types
+
+
 def _answer(clip: Clip, qtype: str) -> str:
     return getattr(clip, QUESTIONS[qtype][2])
 
@@ -199,8 +210,7 @@ def write_dataset(
         bench_dir = out / "eval_data" / bench
         _render_all(eval_clips, bench_dir / "videos", size, num_frames, fps)
         questions, answers = [], []
-        for c in eval_clips:
-            qtype = rng.choice(tuple(QUESTIONS))
+        for c, qtype in zip(eval_clips, balanced_types(rng, len(eval_clips)), strict=True):
             question, options, _ = QUESTIONS[qtype]
             qid = f"{c.name}_{qtype}"
             answer = _answer(c, qtype)

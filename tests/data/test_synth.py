@@ -4,11 +4,12 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from merv.data.synth import QUESTIONS, render, sample_clip, write_dataset, write_mp4
+from merv.data.synth import QUESTIONS, balanced_types, render, sample_clip, write_dataset, write_mp4
 from merv.data.video import read_frames
 from merv.prompting import mcq_prompt, option_letters
 
@@ -27,6 +28,15 @@ def test_dataset_layout(synth_dir):
         assert all((d / "videos" / f"{q['video_name']}.mp4").is_file() for q in qs)
     mcq = json.loads((synth_dir / "eval_data" / "synth_mcq" / "test_q.json").read_text())[0]
     assert mcq["num_option"] == len(mcq["options"])
+
+
+def test_every_question_type_is_asked_equally_often(synth_dir):
+    for bench in ("synth_mcq", "synth_open"):  # 6 questions: two types twice, two once
+        qs = json.loads((synth_dir / "eval_data" / bench / "test_q.json").read_text())
+        assert sorted(Counter(q["question_type"] for q in qs).values()) == [1, 1, 2, 2]
+    types = balanced_types(random.Random(0), 600)
+    assert Counter(types) == dict.fromkeys(QUESTIONS, 150)
+    assert types[:8] != list(QUESTIONS) * 2, "in a random order, not cycling"
 
 
 def test_questions_need_appearance_and_motion():

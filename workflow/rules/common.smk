@@ -183,6 +183,8 @@ def eval_options():
     """What the numbers depend on; changing one reruns the evaluation jobs (their answers come from the cache)."""
     cfg = config["eval"]
     flags = [f"--mcq {cfg['mcq']}", f"--batch-size {cfg['batch_size']}"]
+    if cfg.get("limit"):
+        flags.append(f"--limit {cfg['limit']}")
     if cfg["max_new_tokens"]:
         flags.append(f"--max-new-tokens {cfg['max_new_tokens']}")
     for key in ("url", "model", "preset"):
