@@ -38,10 +38,11 @@ class PretrainConfig:
     seed: int = 1  # pretext data and initialisation; the benchmark's data never enters
     render_size: int = 64  # frames are rendered at this size, then resized by the encoder's own transform
     eval_samples: int = 256  # held-out pretext samples for the accuracy in pretext.json
+    curve_points: int = 20  # times held-out accuracy is measured during training (the curve in pretext.json)
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1:
-            raise ValueError("pretrain: steps, batch_size and eval_samples must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1 or self.curve_points < 1:
+            raise ValueError("pretrain: steps, batch_size, eval_samples and curve_points must be >= 1")
         if self.lr <= 0 or self.render_size < 16:
             raise ValueError(f"pretrain: lr must be > 0 and render_size >= 16, got {self.lr}, {self.render_size}")
 
