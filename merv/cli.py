@@ -71,6 +71,27 @@ def cmd_pretrain(args):
     log.info("held-out pretext accuracy %s (chance %s)", report["held_out_accuracy"], report["chance"])
 
 
+def cmd_probe(args):
+    import tempfile
+
+    from merv.pretrain.config import ProbeSettings, pretrain_config_from_dict
+    from merv.pretrain.probe import probe_encoders, write_probe
+
+    section = json.loads(args.pretrain)
+    specs = {name: pretrain_config_from_dict(spec, f"pretrain.{name}") for name, spec in section.items()}
+    unknown = sorted(set(args.encoder) - set(specs))
+    if unknown:
+        raise ValueError(f"--encoder {unknown}: not in the pretrain config (it has {sorted(specs)})")
+    if args.encoder:
+        specs = {name: specs[name] for name in args.encoder}
+    settings = ProbeSettings(train_clips=args.train_clips, test_clips=args.test_clips, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="merv-probe-") as scratch:
+        rows = probe_encoders(specs, Path(args.root), settings, scratch)
+    written = write_probe(rows, settings, Path(args.out))
+    print((Path(args.out) / "probe.md").read_text(), end="")
+    log.info("wrote %s", ", ".join(str(p) for p in written))
+
+
 def cmd_report(args):
     from merv.report.tables import report_config_from_dict, write_report
 
@@ -430,6 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for the weights and pretext.json")
     add_compute_options(s)
     s.set_defaults(func=cmd_pretrain)
+
+    from merv.pretrain.config import PRETRAINED_DIR
+    from merv.pretrain.config import ProbeSettings as Probe
+
+    s = sub.add_parser(
+        "probe", help="linear probes of the pretrained encoders: colour, shape, direction (merv.pretrain)"
+    )
+    s.add_argument("--pretrain", required=True, help="inline JSON of config `pretrain:` (name -> entry)")
+    s.add_argument("--encoder", action="append", default=[], help="probe only this pretrain entry (repeatable)")
+    s.add_argument(
+        "--root", default=PRETRAINED_DIR, help=f"folder of the pretrained encoders (default {PRETRAINED_DIR})"
+    )
+    s.add_argument("--out", required=True, help="folder for probe.csv, probe.md and probe.json")
+    s.add_argument("--train-clips", type=int, default=Probe.train_clips, help=f"default {Probe.train_clips}")
+    s.add_argument("--test-clips", type=int, default=Probe.test_clips, help=f"default {Probe.test_clips}")
+    s.add_argument("--seed", type=int, default=Probe.seed, help=f"the probe's clips (default {Probe.seed})")
+    add_compute_options(s)
+    s.set_defaults(func=cmd_probe)
 
     s = sub.add_parser("report", help="the paper's tables and figures across models (merv.report)")
     s.add_argument("--spec", required=True, help="inline JSON: models, their results and checkpoints, benchmarks")

@@ -98,3 +98,22 @@ def with_pretrained_encoders(
         run.model, encoders=tuple(replaced.get(e.id, e) for e in run.model.encoders)
     )
     return dataclasses.replace(run, model=model)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the pretrained encoders are probed (``merv probe``, merv.pretrain.probe)."""
+
+    train_clips: int = 800
+    test_clips: int = 400
+    seed: int = 1234  # the probe's clips: not the benchmark's (config synth.seed) nor a pretext's
+    size: int = 64  # rendered frame size (the benchmark's)
+    frames: int = 16  # rendered frames per clip (the benchmark's)
+    l2: float = 1e-3  # L2 weight of the logistic regression (on standardised features)
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.train_clips < 2 or self.test_clips < 1:
+            raise ValueError(
+                f"probe: need >= 2 training clips and >= 1 test clip, got {self.train_clips}, {self.test_clips}"
+            )
