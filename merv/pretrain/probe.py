@@ -1,10 +1,18 @@
 """Linear probes of the pretrained encoders: how well does each encoder's frozen output tell the benchmark's colour,
 shape, first and last direction? The specialisation MERV's thesis needs, measured.
 
-The clips come from the *benchmark's* generator (:mod:`merv.data.synth`: four colours, three shapes, four
-directions, a turn half-way), drawn from the probe's own seed: never the benchmark's clips. They are rendered in
-memory (no H.264, no JPEG), and each encoder sees them as MERV feeds it: its frame count sampled uniformly from the
-clip's frames, through its own transform.
+Two sets of clips, each from the probe's own seed (never the benchmark's clips nor a pretext's training data),
+rendered in memory (no H.264, no JPEG):
+
+- the *benchmark's* generator (:mod:`merv.data.synth`: four colours, three shapes of one size on a grey checkerboard,
+  four directions, a turn half-way): ``colour``, ``shape``, ``first_direction``, ``last_direction``;
+- the *pretext* generators (:mod:`merv.pretrain.data`, harder): ``pretext_shape``, one of eight shapes of random size
+  and colour on a random texture, still (a single frame repeated), and ``pretext_direction``, one of eight compass
+  directions or still, of a textured object over a textured background, the same all clip long (clips whose path
+  turns are left out).
+
+Each encoder sees them as MERV feeds it: its frame count sampled uniformly from the clip's 16 frames, through its own
+transform.
 
 Features: the encoder's output ``[T', N, C]`` averaged over the N patch tokens, its T' temporal positions kept
 (concatenated: ``T' x C``), so that "first" and "last" direction stay tellable apart, as they are for MERV's
@@ -29,6 +37,7 @@ from merv.data.synth import COLOURS, DIRECTIONS, QUESTIONS, SHAPES, render, samp
 from merv.data.video import sample_frame_indices
 from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.tiny import init_encoder, save_encoder
+from merv.pretrain import data as pretext
 from merv.pretrain.config import PretrainConfig, ProbeSettings
 
 LABELS = {
@@ -36,7 +45,10 @@ LABELS = {
     "shape": SHAPES,
     "first_direction": tuple(DIRECTIONS),
     "last_direction": tuple(DIRECTIONS),
+    "pretext_shape": pretext.SHAPES,
+    "pretext_direction": pretext.DIRECTIONS,
 }
+BENCHMARK_LABELS = ("colour", "shape", "first_direction", "last_direction")
 ATTRIBUTE = {qtype: attr for qtype, (_, _, attr) in QUESTIONS.items()}  # label -> Clip attribute
 
 
@@ -50,6 +62,23 @@ def probe_clips(settings: ProbeSettings) -> tuple[list, np.ndarray]:
     ]
     frames = np.stack([render(c, settings.size, settings.frames, travel) for c in clips])
     return clips, frames
+
+
+def pretext_clips(settings: ProbeSettings) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{label: (frames [n, T, S, S, 3], classes [n])}`` of the pretext generators' probe sets (training clips
+    first): still clips of one of eight shapes, and clips moving one way (or still) all along."""
+    n, size = settings.train_clips + settings.test_clips, settings.size
+    shapes = pretext.appearance_batch(np.random.default_rng([settings.seed, 1]), n, size, grid=4)
+    rng, frames, directions = np.random.default_rng([settings.seed, 2]), [], []
+    while sum(len(f) for f in frames) < n:
+        batch = pretext.motion_batch(rng, 64, size, settings.frames, tubelet=2, grid=4)
+        straight = (batch.labels["direction"] == batch.labels["direction"][:, :1]).all(axis=1)
+        frames.append(batch.frames[straight])
+        directions.append(batch.labels["direction"][straight, 0])
+    return {
+        "pretext_shape": (shapes.frames, shapes.labels["shape"]),  # one frame: every sampled frame is it
+        "pretext_direction": (np.concatenate(frames)[:n], np.concatenate(directions)[:n]),
+    }
 
 
 @torch.no_grad()
@@ -105,16 +134,20 @@ def probe_encoders(
     """One row per encoder and state (``pretrained`` from ``root/<name>``, ``random init`` built in ``scratch``):
     test accuracy of each label's probe."""
     clips, frames = probe_clips(settings)
-    labels = {k: np.array([values.index(getattr(c, ATTRIBUTE[k])) for c in clips]) for k, values in LABELS.items()}
+    sets = [
+        (frames, {k: np.array([LABELS[k].index(getattr(c, ATTRIBUTE[k])) for c in clips]) for k in BENCHMARK_LABELS})
+    ]
+    sets += [(f, {label: y}) for label, (f, y) in pretext_clips(settings).items()]
     rows = []
     for name, spec in specs.items():
         trained = build_encoder(spec.encoder_config(Path(root) / name))
         for state, encoder in (("pretrained", trained), ("random init", random_init(spec, Path(scratch) / name))):
-            feats = encoder_features(encoder, frames, settings.batch_size)
             row = {"encoder": name, "architecture": f"{spec.preset}:{spec.encoder}", "task": spec.task, "state": state}
-            for label, values in LABELS.items():
-                acc = probe_accuracy(feats, labels[label], len(values), settings.train_clips, settings.l2)
-                row[label] = round(acc, 4)
+            for clip_frames, labels in sets:
+                feats = encoder_features(encoder, clip_frames, settings.batch_size)
+                for label, y in labels.items():
+                    acc = probe_accuracy(feats, y, len(LABELS[label]), settings.train_clips, settings.l2)
+                    row[label] = round(acc, 4)
             rows.append(row)
     return rows
 
@@ -133,8 +166,10 @@ def write_probe(rows: list[dict], settings: ProbeSettings, out: str | Path) -> l
     base = chance(settings)
     md = [
         "**Linear probes of the pretrained encoders** (test accuracy in %, frozen features, "
-        f"{settings.train_clips} training / {settings.test_clips} test clips of the benchmark's generator, seed "
-        f"{settings.seed})",
+        f"{settings.train_clips} training / {settings.test_clips} test clips per label, seed {settings.seed}): "
+        "colour, shape, first and last direction on clips of the benchmark's generator; pretext shape (8 shapes, "
+        "random size, textured) and pretext direction (8 directions or still, textured) on clips of the pretext "
+        "generators",
         "",
         "| encoder | task | state | " + " | ".join(f"{k.replace('_', ' ')}" for k in LABELS) + " |",
         "| --- | --- | --- | " + " | ".join("---:" for _ in LABELS) + " |",

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from merv.pretrain.config import PretrainConfig, ProbeSettings
-from merv.pretrain.probe import LABELS, fit_logistic, probe_accuracy, probe_clips, probe_encoders, write_probe
+from merv.pretrain.probe import (
+    LABELS,
+    fit_logistic,
+    pretext_clips,
+    probe_accuracy,
+    probe_clips,
+    probe_encoders,
+    write_probe,
+)
 from merv.pretrain.train import train_encoder
 
 
@@ -48,6 +56,16 @@ def test_probe_clips_are_the_benchmarks_kind_and_not_its_clips():
     assert clips == again
 
 
+def test_pretext_probe_clips_have_one_label_all_along():
+    sets = pretext_clips(ProbeSettings(train_clips=20, test_clips=10, seed=5))
+    shapes, kinds = sets["pretext_shape"]
+    assert shapes.shape == (30, 1, 64, 64, 3) and set(kinds) <= set(range(len(LABELS["pretext_shape"])))
+    clips, directions = sets["pretext_direction"]
+    assert clips.shape == (30, 16, 64, 64, 3) and set(directions) <= set(range(len(LABELS["pretext_direction"])))
+    moved = [np.abs(c[-1].astype(int) - c[0].astype(int)).sum() > 0 for c in clips]
+    assert moved == [d != 0 for d in directions], "still clips (direction 0) do not move, the others do"
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """Both pretext encoders, trained a few steps into data/weights/pretrained's layout."""
@@ -75,9 +93,10 @@ def test_probe_table_rows_and_files(pretrained, tmp_path):
     written = write_probe(rows, settings, tmp_path / "out")
     assert [p.name for p in written] == ["probe.csv", "probe.md", "probe.json"]
     csv = (tmp_path / "out" / "probe.csv").read_text().splitlines()
-    assert csv[0] == "encoder,architecture,task,state,colour,shape,first_direction,last_direction" and len(csv) == 5
+    labels = "colour,shape,first_direction,last_direction,pretext_shape,pretext_direction"
+    assert csv[0] == f"encoder,architecture,task,state,{labels}" and len(csv) == 5
     md = (tmp_path / "out" / "probe.md").read_text()
-    assert "| chance | | | 25.0 | 33.3 | 25.0 | 25.0 |" in md
+    assert "| chance | | | 25.0 | 33.3 | 25.0 | 25.0 | 12.5 | 11.1 |" in md
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["rows"] == rows
 
 
