@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def small_config() -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["synth"].update(train_videos=8, eval_videos=4)
+    cfg["synth"].update(train_videos=32, eval_videos=4)  # two steps of 16: the full batch size
     cfg["shards"]["target_size"] = "200KB"
     for model in ("merv_tiny", "tiny_motion"):  # random encoders: no pretraining, lean
         cfg["models"][model]["pretrained_encoders"] = {}
