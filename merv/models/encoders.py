@@ -59,6 +59,47 @@ class VisualEncoder(nn.Module, ABC):
         """``[B, T, 3, S, S]`` -> ``[B, T', N, C]``."""
 
 
+def conv_stem_patch_embed():
+    """timm's ``PatchEmbed`` with a convolutional stem instead of one strided projection: 3x3 stride-2 convolutions
+    (batch norm, ReLU) down to the patch size, then a 1x1 to the embedding width, the stem of "Early Convolutions
+    Help Transformers See Better" (Xiao et al., 2021). Same tokens, same grid; what a tiny ViT needs to learn shape
+    from a few thousand steps (a plain 16x16 projection learned none of it: docs/encoders.md)."""
+    import math
+
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stride, width = self.patch_size[0], self.proj.out_channels
+            steps = int(math.log2(stride))
+            if 2**steps != stride or self.patch_size[0] != self.patch_size[1]:
+                raise ValueError(f"a convolutional stem needs a square power-of-two patch size, got {self.patch_size}")
+            layers, channels = [], self.proj.in_channels
+            for i in range(steps):  # widths ..., width/4, width/2, width: doubling as the resolution halves
+                out = max(8, width >> (steps - 1 - i))
+                layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                channels = out
+            self.proj = nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+    return ConvStemPatchEmbed
+
+
+# ``model_kwargs: {embed_layer: <name>}`` of a timm ViT: a patch embedding by name (YAML cannot hold a class)
+EMBED_LAYERS = {"conv_stem": conv_stem_patch_embed}
+
+
+def timm_kwargs(cfg: EncoderConfig) -> dict:
+    """``cfg.model_kwargs`` as timm's ``create_model`` takes them (a named ``embed_layer`` resolved to its class)."""
+    kwargs = dict(cfg.model_kwargs)
+    if "embed_layer" in kwargs:
+        name = kwargs["embed_layer"]
+        if name not in EMBED_LAYERS:
+            raise ValueError(f"encoder {cfg.id!r}: unknown embed_layer {name!r}; known: {sorted(EMBED_LAYERS)}")
+        kwargs["embed_layer"] = EMBED_LAYERS[name]()
+    return kwargs
+
+
 class TimmImageEncoder(VisualEncoder):
     """Any timm vision transformer applied to each frame independently (SigLIP, DINOv2, ViT ...)."""
 
@@ -75,7 +116,7 @@ class TimmImageEncoder(VisualEncoder):
             pretrained=True,
             pretrained_cfg_overlay={"file": str(path)},
             num_classes=0,
-            **cfg.model_kwargs,
+            **timm_kwargs(cfg),
         )
         if cfg.feature_layer is not None:
             if not hasattr(self.model, "blocks"):
