@@ -68,15 +68,21 @@ def prepare(encoder: VisualEncoder, frames: np.ndarray) -> torch.Tensor:
     return torch.stack([encoder.transform(clip) for clip in frames])
 
 
-def pretext_loss(logits: dict[str, torch.Tensor], labels: dict[str, np.ndarray]) -> torch.Tensor:
-    """Cross-entropy of every class label, binary cross-entropy of every mask cell, summed."""
+def pretext_loss(
+    logits: dict[str, torch.Tensor], labels: dict[str, np.ndarray], weights: dict[str, float] | None = None
+) -> torch.Tensor:
+    """Cross-entropy of every class label, binary cross-entropy of every mask cell, summed with ``weights`` (1 for a
+    label they do not name; a label of weight 0 is not computed)."""
     total = 0.0
     for k, lg in logits.items():
+        weight = (weights or {}).get(k, 1.0)
+        if not weight:
+            continue
         target = torch.as_tensor(labels[k])
         if k.endswith("_mask"):
-            total = total + F.binary_cross_entropy_with_logits(lg, target)
+            total = total + weight * F.binary_cross_entropy_with_logits(lg, target)
         else:
-            total = total + F.cross_entropy(lg.flatten(0, -2), target.flatten())
+            total = total + weight * F.cross_entropy(lg.flatten(0, -2), target.flatten())
     return total
 
 
@@ -175,7 +181,7 @@ def train_encoder(cfg: PretrainConfig, out: Path) -> tuple[VisualEncoder, dict]:
         encoder.train()
         head.train()
         data = batch(rng, cfg.batch_size)
-        loss = pretext_loss(head(encoder(prepare(encoder, data.frames))), data.labels)
+        loss = pretext_loss(head(encoder(prepare(encoder, data.frames))), data.labels, cfg.loss_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

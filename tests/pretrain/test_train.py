@@ -68,3 +68,18 @@ def test_measuring_the_curve_does_not_change_the_training(tmp_path):
 def test_curve_steps():
     assert curve_steps(30, 20) == {2, 3, 4, 6, 8, 9, 10, 12, 14, 15, 16, 18, 20, 21, 22, 24, 26, 27, 28, 30}
     assert curve_steps(3, 20) == {1, 2, 3} and curve_steps(1500, 5) == {300, 600, 900, 1200, 1500}
+
+
+def test_loss_weights_scale_each_label_and_zero_leaves_it_out():
+    from merv.pretrain.train import pretext_loss
+
+    torch.manual_seed(0)
+    logits = {"shape": torch.randn(4, 8), "hue": torch.randn(4, 12), "object_mask": torch.randn(4, 1, 16, 16)}
+    labels = {"shape": np.array([0, 1, 2, 3]), "hue": np.array([4, 5, 6, 7]),
+              "object_mask": (np.arange(4 * 16 * 16).reshape(4, 1, 16, 16) % 2).astype(np.float32)}  # fmt: skip
+    each = {k: pretext_loss({k: v}, labels) for k, v in logits.items()}
+    assert torch.allclose(pretext_loss(logits, labels), sum(each.values()))
+    weighted = pretext_loss(logits, labels, {"hue": 0, "object_mask": 0.5})
+    assert torch.allclose(weighted, each["shape"] + 0.5 * each["object_mask"])
+    with pytest.raises(ValueError, match=r"loss_weights names \['direction'\], not labels of task 'appearance'"):
+        PretrainConfig(preset="merv-tiny", encoder="vit", task="appearance", loss_weights={"direction": 1.0})
