@@ -716,7 +716,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"merv {args.command}: error: {e}", file=sys.stderr)
         return 1
+    log.info("merv %s: %s", args.command, resource_line())
     return 0
+
+
+def resource_line() -> str:
+    """CPU seconds (user + system, this process and the children it waited for) and peak memory: what a job cost,
+    which, unlike its wall time, barely depends on what else runs on the machine (benchmarks/pipeline_timing.py)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return f"cpu {cpu:.1f} s, max rss {max(own.ru_maxrss, children.ru_maxrss) / 1024:.0f} MB"
 
 
 if __name__ == "__main__":
