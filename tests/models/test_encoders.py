@@ -87,3 +87,29 @@ def test_feature_layer_out_of_range_is_a_clear_error(frozen):
     with pytest.raises(ValueError, match=r"encoder 'dinov2': feature_layer 5 is outside this 2-block model"):
         build_encoder(dataclasses.replace(cfg, feature_layer=5))
     assert [layer_index(k, 24, "x") for k in (-1, -2, 0, 24)] == [24, 23, 0, 24]
+
+
+def test_conv_stem_vit_saves_and_loads_through_timm(tmp_path):
+    """embed_layer: conv_stem builds timm's ViT with a convolutional stem: the same token grid as the strided patch
+    projection, saved as a timm state dict and loaded back by timm's pretrained loader (merv's path) unchanged."""
+    import dataclasses
+
+    from merv.models.tiny import init_encoder, save_encoder
+
+    vit = next(e for e in resolve_run_config("merv-tiny").model.encoders if e.id == "vit")
+    plain = dataclasses.replace(vit, weights=str(tmp_path / "plain.safetensors"))
+    stem = dataclasses.replace(plain, weights=str(tmp_path / "stem.safetensors"),
+                               model_kwargs={**vit.model_kwargs, "embed_layer": "conv_stem"})  # fmt: skip
+    torch.manual_seed(0)
+    module = init_encoder(stem)
+    assert [type(m).__name__ for m in module.patch_embed.proj][:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    save_encoder(stem, module)
+    save_encoder(plain, init_encoder(plain))
+    loaded, reference = build_encoder(stem).eval(), build_encoder(plain)
+    assert (loaded.tokens_per_frame, loaded.embed_dim) == (reference.tokens_per_frame, reference.embed_dim)
+    x = torch.randn(2, 4, 3, 64, 64)
+    with torch.no_grad():
+        expected = module.eval().forward_features(x.flatten(0, 1))[:, 1:].unflatten(0, (2, 4))
+        assert torch.equal(loaded(x), expected)
+    with pytest.raises(ValueError, match=r"encoder 'vit': unknown embed_layer 'convstem'; known: \['conv_stem'\]"):
+        build_encoder(dataclasses.replace(stem, model_kwargs={**vit.model_kwargs, "embed_layer": "convstem"}))
