@@ -266,9 +266,11 @@ class ComputeConfig:
     this CPU (results are identical on CPUs of the same instruction set); ``avx2`` pins MKL, ATen and oneDNN to
     their AVX2 code paths, so AVX-512 and AVX2 machines compute the same bytes (see docs/reproducibility.md).
     ``loader_workers``: DataLoader processes of a training stage whose config names no ``num_workers``; the worker
-    count is part of the sample order."""
+    count is part of the sample order. One thread a job by default: Snakemake runs as many jobs side by side as it
+    has cores, which uses them better than two threads a job and is far less hurt by other load (measured in
+    docs/reproducibility.md)."""
 
-    threads: int = 2
+    threads: int = 1
     isa: CpuIsa = "native"
     loader_workers: int = 1
 
