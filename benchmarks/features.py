@@ -182,8 +182,9 @@ def four_vs_one(tmp: Path, steps: int, batch: int, llm_width: int) -> dict:
     }
 
 
-def gpu_1b(tmp: Path, steps: int, batch: int) -> dict:
-    """The 1.1B LLM with merv-frozen's encoders at real size: stage-2 step on the fly vs from pooled features."""
+def gpu_1b(tmp: Path, steps: int, batch: int, scale: str = "1b", device: str = "cuda") -> dict:
+    """The 1.1B LLM with merv-frozen's encoders at real size: stage-2 step on the fly vs from pooled features
+    (``scale="toy"``, ``device="cpu"``: the same at toy size, for ``benchmarks/gpu_check.py --dry-run``)."""
     import dataclasses
 
     from train_step import build
@@ -191,27 +192,28 @@ def gpu_1b(tmp: Path, steps: int, batch: int) -> dict:
     from merv.models.merv import MERV
     from merv.train.loop import set_trainable
 
-    run = build("1b", tmp)
-    model = MERV.from_config(run.model).cuda()
+    run = build(scale, tmp)
+    model = MERV.from_config(run.model).to(device)
     set_trainable(model, ("projectors", "fusion", "llm"))
-    cached = pooled_batch(model, batch, 128, "cuda")
+    cached = pooled_batch(model, batch, 128, device)
     set_trainable(model, ("projectors", "fusion", "llm"))
     fly = dict(cached, features=None)
     fly["videos"] = {
-        n: torch.randn(batch, e.num_frames, 3, e.image_size, e.image_size, device="cuda")
+        n: torch.randn(batch, e.num_frames, 3, e.image_size, e.image_size, device=device)
         for n, e in model.encoders.items()
     }
     one = dict(cached, features={"siglip": cached["features"]["siglip"]})
-    single_cfg = dataclasses.replace(model.cfg, encoders=tuple(e for e in model.cfg.encoders if e.id == "siglip"))
     from merv.config import FusionConfig
 
-    single_cfg = dataclasses.replace(single_cfg, fusion=FusionConfig(kind="single"))
-    single = MERV(single_cfg, model.llm, model.tokenizer, {"siglip": model.encoders["siglip"]}).cuda()
+    siglip = tuple(e for e in model.cfg.encoders if e.id == "siglip")
+    single_cfg = dataclasses.replace(model.cfg, encoders=siglip, fusion=FusionConfig(kind="single"))
+    single = MERV(single_cfg, model.llm, model.tokenizer, {"siglip": model.encoders["siglip"]}).to(device)
     set_trainable(single, ("projectors", "fusion", "llm"))
-    times = step_medians({"fly": (model, fly), "cached": (model, cached), "one": (single, one)}, steps, 3, "cuda", True)
+    cases = {"fly": (model, fly), "cached": (model, cached), "one": (single, one)}
+    times = step_medians(cases, steps, min(3, steps), device, True)
     t_fly, t_cached, t_one = times["fly"], times["cached"], times["one"]
     return {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "batch": batch,
         "step_s_on_the_fly": round(t_fly, 4),
         "step_s_cached": round(t_cached, 4),

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                      # CPU: merv-tiny, fp32 (checks the script and the paths)
     python benchmarks/train_step.py --scale 1b           # GPU: ~1.1B Llama + the paper's four encoders, bf16
     python benchmarks/train_step.py --scale 1b --plan    # + the memory planner's table for batch x checkpointing
+    python benchmarks/train_step.py --scale toy          # merv-frozen's encoder families and a Llama at toy size
 
 ``--scale 1b`` builds, from configs with random weights, merv-frozen's four encoders at their real sizes
 (LanguageBind-Video ViT-L/14 with temporal attention, DINOv2 ViT-L/14-reg4, ViViT-B 16x2, SigLIP ViT-B/16) and a
@@ -60,6 +61,8 @@ def build(scale: str, tmp: Path):
     from merv.models.tiny import save_module
 
     run = build_standin_weights(resolve_run_config("merv-frozen"), tmp / "small")  # toy tokenizer + layout
+    if scale == "toy":
+        return run
     data = run.to_dict()
     import timm
     from transformers import VivitConfig, VivitModel
@@ -129,8 +132,9 @@ def make_batch(model, batch: int, text: int, device: str, cached: bool) -> dict:
     return out
 
 
-def time_variant(run, variant: dict, args, device: str, cached: bool) -> dict:
-    """Build the model, prepare it as the loop does for ``variant`` and time ``args.steps`` steps."""
+def time_variant(run, variant: dict, args, device: str, cached: bool, fsdp: bool | None = None) -> dict:
+    """Build the model, prepare it as the loop does for ``variant`` and time ``args.steps`` steps. ``fsdp=True`` on
+    the CPU keeps the variant's bf16 and shards the model as one GPU would (FSDP2's policy; a dry run)."""
     import dataclasses
 
     from merv.train.distributed import Dist
@@ -141,11 +145,13 @@ def time_variant(run, variant: dict, args, device: str, cached: bool) -> dict:
         **{k: v for k, v in variant.items() if not (k == "kernels" and not liger_available(device))},
     )  # fmt: skip
     if device == "cpu":
-        stage = dataclasses.replace(stage, mixed_precision="no", kernels="plain", compile=False)
+        stage = dataclasses.replace(
+            stage, kernels="plain", compile=False, **({} if fsdp else {"mixed_precision": "no"})
+        )
     torch.manual_seed(0)
     model = MERV.from_config(run.model)
     set_trainable(model, stage.trainable)
-    strategy = Strategy(stage, Dist(device=device))
+    strategy = Strategy(stage, Dist(device=device), fsdp=fsdp)
     model = strategy.prepare(model)
     optimizer = strategy.optimizer(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -221,7 +227,7 @@ def memory_plan(run, text: int, model=None) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=["tiny", "1b"], default="tiny")
+    p.add_argument("--scale", choices=["tiny", "toy", "1b"], default="tiny")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--text", type=int, default=128, help="text tokens per sample")
     p.add_argument("--steps", type=int, default=8)

@@ -27,8 +27,10 @@ def load_config_spec(spec: str):
             return resolve_run_config(data["preset"], data.get("overrides"))
         return run_config_from_dict(data, where="--config")
     path = Path(spec)
-    if path.is_file():
-        return run_config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    if path.is_file():  # JSON as JSON: YAML 1.1 reads json.dumps's 2e-05 as a string
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return run_config_from_dict(data, where=str(path))
     if spec in available_presets():
         return resolve_run_config(spec)
     raise ValueError(f"--config {spec!r} is neither a file nor a preset; presets: {available_presets()}")
@@ -106,9 +108,10 @@ def cmd_fetch_weights(args):
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     logging.getLogger("httpx").setLevel(logging.WARNING)
     run = load_config_spec(args.preset)
-    records = fetch_weights(run, args.root)
+    records = fetch_weights(run, args.root, allow_unpinned=args.allow_unpinned)
     for r in records:
-        log.info("%s: %s (%s)", r["name"], r["path"], "downloaded" if r["downloaded"] else "present")
+        state = "downloaded" if r["downloaded"] else "present"
+        log.info("%s: %s (%s, commit %s)", r["name"], r["path"], state, r["commit"] or "unknown: not fetched by merv")
     if args.record:
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)
         Path(args.record).write_text(json.dumps({"model": run.model.name, "weights": records}, indent=1) + "\n")
@@ -161,6 +164,17 @@ def cmd_shard(args):
     log.info("%s: %s", args.out, summary.line())
     if summary.bad:
         log.info("bad items are listed in %s", Path(args.out) / "quarantine.jsonl")
+
+
+def cmd_index_media(args):
+    from merv.data.media import build_index, write_index
+
+    index = build_index(Path(args.source), Path(args.root) if args.root else None)
+    write_index(index, Path(args.out))
+    missing = sum(1 for _, size, _ in index["media"] if size is None)
+    log.info("%s: %d media files indexed (%d missing)", args.out, len(index["media"]), missing)
+    if index["problem"]:
+        log.warning("%s: %s (left to sharding to report)", args.source, index["problem"])
 
 
 def cmd_inspect(args):
@@ -289,13 +303,19 @@ def cmd_eval(args):
             "preset": args.judge_preset,
             "api_key_env": args.judge_api_key_env,
             "api_key_file": args.judge_api_key_file,
+            "prompt_file": args.judge_prompt_file,
+            "unparseable": args.judge_unparseable,
             "concurrency": args.judge_concurrency,
             "timeout_s": args.judge_timeout,
             "max_attempts": args.judge_max_attempts,
         }
         cfg = resolve_judge_config(flags, section=section)
         judge = Judge(cfg) if cfg else None
-    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype)
+    from merv.digests import DigestMemo
+
+    # the weights' digests are remembered beside the answers they key (see merv.digests for the trade-off)
+    memo = DigestMemo(None if args.no_cache else Path(args.cache) / "digests.json")
+    handle = CheckpointHandle(args.model, device=args.device, dtype=args.dtype, memo=memo)
     cache = ResultCache(None if args.no_cache else args.cache)
     name = args.name or Path(args.data).name
     try:
@@ -319,11 +339,16 @@ def cmd_eval(args):
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (a temp file renamed into place), so a killed job never leaves half a result."""
+    """Write strict JSON atomically (a temp file renamed into place), so a killed job never leaves half a result;
+    a NaN or infinity is an error naming the file (strict JSON readers refuse them)."""
     path = Path(path)
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise ValueError(f"{path}: not written: {e} (a non-finite number reached the result)") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -339,10 +364,11 @@ def cmd_merge(args):
 
 def cmd_collect(args):
     from merv.config import fingerprint
+    from merv.eval.merge import read_result
 
     benchmarks = {}
     for path in args.results:
-        r = json.loads(Path(path).read_text())
+        r = read_result(path)
         if r.get("chunk", {}).get("count", 1) != 1:
             raise ValueError(f"{path}: a chunk result ({r['chunk']}); merge the chunks first (merv merge)")
         benchmarks[r["benchmark"]] = {
@@ -385,26 +411,37 @@ def cmd_generate(args):
     print(model.generate(args.video, builder.get_prompt(), max_new_tokens=args.max_new_tokens))
 
 
+def serve_settings(args):
+    """``merv serve``'s options as :class:`ServeSettings` (the API key from ``--api-key`` or ``MERV_API_KEY``)."""
+    from merv.serve.settings import API_KEY_ENV, ServeSettings
+
+    return ServeSettings(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        allowed_hosts=tuple(args.allowed_host),
+        allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
+        allowed_media_domains=tuple(args.allowed_media_domain),
+        allowed_media_networks=tuple(args.allowed_media_network),
+        max_media_redirects=args.max_media_redirects,
+        max_upload_mb=args.max_upload_mb,
+        download_timeout_s=args.download_timeout,
+        max_frame_pixels=args.max_frame_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        default_max_tokens=args.default_max_tokens,
+    )
+
+
 def cmd_serve(args):
     from merv.serve.app import serve
-    from merv.serve.settings import ServeSettings
 
-    serve(
-        ServeSettings(
-            model=args.model,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            dtype=args.dtype,
-            served_model_name=args.served_model_name,
-            allowed_dirs=tuple(Path(d) for d in args.allowed_dir),
-            max_upload_mb=args.max_upload_mb,
-            download_timeout_s=args.download_timeout,
-            max_batch=args.max_batch,
-            batch_wait_ms=args.batch_wait_ms,
-            default_max_tokens=args.default_max_tokens,
-        )
-    )
+    serve(serve_settings(args))
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
@@ -480,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("preset", help="preset name, YAML/JSON file, or inline JSON")
     s.add_argument("--root", help="folder relative weight paths live under (default: $MERV_WEIGHTS, else the cwd)")
     s.add_argument("--record", help="write a JSON of where each weight is (the pipeline's marker file)")
+    s.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="fetch parts whose config pins no commit (revision: unpinned) at the hub's current commit (recorded)",
+    )
     s.set_defaults(func=cmd_fetch_weights)
 
     s = sub.add_parser("status", help="which configured models are trained and evaluated (from results/)")
@@ -508,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail on the first bad item instead of quarantining it")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("index-media", help="list a data source's media with size and mtime (the pipeline's trigger)")
+    s.add_argument("source", help="a training JSON, an eval_data benchmark folder or a folder of videos")
+    s.add_argument("--root", help="folder that media paths in a training JSON are relative to (default: its folder)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_index_media)
 
     s = sub.add_parser("inspect", help="print a shard folder's manifest summary, or one sample")
     s.add_argument("dir")
@@ -562,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group(
         "judge (open-ended)",
         "an OpenAI-compatible chat-completions endpoint; each setting also comes from MERV_JUDGE_URL, "
-        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE or the eval.judge section of "
+        "MERV_JUDGE_MODEL, MERV_JUDGE_PRESET, MERV_JUDGE_API_KEY_FILE, MERV_JUDGE_PROMPT_FILE, MERV_JUDGE_UNPARSEABLE "
+        "or the eval.judge section of "
         "--pipeline-config. Without a URL open-ended answers are scored by exact match.",
     )
     g.add_argument("--judge-url", help="e.g. http://localhost:8000/v1 (vLLM, SGLang) or https://api.openai.com/v1")
@@ -570,6 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-preset", help="video-chatgpt (ours: temperature 0) or merv-original (max_tokens 500)")
     g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default MERV_JUDGE_API_KEY)")
     g.add_argument("--judge-api-key-file", help="file holding the API key")
+    g.add_argument(
+        "--judge-prompt-file",
+        help="the judge's wording: YAML with 'system' and 'user' texts naming {question}, {answer} and {prediction} "
+        "(e.g. Video-ChatGPT's original); default: merv's built-in wording",
+    )
+    g.add_argument(
+        "--judge-unparseable",
+        choices=["unjudged", "no"],
+        help="a reply that never parses: unjudged (default: reported, asked again next run) or no (score 0, as the "
+        "original batch script counts it)",
+    )
     g.add_argument("--judge-concurrency", type=int, help="requests in flight (default 8)")
     g.add_argument("--judge-timeout", type=float, help="seconds per request (default 60)")
     g.add_argument("--judge-max-attempts", type=int, help="tries per request on timeouts/5xx/refused (default 5)")
@@ -615,11 +675,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=Serve.port, help=f"default {Serve.port}; 0: any free port")
     s.add_argument("--served-model-name", help="the model id clients send (default: the model config's name)")
     s.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: the MERV_API_KEY variable; "
+        "prefer it: a command line is visible to other users of the machine)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name clients use besides localhost (repeatable; needed with a non-loopback --host; '*': any)",
+    )
+    s.add_argument(
         "--allowed-dir",
         action="append",
         default=[],
         metavar="DIR",
         help="a folder file:// video URLs may point into, listed by the chat page (repeatable)",
+    )
+    s.add_argument(
+        "--allowed-media-domain",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name http(s):// media may come from (repeatable; exact names; default: none, http(s) off)",
+    )
+    s.add_argument(
+        "--allowed-media-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a private network the allowed media names may resolve into, e.g. an intranet 10.1.0.0/16 (repeatable)",
+    )
+    s.add_argument(
+        "--max-media-redirects",
+        type=int,
+        default=Serve.max_media_redirects,
+        help=f"redirects followed per media URL, each checked like the URL (default {Serve.max_media_redirects})",
+    )
+    s.add_argument(
+        "--max-frame-pixels",
+        type=int,
+        default=Serve.max_frame_pixels,
+        help=f"width x height of one frame, from its header before decoding (default {Serve.max_frame_pixels})",
+    )
+    s.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=Serve.max_request_pixels,
+        help=f"pixels of all frames a request makes the server decode (default {Serve.max_request_pixels})",
     )
     s.add_argument(
         "--max-upload-mb",
@@ -704,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     from merv.data.shards import DataFormatError
     from merv.data.video import VideoError
     from merv.eval.judge import JudgeUnavailable
+    from merv.train.launch import JobFailed
 
     try:
         if hasattr(args, "threads"):  # a command that computes: pinned before torch runs anything
@@ -711,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
 
             log.debug("compute settings: %s", reproducible(args.threads, args.isa))
         args.func(args)
-    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable) as e:
+    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable, JobFailed) as e:
         if args.verbose:
             raise
         print(f"merv {args.command}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,15 +27,23 @@ FusionKind = Literal["cross_attention", "learnable_scalar", "channel_concat", "s
 PromptFormat = Literal["vicuna", "llama2-chat", "base", "chat-template"]
 Trainable = Literal["projectors", "fusion", "llm"]
 ResizeMode = Literal["auto", "squash", "crop"]
+Precision = Literal["fp32", "bf16", "fp16"]
+StageText = Literal["conversation", "caption"]
 MIN_TEXT_TOKENS = 64  # room for text the LLM context must keep besides the visual tokens (also >= 1/8 of it)
 
 
-def check_source(source: str | None, owner: str, schemes: tuple[str, ...]) -> None:
-    """A weight ``source`` is ``<scheme>:<name>`` with a scheme in ``schemes`` (or absent: bring the weights)."""
+UNPINNED = "unpinned"  # a preset's explicit word that no commit of a source could be found to pin
+
+
+def check_source(source: str | None, owner: str, schemes: tuple[str, ...], revision: str | None = None) -> None:
+    """A weight ``source`` is ``<scheme>:<name>`` with a scheme in ``schemes`` (or absent: bring the weights); its
+    ``revision`` is a full 40-hex commit sha, or ``unpinned`` (said explicitly), or absent."""
     scheme, _, name = (source or "").partition(":")
     if source is not None and (scheme not in schemes or not name):
         forms = " or ".join(f"{s}:<name>" for s in schemes)
         raise ValueError(f"{owner}: source must look like {forms}, got {source!r}")
+    if revision is not None and revision != UNPINNED and not re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"{owner}: revision must be a full 40-hex commit sha or {UNPINNED!r}, got {revision!r}")
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,10 @@ class EncoderConfig:
     hflip: float = 0.0
     cache: bool = True  # with train.features "cached": read this encoder's features from a cache (False: run it)
     source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>" or "timm:<model name>"
+    revision: str | None = None  # the hub commit (40-hex sha) fetch-weights downloads, or "unpinned"
 
     def __post_init__(self):
-        check_source(self.source, f"encoder {self.id!r}", ("hf", "timm"))
+        check_source(self.source, f"encoder {self.id!r}", ("hf", "timm"), self.revision)
         if not self.id.isidentifier():
             raise ValueError(f"encoder id {self.id!r} must be a Python identifier (it keys a ModuleDict)")
         if self.num_frames < 1:
@@ -113,6 +123,8 @@ class ProjectorConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
+    # cross_attention also takes a single encoder (its weight is then always 1), as the original's single-encoder
+    # models keep their fusion module; "single" is the parameter-free pass-through
     kind: FusionKind = "cross_attention"
     attn_dim: int | None = None  # cross_attention: width of the query/key space (default: the LLM width)
 
@@ -123,10 +135,25 @@ class LLMConfig:
     arch: str | None = None  # transformers model_type (llama, qwen2, ...): documents the family, builds stand-ins
     prompt_format: PromptFormat = "vicuna"
     max_length: int = 2048
+    # "text" (the original): a sample's text alone is cut to max_length tokens, before its visual tokens are added
+    # (a sequence holds up to max_length + visual tokens); "sequence": text and visual tokens together fit max_length
+    truncation: Literal["text", "sequence"] = "text"
     source: str | None = None  # where `merv fetch-weights` gets the weights: "hf:<repo id>"
+    # Tokens added to the tokenizer before use, and the multiple the embedding rows (and an untied LM head) are
+    # resized to: the original adds {pad_token: "<PAD>"} to Llama tokenizers and pads to 64 (32000 -> 32064 rows)
+    add_special_tokens: dict[str, str] = field(default_factory=dict)
+    pad_vocab_to_multiple_of: int | None = None
+    revision: str | None = None  # the hub commit (40-hex sha) fetch-weights downloads, or "unpinned"
 
     def __post_init__(self):
-        check_source(self.source, "llm", ("hf",))
+        check_source(self.source, "llm", ("hf",), self.revision)
+        if self.max_length < 1:
+            raise ValueError(f"llm.max_length must be >= 1, got {self.max_length}")
+        if self.pad_vocab_to_multiple_of is not None and self.pad_vocab_to_multiple_of < 1:
+            raise ValueError(f"llm.pad_vocab_to_multiple_of must be >= 1, got {self.pad_vocab_to_multiple_of}")
+        for name, token in self.add_special_tokens.items():
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"llm.add_special_tokens.{name}: expected a token string, got {token!r}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +163,12 @@ class ModelConfig:
     llm: LLMConfig
     projector: ProjectorConfig = ProjectorConfig()
     fusion: FusionConfig = FusionConfig()
+    # The dtype the weights are held in, whatever dtype the LLM folder is marked with (Llama-2's says float16); the
+    # original holds and saves everything in float32, mixed precision only computes. In training, the groups a stage
+    # trains are held in fp32 anyway (AdamW's master weights: updates of lr ~2e-5 relative size vanish in 16-bit
+    # weights), so this only shrinks the frozen parts; the compute dtype is the stage's `mixed_precision`. Inference
+    # (`--dtype`) may load in another.
+    dtype: Precision = "fp32"
 
     def __post_init__(self):
         if not self.encoders:
@@ -143,10 +176,11 @@ class ModelConfig:
         ids = [e.id for e in self.encoders]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model {self.name!r}: encoder ids must be unique, got {ids}")
-        if (self.fusion.kind == "single") != (len(self.encoders) == 1):
+        one, kind = len(self.encoders) == 1, self.fusion.kind
+        if (kind == "single" and not one) or (one and kind not in ("single", "cross_attention")):
             raise ValueError(
-                f"model {self.name!r}: fusion 'single' goes with exactly one encoder "
-                f"(fusion {self.fusion.kind!r}, {len(self.encoders)} encoders)"
+                f"model {self.name!r}: fusion 'single' goes with exactly one encoder, and one encoder goes with "
+                f"fusion 'single' or 'cross_attention' (fusion {self.fusion.kind!r}, {len(self.encoders)} encoders)"
             )
         room = max(MIN_TEXT_TOKENS, self.llm.max_length // 8)
         if self.visual_tokens + room > self.llm.max_length:
@@ -196,6 +230,12 @@ class StageConfig:
     loss_logits: Literal["targets", "all"] = "targets"
     kernels: Literal["plain", "liger"] = "plain"
     compile: bool = False
+    # The text a sample trains on: "conversation" (the prompt format's turns, answers as targets) or "caption" (the
+    # original's align stage: the answer of a one-question conversation alone, BOS + caption + EOS, all targets)
+    text: StageText = "conversation"
+    # Module groups taken from the previous stage's checkpoint (--init); None: every group it holds. The original's
+    # finetune stage starts from the align stage's projectors only.
+    init_groups: tuple[Trainable, ...] | None = None
 
     def __post_init__(self):
         if not self.trainable:
@@ -222,7 +262,8 @@ class TrainConfig:
     # "cached": the frozen encoders' outputs are computed once per shard folder (`merv features`, the
     # extract_features rule) and read by every stage and epoch; "on_the_fly": the encoders run in every step
     features: Literal["on_the_fly", "cached"] = "on_the_fly"
-    feature_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # how cached features are stored
+    feature_dtype: Precision = "bf16"  # how cached features are stored
+    checkpoint_dtype: Precision = "fp32"  # how a stage's final checkpoint stores its weights (recorded in meta.json)
 
     def __post_init__(self):
         names = [s.name for s in self.stages]
@@ -246,6 +287,14 @@ class RunConfig:
 
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        bf16 = [s.name for s in self.train.stages if s.mixed_precision == "bf16"]
+        if self.model.dtype == "fp16" and bf16:
+            raise ValueError(
+                f"model.dtype 'fp16' with mixed_precision 'bf16' in stage(s) {bf16}: weights held in fp16 would be "
+                "computed in bf16; hold them in bf16 or fp32"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

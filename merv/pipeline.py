@@ -105,6 +105,19 @@ def report_models(config: dict) -> list[str]:
     return [m for m in config["models"] if m in named]
 
 
+def report_dvc_deps(config: dict) -> list[str]:
+    """What the tables stage of ``dvc.yaml`` depends on (DVC cannot template a list): each reported model's
+    eval.json, checkpoints and built weights (the report runs the models), the pretrained encoders, the shards the
+    fusion-weight figure reads and the data the questions come from."""
+    models = report_models(config)
+    return (
+        [f"results/{m}/eval.json" for m in models]
+        + [f"results/{m}/train" for m in models]
+        + [f"data/weights/{m}" for m in models]
+        + ["data/weights/pretrained", "data/shards", "data/synth"]
+    )
+
+
 def check_stage_data(config: dict, model: str, run: RunConfig) -> None:
     """Every training stage reads a split that data.train defines."""
     for stage in run.train.stages:

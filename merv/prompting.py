@@ -181,6 +181,20 @@ def conversation_to_ids(tokenizer, conversation: list[dict], prompt_format: str)
     return full, [IGNORE_INDEX] * (len(full) - len(ids)) + labels
 
 
+def caption_to_ids(tokenizer, conversation: list[dict], where: str = "sample") -> tuple[list[int], list[int]]:
+    """The original's align-stage text: the answer of a one-question conversation alone, as ``BOS caption EOS``,
+    every token but BOS a target (the question, e.g. "Describe the video.", is not seen at all)."""
+    if len(conversation) != 2 or any(tag in conversation[-1]["value"] for tag in VIDEO_PLACEHOLDERS):
+        raise ValueError(
+            f"{where}: caption text takes a conversation of one question and one answer without "
+            f"{'/'.join(VIDEO_PLACEHOLDERS)} in the answer, got {len(conversation)} turns"
+        )
+    text = conversation[-1]["value"].strip() + (tokenizer.eos_token or "")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = _with_bos(tokenizer, ids)
+    return full, [IGNORE_INDEX] * (len(full) - len(ids)) + list(ids)
+
+
 def prompt_to_ids(tokenizer, prompt: str) -> list[int]:
     """A prompt string from :class:`PromptBuilder` -> input ids (with BOS when the tokenizer has one)."""
     return _with_bos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -193,7 +207,9 @@ def option_letters(n: int) -> list[str]:
 
 
 def mcq_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
-    """The multiple-choice prompt of the original MERV evaluation (answer: one option letter)."""
+    """The multiple-choice prompt of the original MERV evaluation (answer: one option letter), character for
+    character: the options follow a blank line and four spaces, one a line (the spaces come from the indentation of
+    the original's prompt literal, so only the first option's line carries them)."""
     letters = option_letters(len(options))
     lines = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options, strict=True))
-    return f"{question} {MCQ_INSTRUCTION.format(', '.join(letters))}\n\n{lines}"
+    return f"{question} {MCQ_INSTRUCTION.format(', '.join(letters))}\n\n    {lines}"

@@ -119,5 +119,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"--dtype {dtype!r}: not one of {DTYPE_CHOICES}") from None
 
 
+def held_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a config's ``fp32``/``bf16``/``fp16`` (``ModelConfig.dtype``, ``checkpoint_dtype``)."""
+    return resolve_dtype(name, torch.device("cpu"))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def local_device(local_rank: int) -> str:
+    """The device of the process with ``local_rank`` on its node, made current: ``cuda:<local rank>`` where each
+    process sees all the node's GPUs, ``cuda:0`` where Slurm binds one GPU to each task; the CPU without GPUs."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"

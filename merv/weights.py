@@ -62,6 +62,12 @@ def resolve(path: str, what: str, roots: list[Path] | tuple[Path, ...] = ()) -> 
     raise WeightsNotFound(what, path, tried)
 
 
+def weight_paths(cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = ()) -> dict[str, Path]:
+    """``{"encoder <id>": path, ..., "llm": path}``: where each weight of ``cfg`` is found (nothing else is read)."""
+    paths = {f"encoder {e.id}": resolve(e.weights, f"encoder {e.id!r} weights", roots) for e in cfg.encoders}
+    return paths | {"llm": resolve(cfg.llm.weights, "LLM weights", roots)}
+
+
 def resolve_model(cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = ()) -> ModelConfig:
     """A copy of ``cfg`` whose encoder and LLM weights are absolute paths that exist, and whose encoders' frame
     preprocessing is explicit (see :func:`merv.data.transforms.with_preprocessing`)."""

@@ -58,6 +58,12 @@ def test_unknown_preset_lists_available():
         ({"train": {"stages": {"align": {"micro_batch_size": 5}}}}, "not a multiple of micro_batch_size"),
         ({"train": {"stages": {"align": {"trainable": ["projectors", "vision"]}}}}, "'vision' is not one of"),
         ({"train": {"stages": {"align": {"lr": "fast"}}}}, "expected float"),
+        ({"model": {"dtype": "float16"}}, r"model.dtype: 'float16' is not one of \['fp32', 'bf16', 'fp16'\]"),
+        ({"train": {"checkpoint_dtype": "fp8"}}, r"train.checkpoint_dtype: 'fp8' is not one of"),
+        (
+            {"model": {"dtype": "fp16"}, "train": {"stages": {"align": {"mixed_precision": "bf16"}}}},
+            r"model.dtype 'fp16' with mixed_precision 'bf16' in stage\(s\) \['align'\]",
+        ),
     ],
 )
 def test_bad_config_names_the_key(patch, message):

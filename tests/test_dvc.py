@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from merv.pipeline import report_dvc_deps
 from tests.test_pipeline import small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def clone(tmp_path_factory, home) -> Path:
     write_config(dest, small_config())
     # the small config reports two models: the tables stage lists their eval.json (as a user editing `report` would)
     dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
-    dvc["stages"]["tables"]["deps"] = [f"results/{m}/eval.json" for m in small_config()["pipeline"]["models"]]
+    dvc["stages"]["tables"]["deps"] = report_dvc_deps(small_config())
     (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
     assert run(["git", "init", "-q"], dest, home).returncode == 0
     commit(dest, home, "copy")

@@ -88,6 +88,106 @@ def test_rerun_has_nothing_to_do(pipeline):
     assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr
 
 
+def planned(dry_run_output: str) -> list[tuple[str, str, str]]:
+    """``(rule, output, reason)`` of every job a dry run plans."""
+    jobs = []
+    for block in re.split(r"\n(?=rule \w+:)", dry_run_output):
+        rule = re.match(r"rule (\w+):", block)
+        if rule:
+            output = re.search(r"^    output: (.*)$", block, re.M)
+            reason = re.search(r"^    reason: (.*)$", block, re.M)
+            jobs.append((rule[1], output[1] if output else "", reason[1] if reason else ""))
+    return jobs
+
+
+def _answer_edit(path: Path) -> None:
+    answers = json.loads(path.read_text())
+    answers[0]["answer"] = "an edited answer"
+    path.write_text(json.dumps(answers))
+
+
+def _question_edit(path: Path) -> None:
+    questions = json.loads(path.read_text())
+    questions[0]["question"] = "An edited question?"
+    path.write_text(json.dumps(questions))
+
+
+def _label_edit(path: Path) -> None:
+    samples = json.loads(path.read_text())
+    samples[0]["conversations"][1]["value"] = "An edited label."
+    path.write_text(json.dumps(samples))
+
+
+def _replace_video(path: Path) -> None:
+    """Another clip of the same dataset written over this one, in place."""
+    others = sorted(p for p in path.parent.glob("*.mp4") if p != path and p.stat().st_size != path.stat().st_size)
+    path.write_bytes(others[0].read_bytes())
+
+
+def _rewrite_result(path: Path) -> None:
+    result = json.loads(path.read_text())
+    result["run"] = {**result["run"], "edited": True}
+    path.write_text(json.dumps(result))
+
+
+def _rerun(path: Path) -> None:
+    """What a rerun of the rule that made a folder does to Snakemake's view of it: a new timestamp."""
+    (path / ".snakemake_timestamp").touch()
+
+
+EVAL = {"eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}
+# (what is edited, how, the input file its direct consumers name, the jobs the plan must hold)
+EDITS = [
+    ("data/synth/eval_data/synth_mcq/test_a.json", _answer_edit, None,
+     {"shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
+    ("data/synth/eval_data/synth_mcq/test_q.json", _question_edit, None,
+     {"index_benchmark_media": 1, "shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
+    ("data/synth/eval_data/synth_open/videos/eval_00001.mp4", _replace_video, "data/media/eval/synth_open.json",
+     {"shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
+    ("data/synth/train/align.json", _label_edit, None,  # (its media index is brought up to date when planning)
+     {"shard_train": 1, "extract_features": 2, "train_stage": 2, **EVAL}),
+    ("data/synth/train/videos/train_00001.mp4", _replace_video, "data/media/train/",
+     {"shard_train": 2, "extract_features": 4, "train_stage": 2, **EVAL}),
+    ("data/weights/pretrained/motion", _rerun, None, {"extract_features": 2, "train_stage": 2, **EVAL}),
+    ("data/weights/merv_tiny/built", _rerun, None, {"train_stage": 2, **EVAL}),
+    ("results/merv_tiny/train/align", _rerun, None, {"train_stage": 1, **EVAL}),
+    ("results/merv_tiny/eval/synth_open/chunk-0-of-1.json", _rewrite_result, None,
+     {"merge_eval": 1, "collect_eval": 1}),
+    ("results/merv_tiny/eval/synth_mcq.json", _rewrite_result, None, {"collect_eval": 1}),
+]  # fmt: skip
+
+
+def _snapshot(workdir: Path, edited: Path) -> dict[Path, tuple[bytes, int]]:
+    """Bytes and mtime of what an edit (and the plan after it) may change: the file, the media indexes."""
+    paths = [edited / ".snakemake_timestamp" if edited.is_dir() else edited]
+    paths += sorted((workdir / "data" / "media").rglob("*.json"))
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
+
+
+def test_each_input_of_each_rule_reruns_exactly_its_dependents(pipeline):
+    """For every input of every rule of merv_tiny's DAG (a source file edited, a video replaced in place, or an
+    intermediate output rebuilt), `snakemake -n` plans exactly the jobs that depend on it, and the first of them names
+    that input. Before, an edited test_a.json planned nothing: shard_benchmark listed only test_q.json."""
+    workdir, _ = pipeline
+    for rel, edit, named, expected in EDITS:
+        path = workdir / rel
+        saved = _snapshot(workdir, path)
+        try:
+            edit(path)
+            res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+            out = res.stdout + res.stderr
+            assert res.returncode == 0, out[-3000:]
+            assert planned_jobs(out) == expected, (rel, planned_jobs(out))
+            first = [r for _, _, r in planned(out) if r.startswith("Updated input files")]
+            assert first and all((named or rel) in r for r in first), (rel, first)
+        finally:
+            for p, (data, mtime) in saved.items():
+                p.write_bytes(data)
+                os.utime(p, ns=(mtime, mtime))
+    res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
+    assert "Nothing to be done" in res.stdout + res.stderr, "everything was put back"
+
+
 def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
     workdir, cfg = pipeline
     changed = json.loads(json.dumps(cfg))

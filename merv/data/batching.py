@@ -11,7 +11,7 @@ import torch
 from merv.config import ModelConfig
 from merv.data.loader import pad_sequences
 from merv.data.transforms import video_inputs
-from merv.prompting import IGNORE_INDEX, conversation_to_ids
+from merv.prompting import IGNORE_INDEX, caption_to_ids, conversation_to_ids
 
 
 def encoder_frames(model, sample: dict) -> dict[str, torch.Tensor] | None:
@@ -24,17 +24,22 @@ class ExampleBuilder:
     """Decoded sample -> ``{"videos": {enc: [T, 3, S, S]}, "features": {enc: tensor}, "input_ids", "labels"}``.
 
     Encoders named in ``cached`` take their features from the sample (a feature cache), the others their frames;
-    ``videos`` and ``features`` are None for a text-only sample. Text is cut to the LLM context: to
-    ``max_length - visual tokens`` for samples with a video, to ``max_length`` for text-only ones (no visual tokens).
+    ``videos`` and ``features`` are None for a text-only sample. ``text`` is the stage's text format (see
+    :class:`merv.config.StageConfig`). Text is cut as ``llm.truncation`` says: to ``max_length`` tokens on its own
+    ("text", the original: the visual tokens come on top), or to ``max_length - visual tokens`` for samples with a
+    video ("sequence").
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer, cached: frozenset[str] = frozenset()):
-        self.cfg, self.tokenizer, self.cached = cfg, tokenizer, frozenset(cached)
+    def __init__(self, cfg: ModelConfig, tokenizer, cached: frozenset[str] = frozenset(), text: str = "conversation"):
+        self.cfg, self.tokenizer, self.cached, self.text = cfg, tokenizer, frozenset(cached), text
         self.live = tuple(e for e in cfg.encoders if e.id not in self.cached)
 
     def __call__(self, sample: dict) -> dict:
         meta = sample["meta"]
-        ids, labels = conversation_to_ids(self.tokenizer, meta["conversations"], self.cfg.llm.prompt_format)
+        if self.text == "caption":
+            ids, labels = caption_to_ids(self.tokenizer, meta["conversations"], where=f"sample {meta.get('key')!r}")
+        else:
+            ids, labels = conversation_to_ids(self.tokenizer, meta["conversations"], self.cfg.llm.prompt_format)
         features = sample.get("features") or {}
         visual = sample["frames"] is not None or bool(features)
         videos = features_in = None
@@ -44,7 +49,9 @@ class ExampleBuilder:
                 raise ValueError(f"sample {meta.get('key')!r}: no cached features of encoder(s) {missing}")
             videos = video_inputs(self.live, sample) if self.live else {}
             features_in = {e: features[e] for e in sorted(self.cached)}
-        limit = self.cfg.llm.max_length - (self.cfg.visual_tokens if visual else 0)
+        limit = self.cfg.llm.max_length
+        if self.cfg.llm.truncation == "sequence" and visual:
+            limit -= self.cfg.visual_tokens
         return {
             "videos": videos,
             "features": features_in,
@@ -69,7 +76,8 @@ def collate(examples: list[dict]) -> dict:
     """Stack the video rows' frames (and cached features) per encoder and right-pad the text.
 
     Returns ``videos`` (``{enc: [Bv, T, 3, S, S]}`` for the ``Bv`` rows with a video, or None), ``features``
-    (``{enc: [Bv, ...]}`` or None), ``has_video [B]``, ``input_ids``/``labels`` ``[B, L]`` and ``lengths [B]``.
+    (``{enc: [Bv, ...]}`` or None), ``has_video [B]``, ``input_ids``/``labels`` ``[B, L]``, ``lengths [B]`` and the
+    samples' ``keys`` (named when a step goes wrong).
     """
     rows = [ex for ex in examples if ex["videos"] is not None]
     input_ids, lengths = pad_sequences([ex["input_ids"] for ex in examples], value=0)
@@ -81,4 +89,5 @@ def collate(examples: list[dict]) -> dict:
         "input_ids": input_ids,
         "labels": labels,
         "lengths": lengths,
+        "keys": [ex.get("key") for ex in examples],
     }

@@ -7,6 +7,12 @@ Text-only training samples (no video, no image) are samples too: only their ``js
 target size, written under a temporary name and renamed; a ``shard-NNNNNN.json`` index beside each tar is its commit
 marker, so an interrupted or extended run redoes only the missing work and ends with the same bytes as an
 uninterrupted one. Bad items are skipped and listed in ``quarantine.jsonl``; ``manifest.json`` sums it all up.
+
+Shards already written are matched to the items by content, not by id: each shard index records every item's digest
+-- its record (text, answer, clip window, media path) and its media file's SHA-256 -- and the media file's size,
+mtime, inode and ctime, so an unchanged file is never read again and a changed one is hashed to find out whether its
+bytes changed. A rerun keeps the leading shards whose items are all unchanged, copies the samples of other unchanged
+items from the old shards, and decodes only new and changed items (a mended video leaves the quarantine).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from merv.config import fingerprint
-from merv.data.video import BACKENDS, DEFAULT_BACKEND, IMAGE_EXTENSIONS, VideoError, read_frames
+from merv.data.video import BACKENDS, DEFAULT_BACKEND, FOLDER_FPS, IMAGE_EXTENSIONS, VideoError, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class Item:
     time: tuple[float, float] | None = None  # clip window in seconds
     end_frame: int | None = None
     modality: Modality = "video"
+    folder_fps: float = FOLDER_FPS  # frames a second of a folder of frames (VLEP's: 3)
 
     def __post_init__(self):
         if (self.media is None) != (self.modality == "text"):
@@ -146,11 +153,15 @@ def training_items(json_path: Path, root: Path | None = None) -> list[Item]:
 
 def benchmark_items(bench_dir: Path) -> list[Item]:
     """Items of a MERV ``eval_data/<benchmark>`` folder: ``test_q.json`` joined with ``test_a.json`` on
-    ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``."""
+    ``question_id``; videos are ``videos/<video_name>.<ext>`` or folders of frames ``videos/<video_name>/``, at the
+    frame rate the benchmark registry gives the folder's name (VLEP: 3 fps, as the original reads them)."""
+    from merv.eval.registry import lookup  # the benchmarks' layout facts are data in one table
+
     questions = _load_json_list(bench_dir / "test_q.json")
     answers = {a["question_id"]: a for a in _load_json_list(bench_dir / "test_a.json")}
     video_dir = bench_dir / "videos"
     videos = {p.stem if p.is_file() else p.name: p for p in video_dir.iterdir()} if video_dir.is_dir() else {}
+    folder_fps = lookup(bench_dir.name, questions[0] if questions else {}).folder_fps
     items = []
     for i, q in enumerate(questions):
         qid = q.get("question_id") if isinstance(q, dict) else None
@@ -164,7 +175,8 @@ def benchmark_items(bench_dir: Path) -> list[Item]:
             record["answer_id"] = answers[qid]["answer_id"]
         window = tuple(q["time"]) if q.get("time") is not None else None
         end_frame = q.get("end_frame")
-        items.append(Item(_safe_key(str(qid)), videos.get(name, video_dir / f"{name}.mp4"), record, window, end_frame))
+        media = videos.get(name, video_dir / f"{name}.mp4")
+        items.append(Item(_safe_key(str(qid)), media, record, window, end_frame, folder_fps=folder_fps))
     return items
 
 
@@ -223,6 +235,7 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
             time=item.time,
             end_frame=item.end_frame,
             backend=settings.backend,
+            folder_fps=item.folder_fps,
         )
     except VideoError as e:
         return None, e.reason
@@ -253,6 +266,61 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
     }
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     return members, None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Content of an item: what its samples depend on
+
+
+def media_stat(path: Path) -> list | None:
+    """What says a media file (or frame folder) is unchanged without reading it: size, mtime (ns), inode, ctime (ns);
+    for a folder, a digest of its files' listing with theirs. None when it does not exist."""
+    from merv.digests import stat_key, tree_files
+
+    try:
+        if path.is_dir():
+            listing = [[p.relative_to(path).as_posix(), *stat_key(p.stat())] for p in tree_files(path)]
+            return ["dir", hashlib.sha256(json.dumps(listing).encode()).hexdigest()]
+        return stat_key(path.stat())
+    except OSError:
+        return None
+
+
+def media_sha256(path: Path) -> str:
+    """The content digest of a media file or frame folder; a marker for one that cannot be read (which an item's
+    digest then carries, so the item is redone once the file is there)."""
+    from merv.digests import DigestMemo, sha256_file
+
+    try:
+        return DigestMemo(None).tree(path) if path.is_dir() else sha256_file(path)
+    except OSError as e:
+        return f"unreadable: {e.strerror or type(e).__name__}"
+
+
+def record_digest(item: Item) -> str:
+    """The digest of everything about an item but its media bytes."""
+    text = {"key": item.key, "modality": item.modality, "media": None if item.media is None else str(item.media),
+            "record": item.record, "time": item.time, "end_frame": item.end_frame,
+            "folder_fps": item.folder_fps}  # fmt: skip
+    return hashlib.sha256(json.dumps(text, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def item_digest(record: str, media_sha: str | None) -> str:
+    return hashlib.sha256(f"{record}:{media_sha or '-'}".encode()).hexdigest()
+
+
+def media_info(item: Item) -> dict | None:
+    """``{"path", "stat", "sha256"}`` of an item's media (None for text); the stat is taken before reading."""
+    if item.media is None:
+        return None
+    stat = media_stat(item.media)
+    return {"path": str(item.media), "stat": stat, "sha256": media_sha256(item.media) if stat else "missing"}
+
+
+def encode_with_media(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] | None, str | None, dict | None]:
+    """:func:`encode_item` plus the media's :func:`media_info` (hashed first: decoding then reads from the cache)."""
+    media = media_info(item)
+    return (*encode_item(item, settings), media)
 
 
 def _digest(parts) -> str:
@@ -310,9 +378,11 @@ class _Shard:
         self.samples = 0
         self.modalities: Counter[str] = Counter()
         self.frame_digests: list[tuple[str, dict]] = []  # (key, {count: digest}) of the good samples, in order
+        self.items: list[dict] = []  # per key: its content digest and its media's stat and digest
 
-    def add(self, item: Item, members: dict[str, bytes] | None, reason: str | None) -> None:
+    def add(self, item: Item, members: dict[str, bytes] | None, reason: str | None, content: dict) -> None:
         self.keys.append(item.key)
+        self.items.append(content)
         if members is None:
             self.bad.append({"key": item.key, "source": str(item.media), "reason": reason})
             return
@@ -337,6 +407,7 @@ class _Shard:
             "samples": self.samples,
             "modalities": dict(sorted(self.modalities.items())),
             "frame_digests": combine_digests(self.frame_digests, self.counts),
+            "items": self.items,
             "bad": self.bad,
             "bytes": final.stat().st_size,
             "sha256": _sha256(final),
@@ -365,32 +436,140 @@ def sample_keys(shard_dir: Path) -> list[str]:
     return [k for s in read_manifest(shard_dir)["shards"] for k in shard_keys(shard_dir, s["name"])]
 
 
-def _completed_shards(out: Path, items: list[Item], fingerprint_: str) -> list[dict]:
-    """Indexes of the shards already written for exactly these leading items and settings; others are removed."""
-    done, pos = [], 0
-    while True:
-        name = SHARD_PATTERN.format(len(done))
-        index_path, tar_path = out / f"{name}.json", out / f"{name}.tar"
-        if not (index_path.is_file() and tar_path.is_file()):
+REUSE = ".reuse"  # shards of an earlier run whose samples may be copied; removed when the run completes
+
+
+class _OldShard:
+    """A shard written earlier (its index and tar), whose samples can be copied without decoding again."""
+
+    def __init__(self, index: dict, tar: Path, index_path: Path):
+        self.index, self.tar, self.index_path = index, tar, index_path
+        self._members: dict[str, list[tuple[str, int, int]]] | None = None
+
+    def members(self, key: str) -> dict[str, bytes]:
+        if self._members is None:  # the headers only: tarfile seeks past the data
+            self._members = {}
+            with tarfile.open(self.tar, "r") as tar:
+                for m in tar:
+                    k, ext = m.name.split(".", 1)  # keys are dot-free (see _safe_key)
+                    self._members.setdefault(k, []).append((ext, m.offset_data, m.size))
+        out = {}
+        with open(self.tar, "rb") as f:
+            for ext, offset, size in self._members.get(key, []):
+                f.seek(offset)
+                out[ext] = f.read(size)
+        return out
+
+
+def _read_old(index_path: Path, tar_path: Path, fingerprint_: str) -> _OldShard | None:
+    """An earlier shard usable for this run (same settings, tar intact as its index says), else None."""
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if (
+        index.get("fingerprint") != fingerprint_
+        or not isinstance(index.get("items"), list)  # written before items were matched by content: redo it
+        or len(index["items"]) != len(index.get("keys", []))
+        or not tar_path.is_file()
+        or tar_path.stat().st_size != index.get("bytes")
+    ):
+        return None
+    return _OldShard(index, tar_path, index_path)
+
+
+def _earlier_shards(out: Path, fingerprint_: str) -> tuple[list[_OldShard], list[_OldShard]]:
+    """``(numbered, stashed)``: the leading run of intact shards in ``out`` (in order), and every other usable one
+    (later shards of ``out`` and those stashed in ``out/.reuse`` by an interrupted run)."""
+    numbered, stashed = [], []
+    n = 0
+    while (out / f"{SHARD_PATTERN.format(n)}.json").is_file():
+        name = SHARD_PATTERN.format(n)
+        old = _read_old(out / f"{name}.json", out / f"{name}.tar", fingerprint_)
+        if old is None:
             break
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError:
+        numbered.append(old)
+        n += 1
+    rest = sorted(p for p in out.glob("shard-*.json") if p.stem >= SHARD_PATTERN.format(n))
+    rest += sorted((out / REUSE).glob("*.json"))
+    for index_path in rest:
+        old = _read_old(index_path, index_path.with_suffix(".tar"), fingerprint_)
+        if old is not None:
+            stashed.append(old)
+    return numbered, stashed
+
+
+def _content(items: list[Item], earlier: list[_OldShard], pool) -> tuple[list[str | None], list[dict | None]]:
+    """Each item's content digest and media info where it can be known without decoding: from an earlier shard's
+    record when the media's stat is unchanged, else by hashing the media (only for items an earlier shard holds,
+    in the worker pool when there is one); None where no earlier shard holds the key (the item is decoded anyway)."""
+    known = {e["key"]: e for old in earlier for e in old.index["items"]}
+    digests: list[str | None] = [None] * len(items)
+    medias: list[dict | None] = [None] * len(items)
+    to_hash = []
+    for i, item in enumerate(items):
+        record = record_digest(item)
+        if item.media is None:
+            digests[i] = item_digest(record, None)
+            continue
+        prev = (known.get(item.key) or {}).get("media")
+        if prev is None:
+            continue
+        stat = media_stat(item.media)
+        if prev.get("path") == str(item.media) and stat is not None and prev.get("stat") == stat:
+            medias[i] = prev
+            digests[i] = item_digest(record, prev["sha256"])
+        else:
+            to_hash.append(i)
+    hashed = (pool.map(media_info, [items[i] for i in to_hash]) if pool is not None
+              else map(media_info, (items[i] for i in to_hash)))  # fmt: skip
+    for i, media in zip(to_hash, hashed, strict=True):
+        medias[i] = media
+        digests[i] = item_digest(record_digest(items[i]), media["sha256"])
+    return digests, medias
+
+
+def _keep_prefix(out: Path, numbered: list[_OldShard], digests: list[str | None], medias) -> list[_OldShard]:
+    """The leading shards whose items are exactly the next items, unchanged; their indexes get the current stats."""
+    kept, pos = [], 0
+    for old in numbered:
+        entries = old.index["items"]
+        n = len(entries)
+        if n == 0 or pos + n > len(digests) or [e["digest"] for e in entries] != digests[pos : pos + n]:
             break
-        expected = [it.key for it in items[pos : pos + len(index["keys"])]]
-        if index.get("fingerprint") != fingerprint_ or index["keys"] != expected or not index["keys"]:
-            break
-        if "modalities" not in index:  # written by an older version: redo it
-            break
-        if tar_path.stat().st_size != index["bytes"]:
-            break
-        done.append(index)
-        pos += len(index["keys"])
-    keep = {f"{d['name'][:-4]}{ext}" for d in done for ext in (".tar", ".json")}
+        fresh = [{**e, "media": medias[pos + j] if medias[pos + j] is not None else e["media"]}
+                 for j, e in enumerate(entries)]  # fmt: skip
+        if fresh != entries:  # moved or touched, same bytes: remember the new stats
+            old.index["items"] = fresh
+            tmp = old.index_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(old.index))
+            tmp.replace(old.index_path)
+        kept.append(old)
+        pos += n
+    return kept
+
+
+def _stash(out: Path, shards: list[_OldShard]) -> list[_OldShard]:
+    """Move shards that will not be kept out of the way of the new ones (``out/.reuse/<sha256>``), and delete every
+    other stray shard file; returns the stashed shards, whose samples may still be copied."""
+    (out / REUSE).mkdir(exist_ok=True)
+    moved = []
+    for old in shards:
+        if old.tar.parent == out / REUSE:
+            moved.append(old)
+            continue
+        stem = out / REUSE / old.index["sha256"]
+        old.tar.replace(stem.with_suffix(".tar"))
+        old.index_path.replace(stem.with_suffix(".json"))
+        moved.append(_OldShard(old.index, stem.with_suffix(".tar"), stem.with_suffix(".json")))
+    return moved
+
+
+def _clear_stale(out: Path, kept: list[_OldShard]) -> None:
+    keep = {f"{k.index['name'][:-4]}{ext}" for k in kept for ext in (".tar", ".json")}
     for stale in list(out.glob("shard-*")):
         if stale.name not in keep:
             stale.unlink()
-    return done
 
 
 @dataclass
@@ -401,8 +580,10 @@ class ShardSummary:
     by_reason: dict[str, int]
     by_modality: dict[str, int]
     shards: int
-    resumed_items: int
+    resumed_items: int  # in the leading shards kept as they were
     seconds: float
+    reused_items: int = 0  # copied from earlier shards without decoding
+    encoded_keys: list[str] = field(default_factory=list)  # decoded by this run (new or changed items)
 
     def line(self) -> str:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.by_reason.items())) or "none"
@@ -410,6 +591,7 @@ class ShardSummary:
         return (
             f"{self.input} items: {self.good} good, {self.bad} bad ({reasons}) in {self.shards} shards "
             f"(good by modality: {kinds or 'none'}); {self.resumed_items} items were already sharded; "
+            f"{self.reused_items} copied unchanged from earlier shards, {len(self.encoded_keys)} decoded; "
             f"{self.seconds:.1f}s"
         )
 
@@ -428,38 +610,61 @@ def write_shards(
     strict: bool = False,
     progress: bool = False,
 ) -> ShardSummary:
-    """Shard ``items`` into ``out`` (resuming what a previous run with the same settings left), write
-    ``quarantine.jsonl`` and ``manifest.json``. With ``strict`` the first bad item raises :class:`VideoError`."""
+    """Shard ``items`` into ``out`` (reusing by content what a previous run with the same settings left, see the
+    module docstring), write ``quarantine.jsonl`` and ``manifest.json``. With ``strict`` the first bad item raises
+    :class:`VideoError`."""
+    import shutil
+
     from tqdm import tqdm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     fp = settings.fingerprint()
-    indexes = _completed_shards(out, items, fp)
-    pos = sum(len(ix["keys"]) for ix in indexes)
-    if pos:
-        log.info("%s: resuming after %d items already in %d shards", out, pos, len(indexes))
-    if strict:
-        for ix in indexes:
-            if ix["bad"]:
-                b = ix["bad"][0]
-                raise VideoError(b["source"], b["reason"])
-
-    todo = items[pos:]
-    bar = tqdm(total=len(items), initial=pos, desc=f"shard {out.name}", disable=not progress, mininterval=2)
-    shard = None
+    for leftover in out.glob("*.tmp"):
+        leftover.unlink()
     pool = None
     if workers > 1:
         _preload(settings)
         pool = ProcessPoolExecutor(workers, initializer=_init_worker)
+    shard = None
+    bar = None
     try:
-        for item, (members, reason) in zip(todo, _encoded(todo, settings, pool, workers), strict=True):
+        numbered, stashed = _earlier_shards(out, fp)
+        digests, medias = _content(items, numbered + stashed, pool)
+        kept = _keep_prefix(out, numbered, digests, medias)
+        old = _stash(out, [o for o in numbered if o not in kept] + stashed)
+        _clear_stale(out, kept)
+        indexes = [k.index for k in kept]
+        pos = sum(len(ix["keys"]) for ix in indexes)
+        if pos:
+            log.info("%s: resuming after %d items already in %d shards", out, pos, len(indexes))
+        if strict:
+            for ix in indexes:
+                if ix["bad"]:
+                    b = ix["bad"][0]
+                    raise VideoError(b["source"], b["reason"])
+        reusable = {e["digest"]: (o, e) for o in old for e in o.index["items"]}
+        reasons = {b["key"]: b["reason"] for o in old for b in o.index["bad"]}
+
+        todo = [
+            (items[i], digests[i], reusable.get(digests[i]) if digests[i] else None) for i in range(pos, len(items))
+        ]
+        bar = tqdm(total=len(items), initial=pos, desc=f"shard {out.name}", disable=not progress, mininterval=2)
+        reused, encoded = 0, []
+        for (item, digest, hit), (members, reason, media) in zip(
+            todo, _encoded(todo, reasons, settings, pool, workers), strict=True
+        ):
             if members is None and strict:
                 raise VideoError(item.media, reason)
+            if hit is None:
+                encoded.append(item.key)
+                digest = item_digest(record_digest(item), media["sha256"] if media else None)
+            else:
+                reused += 1
             if shard is None:
                 shard = _Shard(out, len(indexes), fp, settings.frame_counts)
-            shard.add(item, members, reason)
+            shard.add(item, members, reason, {"key": item.key, "digest": digest, "media": media})
             bar.update(1)
             if shard.bytes >= settings.target_bytes:
                 indexes.append(shard.commit())
@@ -467,12 +672,17 @@ def write_shards(
         if shard is not None:
             indexes.append(shard.commit())
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         if shard is not None and not shard.tar.closed:
             shard.tar.close()
             shard.tmp.unlink(missing_ok=True)
+    shutil.rmtree(out / REUSE, ignore_errors=True)  # every sample of the earlier shards is now where it belongs
+    if encoded:
+        shown = ", ".join(encoded[:10]) + (f" (and {len(encoded) - 10} more)" if len(encoded) > 10 else "")
+        log.info("%s: decoded %d new or changed items: %s", out, len(encoded), shown)
 
     bad = [b for ix in indexes for b in ix["bad"]]
     by_modality = sum((Counter(ix["modalities"]) for ix in indexes), Counter())
@@ -489,6 +699,8 @@ def write_shards(
         shards=len(indexes),
         resumed_items=pos,
         seconds=round(time.time() - start, 2),
+        reused_items=reused,
+        encoded_keys=encoded,
     )
     assert summary.good + summary.bad == summary.input, "every input item is either sharded or quarantined"
     manifest = {
@@ -527,17 +739,31 @@ def _init_worker() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _encoded(items: list[Item], settings: ShardSettings, pool, workers: int) -> Iterator[tuple]:
-    """Encoded items in input order; a bounded window of work in flight keeps memory flat. Text-only items are
-    encoded here: a process hop would cost more than their json."""
+def _encoded(
+    todo: list[tuple], reasons: dict[str, str], settings: ShardSettings, pool, workers: int
+) -> Iterator[tuple]:
+    """``(members, reason, media)`` per ``(item, digest, reuse)`` in input order: copied from an earlier shard when
+    ``reuse`` is set (a bad item keeps its quarantine reason), else encoded, in the pool when there is one. A bounded
+    window of work in flight keeps memory flat. Text-only items are encoded here: a process hop would cost more."""
+
+    def start(entry):
+        item, _, hit = entry
+        if hit is not None:
+            old, e = hit
+            members = old.members(item.key) if item.key not in reasons else None
+            return members or None, reasons.get(item.key), e["media"]
+        if pool is None or item.media is None:
+            return encode_with_media(item, settings)
+        return pool.submit(encode_with_media, item, settings)
+
     if pool is None:
-        for item in items:
-            yield encode_item(item, settings)
+        for entry in todo:
+            yield start(entry)
         return
     window = workers * 4
     pending: deque = deque()
-    for item in items:
-        pending.append(encode_item(item, settings) if item.media is None else pool.submit(encode_item, item, settings))
+    for entry in todo:
+        pending.append(start(entry))
         if len(pending) >= window:
             yield _result(pending.popleft())
     while pending:

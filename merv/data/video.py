@@ -20,7 +20,7 @@ import numpy as np
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 BACKENDS = ("decord", "pyav")
 DEFAULT_BACKEND = "decord"  # faster than PyAV on sampled frames: benchmarks/ingest.py measures both
-FOLDER_FPS = 1.0  # frame folders carry no timing; their frames are taken to be 1 s apart
+FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: eval registry)
 SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
 
 
@@ -339,16 +339,19 @@ class StillImage(Media):
 
 
 class FrameFolder(Media):
-    """A folder of frame images, in natural order of their names (``frame_2`` before ``frame_10``)."""
+    """A folder of frame images, in natural order of their names (``frame_2`` before ``frame_10``), ``fps`` frames
+    a second (their timestamps place clip windows)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fps: float = FOLDER_FPS):
         super().__init__(path)
+        if not fps > 0:
+            raise ValueError(f"{path}: a frame folder's fps must be positive, got {fps}")
         files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
             raise VideoError(path, "folder has no image frames")
         natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
         self.files = sorted(files, key=natural)
-        self.timestamps = np.arange(len(self.files)) / FOLDER_FPS
+        self.timestamps = np.arange(len(self.files)) / fps
 
     def frames(self, indices: list[int]) -> np.ndarray:
         images = {i: StillImage(self.files[i]).image for i in sorted(set(indices))}
@@ -358,13 +361,13 @@ class FrameFolder(Media):
         return np.stack([images[i] for i in indices])
 
 
-def open_media(path: str | Path, backend: str = DEFAULT_BACKEND) -> Media:
-    """Open a video file, a folder of frames, or an image."""
+def open_media(path: str | Path, backend: str = DEFAULT_BACKEND, folder_fps: float = FOLDER_FPS) -> Media:
+    """Open a video file, a folder of frames (``folder_fps`` frames a second), or an image."""
     path = Path(path)
     if not path.exists():
         raise VideoError(path, "file not found")
     if path.is_dir():
-        return FrameFolder(path)
+        return FrameFolder(path, folder_fps)
     if not path.is_file():
         raise VideoError(path, "not a regular file")
     if not os.access(path, os.R_OK):
@@ -389,14 +392,16 @@ def read_frames(
     time: tuple[float, float] | None = None,
     end_frame: int | None = None,
     backend: str = DEFAULT_BACKEND,
+    folder_fps: float = FOLDER_FPS,
 ) -> tuple[np.ndarray, dict[int, list[int]]]:
     """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized so
     that the short side is ``size`` (aspect ratio kept).
 
     Returns ``(frames [F, H, W, 3] uint8 with min(H, W) == size, {count: positions into frames})`` so that each
-    encoder can pick exactly its own frames from one decoded stack.
+    encoder can pick exactly its own frames from one decoded stack. A folder of frames is taken to hold
+    ``folder_fps`` frames a second.
     """
-    with open_media(path, backend) as media:
+    with open_media(path, backend, folder_fps) as media:
         lo, hi = clip_window(media.timestamps, time, end_frame)
         per_count = {c: sample_frame_indices(media.num_frames, c, lo, hi) for c in sorted(set(frame_counts))}
         union = sorted({i for idx in per_count.values() for i in idx})

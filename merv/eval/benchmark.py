@@ -28,14 +28,14 @@ import torch
 from merv.config import fingerprint
 from merv.eval.cache import ResultCache, content_key
 from merv.eval.metrics import degenerate_kinds, first_char_letter, normalise, summarise
-from merv.eval.provenance import file_sha256, frame_sampling, git_commit, package_versions
+from merv.eval.provenance import frame_sampling, git_commit, package_versions, weights_provenance
 from merv.eval.registry import BenchmarkSpec, check_question, lookup
 from merv.prompting import MCQ_INSTRUCTION, PromptBuilder, mcq_prompt, option_letters
 
 log = logging.getLogger(__name__)
 RESULT_FORMAT = "merv-eval-result/1"
 McqMode = Literal["generate", "likelihood", "both"]
-LETTER_RULE = "first character of the stripped prediction (MERV)"
+LETTER_RULE = "first character of the stripped prediction, either case (MERV)"
 
 
 @dataclass(frozen=True)
@@ -65,23 +65,40 @@ class EvalSettings:
 
 
 class CheckpointHandle:
-    """A checkpoint folder: its fingerprint and prompt format at once, the model itself on first use."""
+    """A checkpoint folder: its identity and prompt format at once, the model itself on first use.
 
-    def __init__(self, path: str | Path, device: str | None = None, dtype: str | None = None):
+    The identity (what every cached answer is keyed by) is computed from the files the model loads, never copied:
+    the model config as ``config.json`` says now (checked against the config the weights were trained with), the
+    SHA-256 of the checkpoint's weights, and the digest of every frozen weight the config resolves to -- each
+    encoder's file or folder and the LLM's folder with its tokenizer -- wherever they are found ($MERV_WEIGHTS
+    first). Digests of unchanged files come from ``memo`` (see :mod:`merv.digests`).
+    """
+
+    def __init__(self, path: str | Path, device: str | None = None, dtype: str | None = None, memo=None):
         from merv.checkpoint import WEIGHTS, read_meta
         from merv.config import load_run_config
+        from merv.digests import DigestMemo
+        from merv.integrity import check_checkpoint_config
         from merv.runtime import dtype_name, resolve_device, resolve_dtype
+        from merv.weights import checkpoint_roots, weight_paths
 
         self.path = Path(path)
         self.meta = read_meta(self.path)
+        config = json.loads((self.path / "config.json").read_text())
         self.model_cfg = load_run_config(self.path / "config.json").model
+        if not check_checkpoint_config(self.path, config, self.meta):
+            log.warning("%s records no training config (an older checkpoint): config.json is used as it is", path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.dtype_name = dtype_name(self.dtype)
+        memo = memo if memo is not None else DigestMemo(None)
+        self.weights = weights_provenance(weight_paths(self.model_cfg, checkpoint_roots(self.path, self.meta)), memo)
         self.identity = {
-            "config_fingerprint": self.meta["config_fingerprint"],
-            "weights_sha256": file_sha256(self.path / WEIGHTS),
+            "config": fingerprint(config.get("model")),
+            "weights_sha256": memo.file(self.path / WEIGHTS),
+            "frozen_weights": {part: w["sha256"] for part, w in self.weights.items()},
         }
+        memo.save()
         self._model = None
         self._tokenizer = None
         self.calls, self.loads = {"generate": 0, "likelihood": 0}, 0
@@ -92,7 +109,7 @@ class CheckpointHandle:
         from merv.runtime import dtype_name
 
         handle = cls.__new__(cls)
-        handle.path, handle.meta, handle.model_cfg = None, {}, model.cfg
+        handle.path, handle.meta, handle.model_cfg, handle.weights = None, {}, model.cfg, {}
         handle.device, handle.dtype, handle.dtype_name = model.device, model.dtype, dtype_name(model.dtype)
         handle.identity = dict(identity)
         handle._model, handle._tokenizer = model.eval(), model.tokenizer
@@ -105,7 +122,7 @@ class CheckpointHandle:
             from merv.checkpoint import load_checkpoint
 
             log.info("loading %s on %s (%s)", self.path, self.device, self.dtype_name)
-            model, _, _ = load_checkpoint(self.path)
+            model, _, _ = load_checkpoint(self.path, dtype=self.dtype)
             self._model = model.place(self.device, self.dtype).eval()
             self._tokenizer = self._model.tokenizer
             self.loads += 1
@@ -205,6 +222,49 @@ class _Job:
     continuations: list[str] | None = None
 
 
+class NonFiniteScore(ValueError):
+    """The model scored an option NaN or infinite: its outputs are broken, so no accuracy can be computed."""
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def generation_problem(value) -> str | None:
+    """What is wrong with a cached generation (``{"prediction": str}``), or None."""
+    if not isinstance(value, dict) or set(value) != {"prediction"} or not isinstance(value["prediction"], str):
+        return f"a generation must be {{'prediction': <text>}}, got {str(value)[:80]}"
+    return None
+
+
+def likelihood_check(num_options: int):
+    """A check of cached option scores: one finite log-probability and one greedy flag per option."""
+
+    def problem(value) -> str | None:
+        if not isinstance(value, dict) or set(value) != {"logprobs", "greedy"}:
+            return f"option scores must be {{'logprobs', 'greedy'}}, got {str(value)[:80]}"
+        logprobs, greedy = value["logprobs"], value["greedy"]
+        if not isinstance(logprobs, list) or len(logprobs) != num_options or not all(map(_finite_number, logprobs)):
+            return f"need {num_options} finite log-probabilities, got {str(logprobs)[:80]}"
+        if not isinstance(greedy, list) or len(greedy) != num_options or not all(isinstance(g, bool) for g in greedy):
+            return f"need {num_options} greedy flags, got {str(greedy)[:80]}"
+        return None
+
+    return problem
+
+
+def verdict_problem(value) -> str | None:
+    """What is wrong with a cached judge verdict (``{"pred": yes|no, "score": 0..5, "served_model": str}``)."""
+    if not isinstance(value, dict) or value.get("pred") not in ("yes", "no"):
+        return f"a verdict needs 'pred' yes or no, got {str(value)[:80]}"
+    score = value.get("score")
+    if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score <= 5:
+        return f"a verdict needs an integer 'score' from 0 to 5, got {score!r}"
+    if not isinstance(value.get("served_model"), str):
+        return "a verdict needs the 'served_model' that gave it"
+    return None
+
+
 def _run_model(handle, shard_dir: Path, jobs: list[_Job], batch_size: int, max_new_tokens: int, cache) -> None:
     """Decode only the samples of ``jobs``, answer them batch by batch, store each batch at once."""
     from merv.data.batching import encoder_frames
@@ -238,6 +298,13 @@ def _run_model(handle, shard_dir: Path, jobs: list[_Job], batch_size: int, max_n
             for j, _ in scored:
                 mine = scores[pos : pos + len(j.continuations)]
                 pos += len(j.continuations)
+                bad = [(option_letters(len(mine))[i], s) for i, (s, _) in enumerate(mine) if not math.isfinite(s)]
+                if bad:  # nothing of this batch is stored: a later run asks the model again
+                    raise NonFiniteScore(
+                        f"{shard_dir}: question {j.question.id!r}: non-finite log-probability "
+                        f"{', '.join(f'{letter}={s}' for letter, s in bad)}: the model's outputs are not finite "
+                        f"(overflow in {handle.dtype_name}, or broken weights); no accuracy is written"
+                    )
                 stored[j.ll_key] = {"logprobs": [s for s, _ in mine], "greedy": [g for _, g in mine]}
         cache.put_many(stored)
         done += len(batch)
@@ -294,7 +361,7 @@ def _judge_rows(spec: BenchmarkSpec, questions: list[Question], rows: list[dict]
     for q, row in zip(questions, rows, strict=True):
         item = {"question": q.record["question"], "answer": row["answer"], "prediction": row["prediction"]}
         key = content_key("verdict", {**fixed, **item})
-        if cache.get(key) is None and key not in asked:  # identical triples are asked once
+        if cache.get(key, verdict_problem) is None and key not in asked:  # identical triples are asked once
             todo.append((key, {**item, "id": q.id}))
             asked.add(key)
         keys.append(key)
@@ -312,7 +379,7 @@ def _judge_rows(spec: BenchmarkSpec, questions: list[Question], rows: list[dict]
         finally:
             log.info("judge: %d requests, retries %s, %d verdicts stored", judge.requests, judge.retries, len(fresh))
     for key, row in zip(keys, rows, strict=True):
-        verdict = fresh.get(key) or cache.get(key)
+        verdict = fresh.get(key) or cache.get(key, verdict_problem)
         if "unjudged" in verdict:
             row["unjudged"] = verdict["unjudged"]
         else:
@@ -327,8 +394,12 @@ def _plan(handle, spec: BenchmarkSpec, questions: list[Question], modes: set[str
     jobs, keys = [], []
     for q in questions:
         prompt = question_prompt(handle, spec, q.record)
+        # the question as the model sees it (its text and options; the frames by digest), never just its id
+        question = {"question": q.record.get("question"), "options": q.record.get("options"),
+                    "time": q.record.get("time"), "end_frame": q.record.get("end_frame")}  # fmt: skip
         base = {"checkpoint": handle.identity, "frames": q.frames_sha256, "positions": q.record.get("frame_positions"),
-                "prompt": prompt, "dtype": decoding["dtype"], "device": decoding["device"]}  # fmt: skip
+                "question": question, "prompt": prompt, "dtype": decoding["dtype"],
+                "device": decoding["device"]}  # fmt: skip
         gen_key = ll_key = conts = None
         if "generate" in modes:
             gen_key = content_key("generate", {**base, "max_new_tokens": decoding["max_new_tokens"]})
@@ -337,7 +408,10 @@ def _plan(handle, spec: BenchmarkSpec, questions: list[Question], modes: set[str
             conts = letter_continuations(handle, message, len(q.record["options"]))
             ll_key = content_key("likelihood", {**base, "continuations": conts})
         keys.append((gen_key, ll_key))
-        missing = [k if k and cache.get(k) is None else None for k in (gen_key, ll_key)]
+        missing = [
+            gen_key if gen_key and cache.get(gen_key, generation_problem) is None else None,
+            ll_key if ll_key and cache.get(ll_key, likelihood_check(len(conts))) is None else None,
+        ]
         if any(missing):
             jobs.append(_Job(q, prompt, *missing, conts))
     return keys, jobs
@@ -349,6 +423,7 @@ def _manifest(handle, spec: BenchmarkSpec, shard_manifest: dict, decoding: dict,
         "checkpoint": {**handle.identity, "path": str(handle.path) if handle.path else None,
                        "stage": handle.meta.get("stage"), "step": handle.meta.get("step"),
                        "model": handle.model_cfg.name},
+        "weights": handle.weights,
         "frames": frame_sampling(handle.model_cfg, shard_manifest),
         "decoding": {**decoding, "batch_size": batch_size, "mcq": sorted(modes) if mcq else None,
                      "mcq_letter_rule": LETTER_RULE if mcq else None,
@@ -401,10 +476,13 @@ def evaluate(
     if jobs:
         log.info("%s: %d of %d questions need the model", name, len(jobs), len(questions))
         _run_model(handle, shard_dir, jobs, settings.batch_size, decoding["max_new_tokens"], cache)
-    rows = [
-        _row(spec, q, cache.get(g) if g else None, cache.get(x) if x else None)
-        for q, (g, x) in zip(questions, keys, strict=True)
-    ]
+    rows = []
+    for q, (g, x) in zip(questions, keys, strict=True):
+        gen = cache.get(g, generation_problem) if g else None
+        scores = cache.get(x, likelihood_check(len(q.record["options"]))) if x else None
+        if (g and gen is None) or (x and scores is None):
+            raise RuntimeError(f"{name}: question {q.id!r}: an answer vanished from the cache while evaluating")
+        rows.append(_row(spec, q, gen, scores))
     judge_info = None
     if spec.kind == "open" and judge is not None:
         _judge_rows(spec, questions, rows, judge, cache)
@@ -418,7 +496,9 @@ def evaluate(
         "modes": sorted(modes),
         "decoding": decoding,
         "limit": settings.limit,
-        "judge": {k: v for k, v in judge_info.items() if k not in ("url", "served_models")} if judge_info else None,
+        "judge": {k: v for k, v in judge_info.items() if k not in ("url", "served_models", "prompt_file")}
+        if judge_info
+        else None,  # where the judge and its prompt file are does not matter: its wording's sha256 does
     }
     return {
         "format": RESULT_FORMAT,

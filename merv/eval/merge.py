@@ -96,13 +96,19 @@ def merge_results(chunks: list[tuple[str, dict]]) -> dict:
     }
 
 
-def merge_files(paths: list[str | Path]) -> dict:
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
+def read_result(path: str | Path) -> dict:
+    """A result file as strict JSON (a bare NaN or Infinity, which strict readers refuse, is an error)."""
     import json
 
-    chunks = []
-    for path in paths:
-        try:
-            chunks.append((str(path), json.loads(Path(path).read_text())))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MergeError(f"{path}: cannot read chunk result ({e})") from None
-    return merge_results(chunks)
+    try:
+        return json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"{path}: cannot read result ({e})") from None
+
+
+def merge_files(paths: list[str | Path]) -> dict:
+    return merge_results([(str(path), read_result(path)) for path in paths])

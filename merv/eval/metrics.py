@@ -1,10 +1,10 @@
 """Scoring of answered questions and the summary a benchmark result reports.
 
 Multiple choice by generation follows the original MERV scoring: the first character of the stripped prediction
-must be the answer's option letter (``accuracy_generate_firstchar``). Multiple choice by likelihood picks the option
-letter with the highest log-probability (``accuracy_likelihood``). Open-ended: the Video-ChatGPT judge protocol
-(``judge_accuracy`` = yes / (yes + no), ``judge_score`` = mean score of the judged) when a judge was used, and
-normalised exact match (``exact_match``) always.
+must be the answer's option letter, in either case (``accuracy_generate_firstchar``). Multiple choice by likelihood
+picks the option letter with the highest log-probability (``accuracy_likelihood``). Open-ended: the Video-ChatGPT
+judge protocol (``judge_accuracy`` = yes / (yes + no), ``judge_score`` = mean score of the judged) when a judge was
+used, and normalised exact match (``exact_match``) always.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ _REPEAT = re.compile(r"(.{1,8}?)\1{3,}", re.S)
 
 
 def first_char_letter(prediction: str) -> str:
-    """MERV's letter extraction: the first character of the stripped prediction ('' when empty)."""
-    stripped = prediction.strip()
-    return stripped[0] if stripped else ""
+    """MERV's letter extraction: the first character of the stripped prediction, upper-cased ('' when empty): the
+    original compares it with the option letter case-insensitively (``pred.lower()[:1] == letter.lower()``)."""
+    first = prediction.strip()[:1]
+    return first.upper() if first in string.ascii_letters else first
 
 
 def normalise(text: str) -> str:
@@ -77,6 +78,8 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
             metrics["judge_score"] = _mean([float(v["score"]) for v in judged])
             out["judged"] = len(judged)
             out["unjudged"] = len(rows) - len(judged)
+            if counted := sum(1 for v in judged if "counted_as_no" in v):  # judge unparseable: no
+                out["counted_as_no"] = counted
             headline = "judge_accuracy"
     degenerate = Counter(k for r in rows for k in r.get("degenerate", []))
     out = {"metric": headline, "value": metrics.get(headline), **out, "metrics": metrics}
@@ -90,7 +93,7 @@ def summarise(rows: list[dict], kind: str, *, with_types: bool = True) -> dict:
 
 def _by_type(rows: list[dict], kind: str) -> dict:
     """The summary of each question type's rows, reduced to counts and metrics."""
-    kept = ("n", "chance", "metrics", "judged", "unjudged")
+    kept = ("n", "chance", "metrics", "judged", "unjudged", "counted_as_no")
     types = sorted({r["question_type"] for r in rows if r.get("question_type") is not None})
     by_type = {}
     for qtype in types:

@@ -1,22 +1,16 @@
-"""What a number was measured with: checkpoint, frames, decoding, prompt, judge and software, recorded per result."""
+"""What a number was measured with: checkpoint, frozen weights, frames, decoding, prompt, judge and software, recorded
+per result."""
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 PACKAGES = ("merv", "torch", "transformers", "timm", "tokenizers", "openai", "webdataset", "decord2", "av")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str | None]:
@@ -50,3 +44,25 @@ def frame_sampling(model_cfg, shard_manifest: dict) -> dict:
         "shards": {"fingerprint": shard_manifest.get("fingerprint"), "settings": shard_manifest.get("settings")},
         "sampling": "uniform over the clip (or its time window / end_frame), per encoder frame count",
     }
+
+
+def weights_provenance(paths: dict[str, Path], memo) -> dict[str, dict]:
+    """Per frozen weight (``{"encoder <id>" or "llm": path}``, see :func:`merv.weights.weight_paths`): where it was
+    found, its digest, and what `merv fetch-weights` recorded beside it (source, pinned revision, commit, per-file
+    digests) when it fetched it, with whether the files still match that record."""
+    from merv.fetch import read_source_record
+
+    out = {}
+    for part, path in paths.items():
+        path = Path(path)
+        record = read_source_record(path)
+        entry = {"path": str(path), "sha256": memo.path(path), "fetched": None}
+        if record:
+            files = memo.files(path) if path.is_dir() else {path.name: memo.file(path)}
+            entry["fetched"] = {k: record.get(k) for k in ("source", "revision", "commit", "files")}
+            entry["fetched"]["unchanged"] = files == record.get("files")
+            if not entry["fetched"]["unchanged"]:
+                log.warning("%s: %s differs from what merv fetch-weights fetched (commit %s)", part, path,
+                            record.get("commit"))  # fmt: skip
+        out[part] = entry
+    return out

@@ -9,7 +9,7 @@ entry inferred from its questions (options present -> multiple choice), and its 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 Kind = Literal["open", "mcq"]
@@ -30,6 +30,7 @@ class BenchmarkSpec:
     max_new_tokens: int = 512  # the original's generation length
     source: str = ""  # where the data comes from / how it was prepared
     registered: bool = True  # False: a generic entry inferred from the data
+    folder_fps: float = 1.0  # frame rate of the benchmark's frame folders (videos/<name>/): places 'time' windows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,7 +55,9 @@ REGISTRY: dict[str, BenchmarkSpec] = {
         _open("activitynet_qa", "ActivityNet-QA, prepared the Video-LLaVA way"),
         _mcq("perception_test", "Perception Test MCQ (google-deepmind/perception_test), optional end_frame"),
         _mcq("nextqa", "NExT-QA MCQ, prepared the SeViLA way"),
-        _mcq("vlep", "VLEP (two options), prepared the SeViLA way, clip windows in 'time'"),
+        # VLEP ships its videos as folders of frames sampled at 3 fps (jayleicn/VideoLanguageFuturePred), as the
+        # original reads them
+        replace(_mcq("vlep", "VLEP (two options), prepared the SeViLA way, clip windows in 'time'"), folder_fps=3.0),
         _mcq("tvqa", "TVQA MCQ, prepared the SeViLA way, clip windows in 'time'"),
         BenchmarkSpec("synth_mcq", "mcq", "answer_id", "", MCQ_METRIC, 8, "merv synth (built-in)"),
         BenchmarkSpec("synth_open", "open", "answer", "", OPEN_METRIC, 8, "merv synth (built-in)"),

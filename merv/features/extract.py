@@ -49,7 +49,8 @@ class _Extractor:
 
         self.cfg = next(e for e in model.encoders if e.id == encoder_id)
         self.device = resolve_device(settings.device)
-        self.encoder = build_encoder(self.cfg).to(self.device).eval()
+        # computed in fp32, whatever dtype a transformers folder is marked with; stored in the cache's dtype
+        self.encoder = build_encoder(self.cfg).to(self.device, torch.float32).eval()
         pooled = model.projector.pooling in POOLED
         self.pool = build_projector(model.projector, self.encoder.embed_dim, 1).pool if pooled else None
 
@@ -214,10 +215,12 @@ class FeaturesJob:
         import submitit
 
         from merv.config import run_config_from_dict
+        from merv.runtime import local_device
         from merv.weights import resolve_model
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         env = submitit.JobEnvironment()
+        local_device(env.local_rank)  # each task its own GPU ("cuda" is then the task's), not all of them GPU 0
         model = resolve_model(run_config_from_dict(self.run).model)
         extract_features(
             Path(self.shards), model, self.encoder, Path(self.out), self.settings, env.global_rank, env.num_tasks

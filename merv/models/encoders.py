@@ -107,17 +107,32 @@ class TimmImageEncoder(VisualEncoder):
         super().__init__(cfg)
         import timm
 
+        from merv.integrity import IntegrityError, check_finite, check_header, check_names
+
         path = Path(cfg.weights)
         if not path.is_file():
             raise FileNotFoundError(f"encoder {cfg.id!r}: weights file {path} not found")
-        # The same path real checkpoints take: timm's pretrained loader, pointed at a local file.
-        self.model = timm.create_model(
-            cfg.arch,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(path)},
-            num_classes=0,
-            **timm_kwargs(cfg),
-        )
+        # The path real checkpoints take: timm's pretrained loader pointed at the local file, which adapts a hub
+        # checkpoint to the model (position embeddings resampled to the image size, the classifier dropped) and
+        # loads it strictly. Around it, merv.integrity: an intact header before any data, all values finite after.
+        what = f"encoder {cfg.id!r}"
+        try:
+            check_header(path)
+        except IntegrityError as e:
+            raise IntegrityError(f"{what}: {e}") from None
+        try:
+            self.model = timm.create_model(
+                cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **timm_kwargs(cfg)
+            )
+        except RuntimeError as e:  # torch's load_state_dict: misshapen tensors
+            detail = " ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)
+            raise IntegrityError(f"{what}: {path}: {detail}") from None
+        # timm loads non-strictly once the classifier differs (num_classes=0): check the names against the header
+        # (timm hub files and merv's own are in timm's layout; only a classifier may be left over)
+        classifier = self.model.pretrained_cfg.get("classifier") or ()
+        heads = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+        check_names(path, set(self.model.state_dict()), what, allow_unexpected=heads)
+        check_finite(self.model.state_dict(), f"{what} ({path})")
         if cfg.feature_layer is not None:
             if not hasattr(self.model, "blocks"):
                 raise ValueError(f"encoder {cfg.id!r}: feature_layer needs a timm vision transformer (with blocks)")
@@ -144,6 +159,24 @@ def _hf_config_dir(cfg: EncoderConfig) -> Path:
     return path
 
 
+# What a transformers backbone may lack or leave unused from its checkpoint: the pooler (merv reads hidden states,
+# never the pooled output; a classification checkpoint has none) and a classification head (google's ViViT ships
+# VivitForVideoClassification). Everything else must be consumed exactly (merv.integrity.check_pretrained).
+UNUSED_MISSING = ("pooler.",)
+UNUSED_EXTRA = ("classifier.",)
+
+
+def _hf_pretrained(path: Path, cfg: EncoderConfig) -> nn.Module:
+    from transformers import AutoModel
+
+    from merv.integrity import check_pretrained
+
+    model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    check_pretrained(model, info, path, f"encoder {cfg.id!r}", allow_missing=UNUSED_MISSING,
+                     allow_unexpected=UNUSED_EXTRA)  # fmt: skip
+    return model
+
+
 def _hf_features(model: nn.Module, cfg: EncoderConfig, pixel_values: torch.Tensor) -> torch.Tensor:
     """``last_hidden_state``, or ``hidden_states[feature_layer]`` (0: embeddings, i: block i's output)."""
     if cfg.feature_layer is None:
@@ -160,10 +193,8 @@ class HFImageEncoder(VisualEncoder):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
-        from transformers import AutoModel
-
         path = _hf_config_dir(cfg)
-        model = AutoModel.from_pretrained(path)
+        model = _hf_pretrained(path, cfg)
         self.model = getattr(model, "vision_model", model)  # SiglipModel / CLIPModel -> vision tower
         vcfg = getattr(model.config, "vision_config", model.config)
         if vcfg.image_size != cfg.image_size:
@@ -189,11 +220,11 @@ class HFVideoEncoder(VisualEncoder):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         path = _hf_config_dir(cfg)
         hf_cfg = AutoConfig.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path)
+        self.model = _hf_pretrained(path, cfg)
         tubelet = hf_cfg.tubelet_size
         t_step, patch = (tubelet[0], tubelet[1]) if isinstance(tubelet, list | tuple) else (tubelet, hf_cfg.patch_size)
         if hf_cfg.num_frames != cfg.num_frames or hf_cfg.image_size != cfg.image_size:

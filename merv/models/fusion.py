@@ -15,21 +15,30 @@ from merv.config import FusionConfig
 
 
 class CrossAttentionFusion(nn.Module):
-    """MERV's default: one learnable query attends over one summary vector per encoder.
+    """MERV's default: one learnable query attends over one summary vector per encoder, one head.
 
-    ``w = softmax_e(q . K(mean_L x_e) / sqrt(H))`` per sample (H = ``attn_dim``); output ``sum_e w_e x_e``.
+    Parameterised as the original's ``nn.MultiheadAttention(embed_dim=A, kdim=D)`` with a learnable ``Q [1, A]``:
+    ``q = W_q Q + b_q``, ``k_e = W_k mean_L(x_e) + b_k``, ``w = softmax_e(q . k_e / sqrt(A))`` per sample, output
+    ``sum_e w_e x_e`` (the attention's value and output projections are never used, so they are not held). ``Q``,
+    ``W_q`` and ``W_k`` start xavier-uniform and the biases at zero, and ``Q`` is 2-D, so weight decay reaches it as
+    in the original. Over one encoder the weight is always 1 (the original's single-encoder models).
     """
 
     def __init__(self, dim: int, num_encoders: int, attn_dim: int | None = None):
         super().__init__()
         attn_dim = attn_dim or dim
-        # a zero query would give the key projection no gradient at the first step
-        self.query = nn.Parameter(torch.randn(attn_dim) / math.sqrt(attn_dim))
+        self.query = nn.Parameter(torch.empty(1, attn_dim))  # the original's Q
+        self.q_proj = nn.Linear(attn_dim, attn_dim)
         self.key = nn.Linear(dim, attn_dim)
+        for weight in (self.query, self.q_proj.weight, self.key.weight):
+            nn.init.xavier_uniform_(weight)
+        nn.init.zeros_(self.q_proj.bias)
+        nn.init.zeros_(self.key.bias)
 
     def weights(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         summary = torch.stack([x.mean(dim=1) for x in tokens], dim=1)  # [B, E, D]
-        scores = self.key(summary) @ self.query / math.sqrt(self.query.shape[0])  # [B, E]
+        q = self.q_proj(self.query)[0]  # [A]
+        scores = self.key(summary) @ q / math.sqrt(q.shape[0])  # [B, E]
         return scores.softmax(dim=-1)
 
     def forward(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

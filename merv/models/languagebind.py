@@ -58,12 +58,16 @@ class TemporalBlock(nn.Module):
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """The checkpoint's tensors: from safetensors after its header and values are checked (merv.integrity), else
+    from ``pytorch_model.bin`` without unpickling code (``weights_only``), checked finite."""
+    from merv.integrity import check_finite, load_verified
 
-        return load_file(str(path / "model.safetensors"))
+    if (path / "model.safetensors").is_file():
+        return load_verified(path / "model.safetensors", None)
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        check_finite(state, str(path / "pytorch_model.bin"))
+        return state
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 

@@ -26,6 +26,26 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def add_tokens(llm: nn.Module, tokenizer, tokens: dict[str, str], multiple: int | None) -> None:
+    """Add special ``tokens`` to ``tokenizer`` and resize ``llm``'s embedding rows (and an untied LM head) to the
+    tokenizer's length rounded up to ``multiple``, with transformers' own ``resize_token_embeddings``, as the
+    original does; the pad token id goes into the LLM's config. Nothing changes when neither is asked for. (On the
+    meta device the new rows are not drawn around the old rows' mean: there are no values to take it from.)"""
+    if not tokens and multiple is None:
+        return
+    tokenizer.add_special_tokens(dict(tokens))
+    on_meta = llm.get_input_embeddings().weight.device.type == "meta"
+    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=not on_meta)
+    if tokenizer.pad_token_id is not None:
+        llm.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` holds its weights in, which its inputs are cast to at each boundary (frozen encoders may be
+    held in 16 bits beside fp32 projectors; under FSDP2's policy or autocast the compute casts on top of this)."""
+    return next(module.parameters()).dtype
+
+
 class MERV(nn.Module):
     """encode (frozen encoders) -> project (per encoder) -> fuse -> splice after BOS -> LLM."""
 
@@ -43,19 +63,37 @@ class MERV(nn.Module):
         self.fusion = build_fusion(cfg.fusion, dim, len(encoders))
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = ()) -> MERV:
+    def from_config(
+        cls, cfg: ModelConfig, roots: list[Path] | tuple[Path, ...] = (), dtype: str | torch.dtype | None = None
+    ) -> MERV:
         """Build from the weights the config names (``from_pretrained`` folders, timm files), found as
-        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory)."""
+        :mod:`merv.weights` describes (``$MERV_WEIGHTS``, then ``roots``, then the working directory), held in
+        ``dtype`` (default: the config's ``dtype``; never the dtype the LLM folder is marked with).
+
+        The LLM gets the tokens the config adds (``llm.add_special_tokens``, its embedding rows resized to a multiple
+        of ``llm.pad_vocab_to_multiple_of``), as the original does to Llama-2 (``<PAD>``, 32064 rows)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from merv.runtime import held_dtype
+
+        torch_dtype = held_dtype(dtype if dtype is not None else cfg.dtype)
         cfg = resolve_model(cfg, roots)
         llm_path = Path(cfg.llm.weights)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"LLM weights: no transformers checkpoint (config.json) in {llm_path}")
+        from merv.integrity import check_pretrained
+
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, attn_implementation=attention_implementation())
-        encoders = {e.id: build_encoder(e) for e in cfg.encoders}
-        return cls(cfg, llm, tokenizer, encoders)
+        llm, info = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=torch_dtype, attn_implementation=attention_implementation(), output_loading_info=True
+        )
+        check_pretrained(llm, info, llm_path, "LLM weights")  # every tensor consumed, none missing, all finite
+        add_tokens(llm, tokenizer, cfg.llm.add_special_tokens, cfg.llm.pad_vocab_to_multiple_of)
+        encoders = {e.id: build_encoder(e).to(torch_dtype) for e in cfg.encoders}
+        model = cls(cfg, llm, tokenizer, encoders)
+        model.projectors.to(torch_dtype)
+        model.fusion.to(torch_dtype)
+        return model
 
     loss_logits = "targets"  # "targets", "all" or "liger": how the loss gets its logits (see forward)
 
@@ -85,16 +123,16 @@ class MERV(nn.Module):
         from merv.features.cache import POOLED
 
         features = features or {}
+        pooled = self.cfg.projector.pooling in POOLED
         tokens = []
         for name, encoder in self.encoders.items():
             projector = self.projectors[name]
-            if name in features:
-                cached = features[name].to(self.dtype)
-                tokens.append(projector(cached, pooled=self.cfg.projector.pooling in POOLED))
+            if name in features:  # stored in the cache's dtype: cast to the projector's
+                tokens.append(projector(features[name].to(_dtype(projector)), pooled=pooled))
                 continue
             with torch.no_grad():  # encoders are frozen
-                out = encoder(videos[name])  # [B, T', N, C]
-            tokens.append(projector(out))  # [B, L, D]
+                out = encoder(videos[name].to(_dtype(encoder)))  # [B, T', N, C]
+            tokens.append(projector(out.to(_dtype(projector))))  # [B, L, D]
         return self.fusion(tokens)
 
     def blank_videos(self, batch: int = 1) -> dict[str, torch.Tensor]:

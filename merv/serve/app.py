@@ -3,11 +3,16 @@
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models[/{id}]``, ``GET /health`` (with batching statistics);
 the chat page ``GET /`` (static files under ``/static``), ``GET /api/videos`` (videos in the allowed folders),
 ``GET /api/media`` (one of them, for the page's <video>), ``POST /api/uploads`` (a video from the page).
+
+Every request passes :func:`guard` first: its ``Host`` must be one of the server's names (DNS rebinding), the API key
+when one is set (every route but ``/health`` and the static page), and a POST from a browser must come from the
+server's own page (``Origin``); chat completions take JSON bodies only. See ``docs/serving-security.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import mimetypes
@@ -19,6 +24,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +35,7 @@ from starlette.exceptions import HTTPException
 from merv.data.video import VideoError, open_media
 from merv.serve.chat import prepare_job
 from merv.serve.engine import BatchEngine, Result
-from merv.serve.media import VIDEO_SUFFIXES, MediaPolicy, list_videos
+from merv.serve.media import MEDIA_SUFFIXES, VIDEO_SUFFIXES, MediaPolicy, list_videos
 from merv.serve.protocol import (
     ServeError,
     chunk_body,
@@ -46,8 +52,55 @@ TEXT_ALLOWANCE = MIB  # room for the text of a request beside its base64 media
 MAX_UPLOADS = 64  # videos the chat page's upload folder keeps
 
 
+PUBLIC_PATHS = ("/health",)  # no key needed: liveness probes
+PAGE_PATHS = ("/", "/favicon.ico")  # the chat page and its static files: the same for everyone, no data
+JSON_TYPES = ("application/json",)
+
+
 def error_response(e: ServeError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def host_name(header: str) -> str:
+    """A Host header's name, lower case, without the port (``[::1]:8000`` -> ``::1``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def check_request(request: Request, settings: ServeSettings) -> None:
+    """The checks every request passes before its route runs; a :class:`ServeError` says which failed."""
+    names = settings.host_names
+    host = host_name(request.headers.get("host", ""))
+    if names is not None and host not in names:
+        # DNS rebinding: a web page whose name now resolves to this server still sends its own name
+        raise ServeError(400, f"Host {host!r} is not a name of this server (see --allowed-host)", "invalid_host")
+    path = request.url.path
+    public = path in PUBLIC_PATHS or path in PAGE_PATHS or path.startswith("/static/")
+    if settings.api_key is not None and not public:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise ServeError(401, "a valid API key is needed: 'Authorization: Bearer <key>'", "invalid_api_key")
+    origin = request.headers.get("origin")
+    if request.method not in ("GET", "HEAD", "OPTIONS") and origin is not None:
+        # a browser says where a request comes from; only the server's own page may POST (no cross-site forms)
+        parsed = urlparse(origin)
+        own = parsed.scheme in ("http", "https") and parsed.netloc.lower() == request.headers.get("host", "").lower()
+        if not own:
+            raise ServeError(403, f"requests from {origin!r} are not accepted (cross-origin)", "cross_origin")
+
+
+def require_json(request: Request) -> None:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in JSON_TYPES:
+        raise ServeError(
+            415,
+            f"the body must be JSON (Content-Type: application/json), got {kind or 'none'!r}",
+            "unsupported_media_type",
+        )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -73,7 +126,16 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
     created = int(time.time())
     uploads = Path(tempfile.mkdtemp(prefix="merv-serve-uploads-"))
     roots = {Path(d).name: Path(d) for d in settings.allowed_dirs} | {"uploads": uploads}
-    policy = MediaPolicy(tuple(roots.values()), settings.max_upload_bytes, settings.download_timeout_s)
+    policy = MediaPolicy(
+        tuple(roots.values()),
+        settings.max_upload_bytes,
+        settings.download_timeout_s,
+        allowed_domains=tuple(d.rstrip(".").lower() for d in settings.allowed_media_domains),
+        allowed_networks=settings.allowed_media_networks,
+        max_redirects=settings.max_media_redirects,
+        max_frame_pixels=settings.max_frame_pixels,
+        max_request_pixels=settings.max_request_pixels,
+    )
     engine = BatchEngine(model, settings.max_batch, settings.batch_wait_ms)
     body_limit = settings.max_upload_bytes * 4 // 3 + TEXT_ALLOWANCE  # base64 grows media by 4/3
 
@@ -86,6 +148,15 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="merv serve", lifespan=lifespan)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        try:
+            check_request(request, settings)
+        except ServeError as e:
+            log.info("%s %s refused (%d): %s", request.method, request.url.path, e.status, e.message)
+            return error_response(e)
+        return await call_next(request)
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, e: ServeError):
@@ -138,11 +209,14 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        require_json(request)
         body = await read_body(request, body_limit)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ServeError(400, f"the request body is not JSON ({e})", "invalid_json") from None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of more than 4300 digits
+            raise ServeError(400, f"the request body is not JSON ({str(e)[:200]})", "invalid_json") from None
+        except RecursionError:
+            raise ServeError(400, "the request body is nested too deeply", "invalid_json") from None
         req = parse_request(data)
         if req.model != name:
             raise ServeError(
@@ -206,6 +280,8 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         path = policy.local_path(url, "url")
         if not path.is_file():
             raise ServeError(400, f"url: {path} is not a file", "invalid_video", "url")
+        if path.suffix.lower() not in MEDIA_SUFFIXES:  # e.g. a benchmark's answers beside its videos
+            raise ServeError(403, f"url: {path.name} is not a video or image file", "not_media", "url")
         return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
     @app.post("/api/uploads")
@@ -243,6 +319,7 @@ def create_app(model, settings: ServeSettings) -> FastAPI:
         return {"name": f"uploads/{path.name}", "url": path.as_uri(), "bytes": path.stat().st_size}
 
     app.state.engine = engine
+    app.state.settings = settings
     return app
 
 

@@ -10,9 +10,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from merv.data.video import resize_to, short_side_size
 from merv.prompting import prompt_to_ids
 from merv.serve.engine import Job, Sampling
-from merv.serve.media import MAX_FRAMES, MediaPolicy, decode_image, frame_list_tensors, suffix_for, video_tensors
+from merv.serve.media import (
+    MAX_FRAMES,
+    MediaPolicy,
+    decode_image,
+    frame_list_tensors,
+    frame_size,
+    suffix_for,
+    video_tensors,
+)
 from merv.serve.protocol import ChatRequest, ImagePart, ServeError, TextPart, VideoPart
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
@@ -82,8 +91,10 @@ def visual_content(request: ChatRequest) -> list[tuple[str, VideoPart | ImagePar
 
 
 async def load_visual(model, policy: MediaPolicy, request: ChatRequest, workdir: Path) -> dict:
-    """Fetch and decode the conversation's video (decoding runs in a thread) -> ``{encoder: [T, 3, S, S]}``."""
+    """Fetch and decode the conversation's video (decoding runs in a thread) -> ``{encoder: [T, 3, S, S]}``, within
+    the request's pixel budget (each frame's size is read from its header first)."""
     parts = visual_content(request)
+    budget = policy.budget()
     where, first = parts[0]
     if isinstance(first, VideoPart):
         param = f"{where}.video_url"
@@ -95,15 +106,19 @@ async def load_visual(model, policy: MediaPolicy, request: ChatRequest, workdir:
             what = f"{first.url.split(',')[0][:40]}, {len(source)} bytes"
         else:
             path, what = source, first.url
-        return await asyncio.to_thread(video_tensors, model, path, what, param, temporary)
-    images, total = [], 0
+        return await asyncio.to_thread(video_tensors, model, path, what, param, temporary, budget)
+    images, total, shape = [], 0, None
     for where, part in parts:
         param = f"{where}.image_url"
         source, _ = await policy.fetch(part.url, param)
         total += len(source) if isinstance(source, bytes) else source.stat().st_size
         if total > policy.max_bytes:
             raise policy.too_large(param, f"the frames so far: {total}")
-        images.append(await asyncio.to_thread(decode_image, source, param))
+        image = await asyncio.to_thread(decode_image, source, param, budget)
+        # every frame takes the first one's shape at the decode size, as one video's frames would: resized as it
+        # comes, so the request holds one full-size frame at a time
+        shape = shape or short_side_size(image.shape[0], image.shape[1], frame_size(model))
+        images.append((await asyncio.to_thread(resize_to, image[None], shape))[0])
     return await asyncio.to_thread(frame_list_tensors, model, images)
 
 

@@ -1,5 +1,11 @@
-"""Process group and FSDP2 wrapping. One process needs none of it; ``torchrun`` (or submitit) sets the environment
-for N processes: gloo on CPU, NCCL on GPUs."""
+"""Process group and FSDP2 wrapping. One process needs none of it; ``torchrun`` (or submitit, see
+:mod:`merv.train.launch`) sets the environment for N processes.
+
+Which backend serves which tensor: on GPUs the group has one backend per device type, ``cpu:gloo,cuda:nccl``. FSDP2's
+collectives move CUDA tensors (NCCL); merv's own are host values: the step's token and sample counts, the loss, the
+stop flag, barriers, and the object collectives of ``torch.distributed.checkpoint`` (gloo). A group of NCCL alone
+refuses every CPU tensor (``No backend type associated with device type cpu``) at the first step. On CPUs: gloo.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from merv.runtime import local_device
 
 
 @dataclass(frozen=True)
@@ -26,19 +34,22 @@ class Dist:
         return self.world_size > 1
 
 
+def backend_for(device: str | torch.device) -> str:
+    """The process-group backend for a process computing on ``device``: gloo for CPU tensors always, and NCCL for
+    CUDA tensors on GPUs (see the module's docstring)."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_distributed() -> Dist:
-    """Join the process group that ``torchrun``'s environment describes (no-op for a single process)."""
+    """Join the process group that ``torchrun``'s environment describes (no-op for a single process); a group made
+    before (by :mod:`merv.train.launch`) is kept."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device="cuda" if torch.cuda.is_available() else "cpu")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        backend, device = "nccl", f"cuda:{local}"
-    else:
-        backend, device = "gloo", "cpu"
+    device = local_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend_for(device))
     return Dist(dist.get_rank(), world, local, device)
 
 
@@ -46,16 +57,16 @@ def ensure_process_group(d: Dist) -> None:
     """FSDP2 needs a process group, also for one process (its mixed-precision policy on a single GPU): a group of one
     in memory when ``torchrun`` made none."""
     if not dist.is_initialized():
-        backend = "nccl" if str(d.device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend_for(d.device), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def all_reduce_sum(value: float | int, d: Dist) -> float:
+    """Sum one host value over the ranks."""
     return all_reduce_sums([value], d)[0]
 
 
 def all_reduce_sums(values: list[float | int], d: Dist) -> list[float]:
-    """Sum each value over the ranks, in one collective."""
+    """Sum each host value over the ranks, in one collective (a CPU tensor: gloo's part of the group)."""
     if not d.enabled:
         return list(values)
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
@@ -64,6 +75,7 @@ def all_reduce_sums(values: list[float | int], d: Dist) -> list[float]:
 
 
 def barrier(d: Dist) -> None:
+    """Wait for every rank (on gloo's part of the group: torch picks the CPU where the group serves it)."""
     if d.enabled:
         dist.barrier()
 

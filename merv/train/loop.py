@@ -29,8 +29,9 @@ from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
 from merv.runtime import runtime_record
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
+from merv.train.lock import holds_output_lock
 from merv.train.metrics import WandbLogger, loss_curve_png, model_flops, peak_flops
-from merv.train.state import latest_state, load_state, save_state, work_dir
+from merv.train.state import resume_state, save_state, work_dir
 from merv.train.strategy import Strategy
 from merv.weights import project_record
 
@@ -44,12 +45,14 @@ def seed_everything(seed: int) -> None:
 
 
 def set_trainable(model: MERV, groups: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze the named module groups; encoders always stay frozen."""
+    """Freeze everything, then unfreeze the named module groups, held in fp32 whatever ``model.dtype`` says (the
+    optimizer's master weights: AdamW's updates of lr ~2e-5 relative size vanish in 16-bit weights, and its state
+    follows the parameters' dtype); encoders always stay frozen."""
     if "encoders" in groups:
         raise ValueError("encoders are frozen in MERV; remove 'encoders' from the stage's trainable list")
     model.requires_grad_(False)
     for group in groups:
-        getattr(model, group).requires_grad_(True)
+        getattr(model, group).float().requires_grad_(True)
     model.train()
     model.encoders.eval()
     return [p for p in model.parameters() if p.requires_grad]
@@ -61,6 +64,10 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class NonFiniteLoss(ValueError):
+    """The loss or the gradient of a step is not finite: the run stops before the update (saved states stay intact)."""
 
 
 class Preempted(Exception):
@@ -85,8 +92,10 @@ def build_model(run: RunConfig, stage: StageConfig, init: Path | None) -> tuple[
     model = MERV.from_config(run.model)
     trained_groups, init_fingerprint = set(stage.trainable), None
     if init is not None:
-        model, _, init_meta = load_checkpoint(init, model=model)
-        trained_groups |= set(init_meta["trained_groups"])
+        # stage.init_groups: only these groups of the previous stage carry over (the original's finetune: projectors)
+        model, _, init_meta = load_checkpoint(init, model=model, groups=stage.init_groups)
+        taken = set(init_meta["trained_groups"])
+        trained_groups |= taken if stage.init_groups is None else taken & set(stage.init_groups)
         init_fingerprint = init_meta["config_fingerprint"]
     set_trainable(model, stage.trainable)
     return model, trained_groups, init_fingerprint
@@ -108,7 +117,7 @@ def make_loader(
     feature_sets = open_feature_sets(model.cfg, data_dir, features)
     loader = ShardLoader(
         data_dir,
-        transform=ExampleBuilder(model.cfg, model.tokenizer, cached=frozenset(features)),
+        transform=ExampleBuilder(model.cfg, model.tokenizer, cached=frozenset(features), text=stage.text),
         collate=collate,
         batch_size=stage.micro_batch_size,
         shuffle_buffer=min(manifest["samples"], stage.shuffle_buffer),
@@ -163,6 +172,7 @@ class StepLog:
             self.wandb.close()
 
 
+@holds_output_lock  # one run per output folder: a second one is refused, naming the first's PID and host
 def train_stage(
     run: RunConfig,
     stage_name: str,
@@ -205,9 +215,9 @@ def train_stage(
     # resume where an interrupted run with the same settings stopped
     work = work_dir(out)
     first_step, position, metrics, samples_seen = 0, Position(), [], 0
-    resume = latest_state(work, config_fingerprint)
-    if resume is not None:
-        first_step, position, resumed = load_state(resume, model, optimizer, scheduler, d.rank)
+    found = resume_state(work, config_fingerprint, model, optimizer, scheduler, d)  # verified; damaged ones set aside
+    if found is not None:
+        resume, first_step, position, resumed = found
         metrics, samples_seen = resumed["metrics"], resumed["samples_seen"]
         log.info("stage %s: resuming from %s (step %d of %d)", stage.name, resume, first_step, total_steps)
     stream = loader(position)
@@ -216,48 +226,25 @@ def train_stage(
 
     for step in range(first_step, total_steps):
         t0 = time.time()
-        micro = []
-        for _ in range(accum):
-            position, batch = next(stream)
-            micro.append(_to(batch, d.device))
+        position, micro, counts = next_batches(stream, accum, d.device)
         data_wait = time.time() - t0
-        # the loss is a mean over the target tokens of the whole global batch, on every rank
-        n_tokens = all_reduce_sum(sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro), d)
-        step_loss, weights = 0.0, None
-        for i, mb in enumerate(micro):  # FSDP averages gradients over ranks: scale by world size / global tokens
-            loss_sum, w = strategy.micro_step(model, mb, d.world_size / n_tokens, last=i == accum - 1)
-            step_loss, weights = step_loss + loss_sum, w if w is not None else weights
-        grad_norm = strategy.clip(trainable, stage.grad_clip)
-        optimizer.step()
+        sums, weights = train_step(strategy, model, optimizer, trainable, micro, counts, stage.grad_clip, d, step + 1)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # one host sync and one collective a step for what is logged
-        step_samples, video_samples, text_tokens, step_loss = all_reduce_sums(
-            [
-                sum(len(mb["lengths"]) for mb in micro),
-                sum(int(mb["has_video"].sum()) for mb in micro),
-                sum(int(mb["lengths"].sum()) for mb in micro),
-                float(step_loss),
-            ],
-            d,
-        )
-        step_samples = int(step_samples)
-        step_tokens = text_tokens + video_samples * run.model.visual_tokens
-        samples_seen += step_samples
+        samples_seen += int(sums["samples"])
+        step_tokens = sums["text_tokens"] + sums["videos"] * run.model.visual_tokens
         seconds = max(1e-9, time.time() - t0)
         record = {
             "step": step + 1,
-            "loss": step_loss / n_tokens,
+            "loss": sums["loss"],
             "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-            "tokens": int(n_tokens),
+            "grad_norm": sums["grad_norm"],
+            "tokens": int(sums["targets"]),
             "samples": samples_seen,
             "step_s": seconds,
             "data_wait_s": data_wait,
-            "samples_per_s": step_samples / seconds,
+            "samples_per_s": sums["samples"] / seconds,
             "tokens_per_s": step_tokens / seconds,
-            "mfu": model_flops(model, step_tokens, video_samples) / seconds / (peak * d.world_size) if peak else None,
+            "mfu": model_flops(model, step_tokens, sums["videos"]) / seconds / (peak * d.world_size) if peak else None,
             "fusion_weights": weights.float().mean(0).tolist() if weights is not None else None,
         }
         metrics.append(record)
@@ -286,6 +273,7 @@ def train_stage(
         "processes": d.world_size,
         "workers": loader.num_workers,
         "strategy": strategy.describe(),
+        "precision": precision_record(run, model, optimizer, strategy),
         "seed": run.train.seed,
         "trained_groups": sorted(trained_groups),
         "init": str(init) if init else None,
@@ -305,7 +293,7 @@ def train_stage(
     full_state = _full_state(model, strategy)
     if d.is_main:
         extra = {
-            "metrics.jsonl": "\n".join(json.dumps(m) for m in metrics),
+            "metrics.jsonl": "\n".join(json.dumps(m, allow_nan=False) for m in metrics),  # strict JSON
             "loss.png": loss_curve_png(metrics, f"{step_log.home.name} {stage.name}"),
         }
         save_checkpoint(model, run, out, meta, extra=extra, full_state=full_state)
@@ -318,6 +306,65 @@ def train_stage(
     return meta
 
 
+def next_batches(stream, accum: int, device: str) -> tuple[Position, list[dict], dict]:
+    """The step's ``accum`` micro-batches on ``device``, the data position after them, and their counts (targets,
+    samples, video samples, text tokens), read on the host before the copy: no device sync."""
+    micro, counts = [], dict.fromkeys(("targets", "samples", "videos", "text_tokens"), 0)
+    for _ in range(accum):
+        position, batch = next(stream)
+        counts["targets"] += int((batch["labels"] != IGNORE_INDEX).sum())
+        counts["samples"] += len(batch["lengths"])
+        counts["videos"] += int(batch["has_video"].sum())
+        counts["text_tokens"] += int(batch["lengths"].sum())
+        micro.append(_to(batch, device))
+    return position, micro, counts
+
+
+def train_step(strategy, model, optimizer, trainable, micro: list[dict], counts: dict, clip: float, d: Dist, step: int):
+    """Forward and backward of the step's micro-batches, gradient clipping, and the update: unless the loss or the
+    gradient is not finite, which stops the run (:class:`NonFiniteLoss`) before the weights change. Returns the
+    step's sums over the ranks (``counts``, ``loss`` per target token, ``grad_norm``) and the fusion weights."""
+    # the loss is a mean over the target tokens of the whole global batch, on every rank
+    targets = all_reduce_sum(counts["targets"], d)
+    loss, weights = 0.0, None
+    for i, mb in enumerate(micro):  # FSDP averages gradients over ranks: scale by world size / global tokens
+        loss_sum, w = strategy.micro_step(model, mb, d.world_size / targets, last=i == len(micro) - 1)
+        loss, weights = loss + loss_sum, w if w is not None else weights
+    grad_norm = strategy.clip(trainable, clip)
+    # one host sync and one collective a step for what is logged; the gradient norm is the same on every rank
+    keys = ("samples", "videos", "text_tokens")
+    *sums, loss = all_reduce_sums([*(counts[k] for k in keys), float(loss)], d)
+    sums = dict(zip(keys, sums, strict=True)) | {"targets": targets, "loss": loss / targets}
+    sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not (math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"])):
+        ids = [k for mb in micro for k in mb["keys"]]
+        raise NonFiniteLoss(
+            f"step {step}: loss {sums['loss']}, gradient norm {sums['grad_norm']}: not finite, stopped before the "
+            f"update (saved states are intact); the step's samples{f' on rank {d.rank}' if d.enabled else ''}: {ids}"
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, weights
+
+
+def precision_record(run: RunConfig, model: MERV, optimizer, strategy: Strategy) -> dict:
+    """What meta.json says about precision: the dtypes of the frozen and the trained weights and of the optimizer
+    state (as held), of the saved checkpoint, and the compute mode (the stage's strategy)."""
+    from merv.runtime import dtype_name
+
+    def names(tensors) -> str:
+        return "+".join(sorted({dtype_name(t.dtype) for t in tensors if t.is_floating_point()})) or "none"
+
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "weights": names(p for p in model.parameters() if not p.requires_grad),
+        "trained_weights": names(p for p in model.parameters() if p.requires_grad),
+        "optimizer_state": names(state),
+        "checkpoint": run.train.checkpoint_dtype,
+        "compute": strategy.describe()["compute"],
+    }
+
+
 def _to(batch: dict, device: str) -> dict:
     if device == "cpu":
         return batch
@@ -326,7 +373,7 @@ def _to(batch: dict, device: str) -> dict:
             {n: t.to(device, non_blocking=True) for n, t in v.items()}
             if isinstance(v, dict)
             else v.to(device, non_blocking=True)
-            if v is not None
+            if isinstance(v, torch.Tensor)
             else v
         )
         for k, v in batch.items()

@@ -24,18 +24,21 @@ log = logging.getLogger(__name__)
 
 
 class Strategy:
-    def __init__(self, stage: StageConfig, d: Dist):
+    def __init__(self, stage: StageConfig, d: Dist, fsdp: bool | None = None):
+        """``fsdp``: None decides from the hardware; True shards even one CPU process, as one GPU would be (tests,
+        ``benchmarks/gpu_check.py --dry-run``)."""
         self.stage, self.d = stage, d
         self.cuda = str(d.device).startswith("cuda")
         self.bf16 = stage.mixed_precision == "bf16"
-        self.fsdp = d.enabled or (self.bf16 and self.cuda)  # FSDP2's mixed precision also on a single GPU
+        # FSDP2's mixed precision also on a single GPU
+        self.fsdp = (d.enabled or (self.bf16 and self.cuda)) if fsdp is None else fsdp
         if stage.kernels == "liger" and not self.cuda:
             raise ValueError(f"stage {stage.name!r}: kernels 'liger' needs a CUDA device (Triton kernels)")
 
     def describe(self) -> dict:
         return {
             "device": str(self.d.device),
-            "precision": ("bf16 params (FSDP2 policy)" if self.fsdp else "bf16 autocast") if self.bf16 else "fp32",
+            "compute": ("bf16 params (FSDP2 policy)" if self.fsdp else "bf16 autocast") if self.bf16 else "fp32",
             "fsdp": self.stage.fsdp if self.fsdp else None,
             "kernels": self.stage.kernels,
             "compile": self.stage.compile,

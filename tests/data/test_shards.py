@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -9,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import merv.data.shards as shards_module
 from merv.data.shards import (
     DataFormatError,
     Item,
@@ -102,6 +105,52 @@ def test_clip_windows_and_frame_folders(tmp_path):
     assert all(20 <= i <= 30 for i in indices("q_time")), indices("q_time")  # 2.0 s - 3.0 s at 10 fps
     assert all(i < 10 for i in indices("q_end")), indices("q_end")
     assert indices("q_frames") == [1, 4, 7, 10]  # 12 frames in natural order (img_2 before img_10)
+
+
+def _frame_folder_benchmark(root, name: str, windows: dict[str, list[float]]):
+    """A benchmark ``name`` whose video is a folder of 30 PNG frames (the bar's position tells the index)."""
+    from PIL import Image
+
+    bench = root / name
+    frames = gradient_frames(30, 32, 48)
+    (bench / "videos" / "clip").mkdir(parents=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(bench / "videos" / "clip" / f"{i:05d}.png")
+    questions = [{"video_name": "clip", "question_id": q, "question": "?", "time": t} for q, t in windows.items()]
+    (bench / "test_q.json").write_text(json.dumps(questions))
+    (bench / "test_a.json").write_text(json.dumps([{"question_id": q, "answer": "a"} for q in windows]))
+    return bench, [_bar_position(f) for f in frames]
+
+
+def test_vlep_frame_folders_are_read_at_3_fps(tmp_path):
+    """VLEP's videos are folders of frames at 3 fps (the original reads them so): the window 2 s - 4 s is frames
+    6-12, where the original's frame list np.linspace(2 * 3, 4 * 3 - 1, n) lies; at 1 fps it would be frames 2-4."""
+    windows = {"q1": [2.0, 4.0], "q2": [7.5, 9.0]}
+    for name in ("vlep", "other"):
+        bench, bars = _frame_folder_benchmark(tmp_path, name, windows)
+        write_shards(collect_items(bench), tmp_path / f"{name}-out", ShardSettings((4,), 32, frame_format="npy"))
+        for sample in iter_samples(tmp_path / f"{name}-out"):
+            meta = sample["meta"]
+            got = [bars.index(_bar_position(sample["frames"][p])) for p in meta["frame_positions"]["4"]]
+            start, end = windows[meta["key"]]
+            fps = 3 if name == "vlep" else 1  # unregistered benchmarks' folders: 1 frame a second
+            window = range(math.floor(start * fps), math.floor(end * fps) + 1)
+            original = np.linspace(start * fps, min(29, end * fps - 1), 4, dtype=int)  # the original's frames
+            assert set(original) <= set(window) and set(got) <= set(window) and got == sorted(got), (name, got)
+
+
+def test_changed_items_with_the_same_keys_start_over(tmp_path):
+    """A shard is resumed only for the same items: another frame rate, window or text under the same keys redoes it
+    (the frames or the record would differ)."""
+    bench, _ = _frame_folder_benchmark(tmp_path, "vlep", {"q1": [2.0, 4.0]})
+    settings = ShardSettings((4,), 32, frame_format="npy")
+    items = collect_items(bench)
+    assert items[0].folder_fps == 3.0
+    write_shards(items, tmp_path / "out", settings)
+    assert write_shards(items, tmp_path / "out", settings).resumed_items == 1
+    for change in ({"folder_fps": 1.0}, {"time": (0.0, 1.0)}, {"record": {**items[0].record, "question": "!"}}):
+        assert write_shards([dataclasses.replace(items[0], **change)], tmp_path / "out", settings).resumed_items == 0
+        write_shards(items, tmp_path / "out", settings)
 
 
 def test_images_become_one_frame_clips(tmp_path):
@@ -315,3 +364,68 @@ def test_unknown_input_kind(tmp_path):
         collect_items(tmp_path)
     with pytest.raises(DataFormatError, match="not a training JSON"):
         collect_items(tmp_path / "nothing.txt")
+
+
+def test_a_changed_item_is_redone_and_only_it(synth_dir, tmp_path):
+    """The issue's re-shard: a label fixed, a video replaced in place and a broken video mended, then `merv shard`
+    into the same folder. Before, shards were matched by item id, so the old text and frames were kept and the mended
+    video stayed quarantined. Now items are matched by content: exactly those three are decoded again, the others are
+    copied from the old shards, and the result is the same bytes as sharding the changed inputs from scratch."""
+    shutil.copytree(synth_dir / "train" / "videos", tmp_path / "videos")
+    samples = json.loads((synth_dir / "train" / "align.json").read_text())[:8]
+    samples[6]["video"] = "videos/broken.mp4"
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"")
+    (tmp_path / "train.json").write_text(json.dumps(samples))
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=300_000, frame_format="npy")
+    first = write_shards(collect_items(tmp_path / "train.json"), tmp_path / "out", settings)
+    assert (first.good, first.bad) == (7, 1) and first.shards > 2
+
+    samples[1]["conversations"][1]["value"] = "A corrected label."
+    replaced = tmp_path / samples[4]["video"]
+    shutil.copy(synth_dir / "train" / "videos" / "train_00011.mp4", replaced)  # another clip, in place
+    shutil.copy(synth_dir / "train" / "videos" / "train_00010.mp4", tmp_path / "videos" / "broken.mp4")
+    (tmp_path / "train.json").write_text(json.dumps(samples))
+    items = collect_items(tmp_path / "train.json")
+    decoded = []  # by the first rerun, killed after its first new shard (its rerun resumes from there)
+    with pytest.MonkeyPatch.context() as mp:
+        real_commit, real_encode = shards_module._Shard.commit, shards_module.encode_with_media
+
+        def commit_then_die(self):
+            real_commit(self)
+            raise KeyboardInterrupt
+
+        mp.setattr(shards_module._Shard, "commit", commit_then_die)
+        mp.setattr(
+            shards_module, "encode_with_media", lambda item, st: decoded.append(item.key) or real_encode(item, st)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            write_shards(items, tmp_path / "out", settings)
+    assert (tmp_path / "out" / ".reuse").is_dir(), "the old shards wait there to be copied from"
+    second = write_shards(items, tmp_path / "out", settings, workers=2)
+
+    stored = {s["meta"]["key"]: s for s in iter_samples(tmp_path / "out")}
+    assert stored[items[1].key]["meta"]["conversations"][1]["value"] == "A corrected label."
+    direct, _ = read_frames(replaced, [4, 8], 64)
+    assert np.array_equal(stored[items[4].key]["frames"], direct), "the replaced video's frames"
+    assert second.bad == 0 and items[6].key in stored, "the mended video is no longer quarantined"
+    assert (tmp_path / "out" / "quarantine.jsonl").read_text() == ""
+    assert sorted(decoded + second.encoded_keys) == sorted(items[i].key for i in (1, 4, 6)), "only the changed items"
+    fresh = write_shards(items, tmp_path / "fresh", settings)
+    assert fresh.encoded_keys == [it.key for it in items]
+    assert read_manifest(tmp_path / "out")["shards"] == read_manifest(tmp_path / "fresh")["shards"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in (tmp_path / "fresh").iterdir()
+    )
+
+
+def test_a_touched_or_copied_video_is_not_decoded_again(synth_dir, tmp_path):
+    """Same bytes, new metadata (touched, or the dataset copied elsewhere): the media is hashed, found unchanged, and
+    every shard is kept as it was."""
+    shutil.copytree(synth_dir / "train", tmp_path / "a")
+    settings = ShardSettings(frame_counts=(4, 8), size=64, target_bytes=300_000, frame_format="npy")
+    write_shards(collect_items(tmp_path / "a" / "align.json"), tmp_path / "out", settings)
+    tars = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
+    os.utime(tmp_path / "a" / "videos" / "train_00002.mp4")
+    again = write_shards(collect_items(tmp_path / "a" / "align.json"), tmp_path / "out", settings)
+    assert again.encoded_keys == [] and again.resumed_items == 12
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")} == tars

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from merv.data.synth import QUESTIONS, balanced_types, render, sample_clip, write_dataset, write_mp4
 from merv.data.video import read_frames
@@ -70,11 +71,27 @@ def test_motion_is_visible_in_decoded_frames(tmp_path):
     assert (xm - x0) * dx + (ym - y0) * dy > 5  # moved at least 5 px in the first direction
 
 
+def original_mcq_prompt(question: str, options: list[str]) -> str:
+    """The prompt as the original's scripts/eval_mcq.py builds it ('naive' strategy): option lines joined by
+    newlines, substituted into a triple-quoted literal whose continuation line is indented by four spaces."""
+    mapping = ["A. ", "B. ", "C. ", "D. ", "E. "]
+    choices = "\n".join([mapping[i] + c for i, c in enumerate(options)])
+    letters = ", ".join([mapping[c][0] for c in range(len(options))])
+    literal = "{question} Select the correct answer from the following options. Write your answer as only one of "
+    literal += "{letters} and nothing else.\n\n    {choices}"
+    return literal.format(question=question, letters=letters, choices=choices)
+
+
+@pytest.mark.parametrize("options", [["yes", "no"], ["red", "blue", "green", "white", "black"]])
+def test_mcq_prompt_is_the_originals(options):
+    assert mcq_prompt("What now?", options) == original_mcq_prompt("What now?", options)
+
+
 def test_mcq_prompt_matches_original_wording():
     prompt = mcq_prompt("What colour?", ["red", "blue", "green"])
     assert prompt == (
         "What colour? Select the correct answer from the following options. Write your answer as only one of "
-        "A, B, C and nothing else.\n\nA. red\nB. blue\nC. green"
+        "A, B, C and nothing else.\n\n    A. red\nB. blue\nC. green"
     )
     assert option_letters(3) == ["A", "B", "C"]
 

@@ -94,6 +94,7 @@ class Handler(BaseHTTPRequestHandler):
             number = st.count
             attempt = st.attempts[key] = st.attempts.get(key, 0) + 1
         entry = {
+            "t": time.time(),
             "n": number,
             "key": key,
             "attempt": attempt,
@@ -109,6 +110,20 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             st.record({**entry, "outcome": "401"})
             return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+        if args.echo_headers_on and args.echo_headers_on in (fields["prediction"] or ""):
+            st.record({**entry, "outcome": "400-echo"})  # a proxy or server that reflects the request in its error
+            headers = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
+            return self._send(400, {"error": {"message": f"cannot judge this request ({headers})"}})
+        if attempt <= args.rate_limit_first:
+            st.record({**entry, "outcome": "429"})
+            payload = json.dumps({"error": {"message": "rate limited", "type": "rate_limit_error"}}).encode()
+            self.send_response(429)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Retry-After", str(args.retry_after))
+            self.end_headers()
+            self.wfile.write(payload)
+            return None
         if None in fields.values():
             st.record({**entry, "outcome": "400"})
             return self._send(400, {"error": {"message": "not a judge prompt", "type": "invalid_request_error"}})
@@ -167,6 +182,9 @@ def main(argv=None) -> None:
     p.add_argument("--sleep-first", type=int, default=0, help="sleep --sleep-s before the first N replies of a pair")
     p.add_argument("--sleep-s", type=float, default=5.0)
     p.add_argument("--die-after", type=int, default=0, help="SIGKILL itself on receiving request N")
+    p.add_argument("--echo-headers-on", help="HTTP 400 echoing the request headers when the prediction has this text")
+    p.add_argument("--rate-limit-first", type=int, default=0, help="HTTP 429 to the first N asks of a pair")
+    p.add_argument("--retry-after", default="1", help="the Retry-After header sent with a 429 (seconds or a date)")
     args = p.parse_args(argv)
     Handler.state = State(args)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

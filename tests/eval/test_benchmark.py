@@ -29,7 +29,7 @@ def comparable(result: dict) -> dict:
 
 def test_mcq_prompt_lists_options(tiny_model):
     prompt = question_prompt(handle(tiny_model), lookup("synth_mcq"), {"question": "Q?", "options": ["x", "y"]})
-    assert prompt.startswith("In: Q? Select the correct answer") and prompt.endswith("A. x\nB. y\nOut:")
+    assert prompt.startswith("In: Q? Select the correct answer") and prompt.endswith("\n\n    A. x\nB. y\nOut:")
 
 
 def test_mcq_by_generation_and_by_likelihood(tiny_model, shards):
@@ -37,7 +37,9 @@ def test_mcq_by_generation_and_by_likelihood(tiny_model, shards):
     rows, summary = result["rows"], result["summary"]
     assert summary["n"] == 6 == len(rows) and result["questions"]["total"] == 6
     for row in rows:
-        assert row["letter"] == first_char_letter(row["prediction"]) == row["prediction"].strip()[:1]
+        # the original's rule: pred.lower()[:1] == letter.lower()
+        assert row["letter"] == first_char_letter(row["prediction"]) == row["prediction"].strip()[:1].upper()
+        assert row["correct_generate"] == (row["prediction"].strip().lower()[:1] == row["answer"].lower())
         assert row["correct_generate"] == (row["letter"] == row["answer"])
         ll = row["likelihood"]
         assert len(ll["logprobs"]) == row["num_options"] == (3 if row["question_type"] == "shape" else 4)
@@ -216,3 +218,40 @@ def test_unparseable_verdicts_are_reported_unjudged_and_asked_again(tiny_model, 
     judge = Judge(JudgeConfig(url=server.url, backoff_s=0.01, parse_attempts=2))
     evaluate(handle(tiny_model), shards["synth_open"], "synth_open", EvalSettings(), ResultCache(tmp_path), judge)
     assert len(server.requests()) == 2 * first, "nothing unjudged was cached as a verdict"
+
+
+def test_the_judge_protocol_as_data_reaches_the_result(tiny_model, shards, start_judge, tmp_path):
+    """A prompt file and the original's rule for unparseable replies: both in the manifest, the result's fingerprint
+    and the verdicts' cache keys (the file's place is not, its wording is)."""
+    from tests.eval.test_judge import ORIGINAL_STYLE
+
+    server = start_judge("--malformed-first", "100")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prompt.yaml").write_text(ORIGINAL_STYLE)
+
+    def run(prompt: str, **kw) -> dict:
+        judge = Judge(
+            JudgeConfig(url=server.url, model="m", backoff_s=0.01, parse_attempts=1, prompt_file=prompt, **kw)
+        )
+        return evaluate(
+            handle(tiny_model), shards["synth_open"], "synth_open", EvalSettings(), ResultCache(tmp_path), judge
+        )
+
+    original = run(str(tmp_path / "a" / "prompt.yaml"), unparseable="no")
+    assert original["summary"]["counted_as_no"] == 6 and original["summary"]["metrics"]["judge_accuracy"] == 0.0
+    judge_info = original["manifest"]["judge"]
+    assert judge_info["unparseable"] == "no" and judge_info["prompt_file"] == str(tmp_path / "a" / "prompt.yaml")
+    assert (
+        judge_info["prompt_sha256"]
+        == Judge(JudgeConfig(url=server.url, model="m", prompt_file=str(tmp_path / "a" / "prompt.yaml"))).prompt.sha256
+    )
+    asked = len(server.requests())
+    moved = run(str(tmp_path / "b" / "prompt.yaml"), unparseable="no")  # the same wording elsewhere: all cached
+    assert len(server.requests()) == asked and moved["config_fingerprint"] == original["config_fingerprint"]
+    ours = run(str(tmp_path / "b" / "prompt.yaml"))
+    assert ours["summary"]["unjudged"] == 6 and ours["config_fingerprint"] != original["config_fingerprint"]
+    (tmp_path / "b" / "prompt.yaml").write_text(ORIGINAL_STYLE.replace("Please evaluate", "Evaluate"))
+    reworded = run(str(tmp_path / "b" / "prompt.yaml"), unparseable="no")
+    assert len(server.requests()) == asked + 6 + 6, "another wording asks the judge again"
+    assert reworded["config_fingerprint"] != original["config_fingerprint"]

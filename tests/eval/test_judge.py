@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections import Counter
 
 import pytest
 
 from merv.eval.judge import (
+    BUILTIN_PROMPT,
     PROMPT_VERSION,
     Judge,
     JudgeConfig,
@@ -110,6 +113,9 @@ def test_verdicts_over_http_with_the_protocol_and_presets(start_judge):
         "model": "judge-7b",
         "served_models": ["judge-7b-2024-06"],
         "prompt_version": PROMPT_VERSION,
+        "prompt_sha256": BUILTIN_PROMPT.sha256,
+        "prompt_file": None,
+        "unparseable": "unjudged",
         "preset": "video-chatgpt",
         "temperature": 0.0,
         "max_tokens": 64,
@@ -176,3 +182,134 @@ def test_api_key_from_env_or_file_is_sent_and_never_logged(start_judge, tmp_path
     judge = _judge(server, api_key_file=str(key_file))
     assert _judge_items(judge, ITEMS[:1])[0]["pred"] == "yes"
     assert secret not in caplog.text and secret not in repr(judge.cfg) and secret not in str(judge.describe())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# trust: the key never lands in results, a missing key is an error, the endpoint's Retry-After is honoured
+
+
+def test_a_judge_that_echoes_the_key_never_gets_it_stored(start_judge, monkeypatch):
+    secret = "sk-test-0123456789abcdef"
+    server = start_judge("--require-key", secret, "--echo-headers-on", "circle")
+    monkeypatch.setenv("MY_JUDGE_KEY", secret)
+    judge = _judge(server, model="stand-in-judge", api_key_env="MY_JUDGE_KEY")
+    verdicts = _judge_items(judge)
+    assert "http 400" in verdicts[2]["unjudged"], verdicts[2]
+    assert [s for s in (secret, secret[3:], secret[:12]) if s in json.dumps(verdicts)] == [], verdicts[2]
+    assert "cannot judge this request" in verdicts[2]["unjudged"], "the rest of the reason is kept"
+
+
+def test_a_missing_key_variable_is_an_error_unless_the_endpoint_is_local(start_judge, tmp_path, monkeypatch):
+    monkeypatch.delenv("MERV_TEST_UNSET_KEY", raising=False)
+    remote = JudgeConfig(url="https://judge.example.org/v1", model="m", api_key_env="MERV_TEST_UNSET_KEY")
+    with pytest.raises(JudgeConfigError, match="MERV_TEST_UNSET_KEY is not set"):
+        Judge(remote)  # refused before any request: nothing is sent with a made-up key
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(JudgeConfigError, match="empty.txt is empty"):
+        Judge(JudgeConfig(url="https://judge.example.org/v1", model="m", api_key_file=str(tmp_path / "empty.txt")))
+    server = start_judge()  # on this machine: a local vLLM or SGLang server usually has no key
+    assert _judge_items(_judge(server, api_key_env="MERV_TEST_UNSET_KEY"), ITEMS[:1])[0]["pred"] == "yes"
+
+
+def test_retries_honour_retry_after(start_judge):
+    server = start_judge("--rate-limit-first", "1", "--retry-after", "1")
+    judge = _judge(server, model="stand-in-judge", backoff_s=0.01)
+    assert _judge_items(judge, ITEMS[:1])[0]["pred"] == "yes"
+    first, second = server.requests()
+    assert (first["outcome"], second["outcome"]) == ("429", "ok")
+    assert second["t"] - first["t"] >= 0.95, "asked again before the Retry-After the endpoint sent"
+    assert judge.retries == {"http_429": 1}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the protocol as data: the judge's wording from a file, and the original's rule for unparseable replies
+
+ORIGINAL_STYLE = """\
+# the shape of Video-ChatGPT's wording (written for this test; the original text is not shipped)
+system: |-
+  You are an intelligent chatbot designed for evaluating the correctness of generative outputs for
+  question-answer pairs.
+user: |-
+  Please evaluate the following video-based question-answer pair:
+
+  Question: {question}
+  Correct Answer: {answer}
+  Predicted Answer: {prediction}
+
+  Provide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5.
+  For example, your response should look like this: {'pred': 'yes', 'score': 4.8}.
+"""
+
+
+def test_the_builtin_wording_is_pinned():
+    """Changing a word of the built-in prompt changes verdicts: bump PROMPT_VERSION, then this digest."""
+    assert BUILTIN_PROMPT.sha256 == "8d54b46371b7099739c2d0ac2f1c3fee2046fca1cd69d7586cb7e8eb5adfc5d0"
+    user = BUILTIN_PROMPT.messages("Q?", "A", "P")[1]["content"]
+    assert "Question: Q?\nCorrect Answer: A\nPredicted Answer: P\n" in user
+    assert user.endswith("for example {'pred': 'yes', 'score': 4}. Write nothing else.")
+
+
+def test_a_prompt_file_is_sent_keyed_and_recorded(start_judge, tmp_path):
+    prompt = tmp_path / "video-chatgpt.yaml"
+    prompt.write_text(ORIGINAL_STYLE)
+    server = start_judge()
+    judge = _judge(server, model="stand-in-judge", prompt_file=str(prompt))
+    tricky = ("Which shape is in the video?", "the {prediction} circle", "{answer}")  # filled in one pass
+    verdicts = _judge_items(judge, [*ITEMS[:2], tricky])
+    assert [(verdicts[i]["pred"], verdicts[i]["score"]) for i in range(2)] == EXPECTED[:2]
+    sent = server.requests()
+    assert sent[0]["system"].startswith("You are an intelligent chatbot") and "evaluator" not in sent[0]["system"]
+    assert ("the {prediction} circle", "{answer}") in [(r["answer"], r["prediction"]) for r in sent]
+    digest = judge.prompt.sha256
+    described = judge.describe()
+    assert (described["prompt_file"], described["prompt_sha256"], described["prompt_version"]) == (
+        str(prompt),
+        digest,
+        None,
+    )
+    builtin = _judge(server, model="stand-in-judge")
+    assert judge.verdict_key_fields() != builtin.verdict_key_fields()
+    assert judge.verdict_key_fields()["prompt_version"] == f"file:{digest}"
+    prompt.write_text(ORIGINAL_STYLE.replace("an integer value", "a whole number"))  # one word: another key
+    assert _judge(server, model="stand-in-judge", prompt_file=str(prompt)).verdict_key_fields() != (
+        judge.verdict_key_fields()
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("user: 'Question: {question} Answer: {answer}'", "the user text has no {prediction}"),
+        ("system: s\nuser: '{question} {answer} {prediction}'\ntemperature: 0", "unknown keys ['temperature']"),
+        ("- a list", "expected a mapping"),
+        ("user: [1, 2]", "must be texts"),
+        ("user: '{question'\n  bad: [", "not YAML or JSON"),
+    ],
+)
+def test_a_bad_prompt_file_is_refused_naming_it(tmp_path, text, says):
+    prompt = tmp_path / "prompt.yaml"
+    prompt.write_text(text)
+    with pytest.raises(JudgeConfigError, match=re.escape(says)) as info:
+        Judge(JudgeConfig(url="http://127.0.0.1:9/v1", model="m", prompt_file=str(prompt)))
+    assert str(prompt) in str(info.value)
+
+
+def test_unparseable_replies_counted_as_no_on_request(start_judge):
+    server = start_judge("--always-malformed", "circle")
+    ours = _judge(server, model="stand-in-judge", parse_attempts=1)
+    original = _judge(server, model="stand-in-judge", parse_attempts=1, unparseable="no")
+    assert "unjudged" in _judge_items(ours)[2]
+    verdict = _judge_items(original)[2]
+    assert (verdict["pred"], verdict["score"]) == ("no", 0) and "unparseable" in verdict["counted_as_no"]
+    assert original.describe()["unparseable"] == "no"
+    assert original.verdict_key_fields() == {**ours.verdict_key_fields(), "unparseable": "no"}
+    with pytest.raises(ValueError, match="unparseable must be one of"):
+        JudgeConfig(url="http://x/v1", unparseable="zero")
+
+
+def test_prompt_file_and_unparseable_come_from_flags_env_or_config(tmp_path):
+    env = {"MERV_JUDGE_PROMPT_FILE": "/env/prompt.yaml", "MERV_JUDGE_UNPARSEABLE": "no"}
+    cfg = resolve_judge_config({"url": "http://x/v1"}, env=env, section={"prompt_file": "/config/prompt.yaml"})
+    assert (cfg.prompt_file, cfg.unparseable) == ("/env/prompt.yaml", "no")
+    cfg = resolve_judge_config({"url": "http://x/v1", "unparseable": "unjudged"}, env=env)
+    assert cfg.unparseable == "unjudged"

@@ -51,10 +51,20 @@ def test_bad_questions_are_named(record, message):
 
 
 @pytest.mark.parametrize(
-    ("prediction", "letter"), [("B", "B"), (" B. dog", "B"), ("(B) dog", "("), ("b", "b"), ("", ""), ("\n C", "C")]
+    ("prediction", "letter"),
+    [("B", "B"), (" B. dog", "B"), ("(B) dog", "("), ("b", "B"), ("b) dog", "B"), ("", ""), ("\n C", "C")],
 )
-def test_merv_letter_rule_is_the_first_character(prediction, letter):
+def test_merv_letter_rule_is_the_first_character_in_either_case(prediction, letter):
     assert first_char_letter(prediction) == letter
+    # the original's check: sample["pred"].lower()[:1] == sample["answer_char"].lower() (pred already stripped)
+    for answer in "ABC":
+        assert (first_char_letter(prediction) == answer) == (prediction.strip().lower()[:1] == answer.lower())
+
+
+def test_lower_case_answers_count_and_are_not_degenerate():
+    rows = [{"num_options": 2, "prediction": p, "correct_generate": first_char_letter(p) == "A"} for p in ("a", "B")]
+    assert summarise(rows, "mcq")["metrics"]["accuracy_generate_firstchar"] == 0.5
+    assert degenerate_kinds("a. yes", 2) == [] and degenerate_kinds("c", 2) == ["no_option_letter"]
 
 
 @pytest.mark.parametrize(

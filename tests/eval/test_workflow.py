@@ -16,6 +16,7 @@ import yaml
 from merv.eval.benchmark import CheckpointHandle, EvalSettings, evaluate
 from merv.eval.cache import ResultCache
 from merv.eval.judge import Judge, JudgeConfig
+from merv.pipeline import weights_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def comparable(result: dict) -> dict:
     return {k: result[k] for k in ("benchmark", "questions", "config_fingerprint", "summary", "rows")}
 
 
-def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, shards, start_judge, tmp_path):
+def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, shards, start_judge, tiny_run, tmp_path):
     server = start_judge("--model", "judge-z")
     work = tmp_path / "work"
     shutil.copytree(checkpoint, work / "results" / "merv_tiny" / "train" / "finetune")
@@ -59,6 +60,9 @@ def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, sh
     (work / "config").mkdir()
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (work / "Snakefile").write_text(SNAKEFILE)
+    # the weights folders an evaluation depends on are its inputs (the checkpoint names the weights it loads)
+    for folder in weights_inputs(cfg, "merv_tiny"):
+        shutil.copytree(Path(tiny_run.model.llm.weights).parent, work / folder)
 
     res = snakemake(work, "results/merv_tiny/eval.json")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -160,7 +160,9 @@ def test_loglikelihood_equals_continuation_logprobs(lm, questions):
     same = lm.loglikelihood(
         [instance("loglikelihood", (first, x, video_of, 0, "t", "test"), 0) for x in ("A", " A", "\nA")]
     )
-    assert same == [got[0]] * 3
+    assert same == [same[0]] * 3
+    # the same number as in the two-document batch above, to float32 rounding (padding changes the kernels' sums)
+    assert same[0][1] == got[0][1] and same[0][0] == pytest.approx(got[0][0], rel=1e-6)
 
 
 def test_decoding_settings():

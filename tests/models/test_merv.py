@@ -155,3 +155,34 @@ def test_generate_from_video_file(tiny_model, synth_dir):
     assert isinstance(out, str)
     with pytest.raises(ValueError, match="does not match"):
         tiny_model.generate(video, builder.get_prompt(), num_frames=[16, 16])
+
+
+@pytest.mark.parametrize("held", ["fp32", "bf16", "fp16"])
+def test_every_boundary_agrees_in_every_precision_mode(tiny_run, batch, held):
+    """Weights held in ``held`` (``model.dtype`` / inference ``--dtype``), fed fp32 frames or cached features stored
+    in any dtype; then the training mode: trained groups in fp32 beside the frozen encoders in ``held``, plain and
+    under bf16 autocast. Every boundary (frames -> encoder -> projector, features -> projector, fusion -> LLM) casts
+    to the weights it meets: finite losses, fp32 gradients."""
+    from merv.models.merv import MERV
+    from merv.runtime import held_dtype
+
+    dtype = held_dtype(held)
+    model = MERV.from_config(tiny_run.model, dtype=held).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    args = (batch["input_ids"], batch["labels"], batch["lengths"], batch["has_video"])
+    with torch.no_grad():
+        losses = [model(batch["videos"], *args)[0]]
+        pooled = {n: model.projectors[n].pool(model.encoders[n](v.to(dtype))) for n, v in batch["videos"].items()}
+        for stored in (torch.float32, torch.bfloat16, torch.float16):
+            features = {n: f.to(stored) for n, f in pooled.items()}
+            losses.append(model(None, *args, features=features)[0])
+    assert all(torch.isfinite(loss) for loss in losses), losses
+    set_trainable(model, ("projectors", "fusion", "llm"))
+    assert {p.dtype for p in model.encoders.parameters()} == {dtype}
+    for autocast in (False, True) if held != "fp16" else (False,):  # fp16 weights never go with bf16 compute
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss, n, _ = model(batch["videos"], *args, features={"vit": pooled["vit"].to(torch.bfloat16)})
+        (loss / n).backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert torch.isfinite(loss) and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        model.zero_grad(set_to_none=True)

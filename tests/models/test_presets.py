@@ -19,6 +19,15 @@ def test_the_paper_presets_are_there():
     frames = {e.id: e.num_frames for e in full.model.encoders}
     assert frames == {"languagebind": 16, "dinov2": 16, "vivit": 32, "siglip": 16}
     assert full.model.visual_tokens == 16 * 64
+    # the original's merv-full: caption-only stage-1 text, stage 2 from stage 1's projectors only
+    assert full.train.stage("align").text == "caption" and full.train.stage("finetune").init_groups == ("projectors",)
+    # the original's Llama-2 vocabulary (<PAD>, 32064 rows), float32 weights, text cut to 2048 on its own
+    llm = full.model.llm
+    assert (llm.add_special_tokens, llm.pad_vocab_to_multiple_of) == ({"pad_token": "<PAD>"}, 64)
+    assert llm.truncation == "text" and full.model.dtype == "fp32"
+    for single in ("languagebind-single", "dinov2-single", "vivit-single", "siglip-single"):
+        fusion = resolve_run_config(single).model.fusion  # the original keeps its cross-attention over one encoder
+        assert (fusion.kind, fusion.attn_dim) == ("cross_attention", 3072), single
     seq = resolve_run_config("merv-sequence-concat").model
     assert seq.visual_tokens == 4 * 12 * 64 and seq.llm.max_length - seq.visual_tokens == 1024, "room for text"
 

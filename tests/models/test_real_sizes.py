@@ -94,14 +94,31 @@ def real_loaders(monkeypatch, languagebind_checkpoint):
 
     monkeypatch.setattr(timm, "create_model", create_model)
     monkeypatch.setattr(timm_builder, "load_state_dict", lambda *a, **k: dict(timm_checkpoint(current["arch"])))
+    # merv.integrity reads the timm file's header before and after timm loads it: the same checkpoint's names/shapes
+    import merv.integrity as integrity
+
+    def timm_header(path):  # real_run names a timm encoder's stand-in file after its architecture
+        state = timm_checkpoint(Path(path).name.removesuffix(".safetensors"))
+        return {k: integrity.TensorInfo("F32", tuple(t.shape), 0, 0) for k, t in state.items()}
+
+    monkeypatch.setattr(integrity, "read_safetensors_header", timm_header)
 
     def from_config(path, **kwargs):
         return AutoConfig.from_pretrained(path)
 
-    monkeypatch.setattr(AutoModel, "from_pretrained", lambda path, **kw: AutoModel.from_config(from_config(path)))
-    monkeypatch.setattr(
-        AutoModelForCausalLM, "from_pretrained", lambda path, **kw: AutoModelForCausalLM.from_config(from_config(path))
-    )
+    def from_pretrained(auto):
+        def load(path, output_loading_info=False, **kwargs):  # the architecture only: nothing to report as missing
+            model = auto.from_config(from_config(path))
+            return (
+                (model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []})
+                if output_loading_info
+                else model
+            )
+
+        return load
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", from_pretrained(AutoModel))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained(AutoModelForCausalLM))
     if importlib.util.find_spec("hiera") is not None:
         import merv.models.hiera as hiera
 
@@ -116,10 +133,16 @@ def real_loaders(monkeypatch, languagebind_checkpoint):
 
 
 def real_run(preset: str, llm: Path):
-    """The preset with every folder pointing at the real configurations; a timm encoder's file is never read (its
-    checkpoint comes from timm's registry), so it points at the LLM's config."""
+    """The preset with every folder pointing at the real configurations; a timm encoder's file is an empty stand-in
+    named after its architecture (real_loaders gives its header and tensors from timm's registry)."""
     run = resolve_run_config(preset)
-    folder = {e.id: HUB / FOLDERS[e.kind] if e.kind in FOLDERS else llm / "config.json" for e in run.model.encoders}
+    folder = {}
+    for e in run.model.encoders:
+        if e.kind in FOLDERS:
+            folder[e.id] = HUB / FOLDERS[e.kind]
+        else:
+            folder[e.id] = llm / f"{e.arch}.safetensors"
+            folder[e.id].touch()
     encoders = {name: {"weights": str(path)} for name, path in folder.items()}
     return resolve_run_config(preset, {"model": {"encoders": encoders, "llm": {"weights": str(llm)}}})
 
@@ -146,7 +169,9 @@ def test_paper_preset_at_full_size(preset, real_loaders, llm_folder):
     if preset in ("merv-full", "merv-frozen"):
         assert run.model.visual_tokens == 1024
     llm_params = sum(p.numel() for p in model.llm.parameters())
-    assert llm_params == LLAMA2_7B_PARAMS
+    # plus the original's <PAD> and padding to 64: 32064 rows in the embeddings and the untied head
+    assert llm_params == LLAMA2_7B_PARAMS + 2 * 64 * 4096
+    assert model.llm.get_input_embeddings().weight.shape == (32064, 4096) == model.llm.lm_head.weight.shape
     plan = planner()(run, 128, model=model)
     trained = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoders."))
     frozen = sum(p.numel() for p in model.encoders.parameters())

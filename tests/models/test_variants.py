@@ -76,10 +76,9 @@ def test_cross_attention_formula():
     tokens = _tokens()
     fused, w = fusion(tokens)
     assert torch.allclose(w.sum(-1), torch.ones(2))
+    q = fusion.q_proj.weight @ fusion.query[0] + fusion.q_proj.bias  # the original's W_q Q + b_q
     for b in range(2):
-        scores = torch.stack(
-            [fusion.query @ (fusion.key.weight @ x[b].mean(0) + fusion.key.bias) / math.sqrt(8) for x in tokens]
-        )
+        scores = torch.stack([q @ (fusion.key.weight @ x[b].mean(0) + fusion.key.bias) / math.sqrt(8) for x in tokens])
         expected_w = torch.softmax(scores, 0)
         assert torch.allclose(w[b], expected_w, atol=1e-6)
         assert torch.allclose(fused[b], sum(expected_w[e] * tokens[e][b] for e in range(3)), atol=1e-5)

@@ -135,6 +135,11 @@ def server(serve_checkpoint, video_dir, tmp_path_factory):
         100,
         "--download-timeout",
         10,
+        # the tests' web server is on loopback: allowed by name and network, as an intranet media server would be
+        "--allowed-media-domain",
+        "127.0.0.1",
+        "--allowed-media-network",
+        "127.0.0.1/32",
     )
     yield SimpleNamespace(url=url, log=log, model="merv-tiny", proc=proc)
     stop_server(proc, log)

@@ -123,7 +123,7 @@ def test_conversation_errors(client, clip):
 
 def test_oversized_raw_body_and_unknown_route(server):
     big = b'{"model": "merv-tiny", "pad": "' + b"x" * 3_000_000 + b'"}'
-    r = httpx.post(server.url + "/v1/chat/completions", content=big)
+    r = httpx.post(server.url + "/v1/chat/completions", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -128,3 +128,42 @@ def test_chat_page_in_chromium(server, client, video_dir, tmp_path):
         assert browser.evaluate("document.querySelector('.msg.assistant').textContent") == ANSWER
     finally:
         browser.close()
+
+
+@pytest.mark.slow
+def test_chat_page_with_an_api_key_in_chromium(serve_checkpoint, video_dir, tmp_path, monkeypatch):
+    """A server started with MERV_API_KEY: the page asks for the key, then lists, plays and asks as before."""
+    from tests.serve.browser import CHROMIUM, Browser
+    from tests.serve.conftest import start_server, stop_server
+
+    if CHROMIUM is None:
+        pytest.fail("the chat page test needs Debian's chromium: run `make browser-packages`")
+    key = "page-key-0123456789"
+    monkeypatch.setenv("MERV_API_KEY", key)  # from the environment: not on the command line
+    log = tmp_path / "serve.log"
+    proc, url = start_server(serve_checkpoint, log, "--allowed-dir", video_dir)
+    browser = Browser(tmp_path / "chromium")
+    try:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        browser.goto(url + "/")
+        browser.wait_for("!document.getElementById('key-form').hidden")
+        assert browser.evaluate("document.querySelectorAll('#video-select option').length") == 1
+        browser.click("#api-key")
+        browser.type(key)
+        browser.click("#key-form button")
+        browser.wait_for("document.querySelectorAll('#video-select option').length > 3")
+        clip = sorted(video_dir.glob("eval_*.mp4"))[0]
+        browser.evaluate(
+            f"(() => {{ const s = document.getElementById('video-select'); s.value = '{clip.as_uri()}';"
+            " s.dispatchEvent(new Event('change')); })()"
+        )
+        assert browser.wait_for("document.getElementById('player').readyState >= 1 && player.duration") > 0
+        browser.click("#question")
+        browser.type(QUESTIONS[0])
+        browser.click("#send")
+        browser.wait_for("!!document.querySelector('.msg.assistant[data-done=\"true\"]')")
+        assert browser.evaluate("document.querySelector('.msg.assistant').textContent") == ANSWER
+    finally:
+        browser.close()
+        stop_server(proc, log)
+    assert key not in log.read_text(), "the key is never logged"

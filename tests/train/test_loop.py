@@ -36,8 +36,36 @@ def test_no_weight_decay_on_biases_and_norms(tiny_model, tiny_run):
     n_trainable = sum(1 for p in tiny_model.parameters() if p.requires_grad)
     assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
     assert not any(p.requires_grad for p in tiny_model.encoders.parameters())
+    # as the original's AdamW groups (ndim <= 1 or a bias: no decay): its query Q [1, A], W_q and W_k decay
+    fusion = tiny_model.fusion
+    assert all(any(p is q for q in decay["params"]) for p in (fusion.query, fusion.q_proj.weight, fusion.key.weight))
+    assert all(any(p is q for q in no_decay["params"]) for p in (fusion.q_proj.bias, fusion.key.bias))
     tiny_model.requires_grad_(False)
     tiny_model.eval()
+
+
+def test_a_stage_can_start_from_the_projectors_only(tiny_run, tmp_path):
+    """init_groups [projectors] (the original's finetune after align): only the projectors come from the previous
+    stage's checkpoint; the fusion starts afresh and the LLM from its folder."""
+    from merv.checkpoint import save_checkpoint
+    from merv.train.loop import build_model
+
+    previous = MERV.from_config(tiny_run.model)
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.add_(1.0)
+    meta = {"trained_groups": ["fusion", "llm", "projectors"], "config_fingerprint": "prev"}
+    save_checkpoint(previous, tiny_run, tmp_path / "prev", meta)
+    folder = MERV.from_config(tiny_run.model)
+    for init_groups, carried in ((("projectors",), {"projectors"}), (None, {"projectors", "fusion", "llm"})):
+        stage = dataclasses.replace(tiny_run.train.stage("align"), init_groups=init_groups)
+        model, trained, fingerprint = build_model(tiny_run, stage, tmp_path / "prev")
+        for group in ("projectors", "fusion", "llm"):
+            got = dict(getattr(model, group).named_parameters())
+            same = [torch.equal(got[n], p) for n, p in getattr(previous, group).named_parameters()]
+            assert all(same) if group in carried else not any(same), (init_groups, group)
+        assert torch.equal(model.llm.lm_head.weight, (previous if "llm" in carried else folder).llm.lm_head.weight)
+        assert trained == {"projectors", "fusion"} | carried and fingerprint == "prev"
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +83,11 @@ def test_stage_checkpoints_are_self_describing(two_stages):
     assert align["trained_groups"] == ["fusion", "projectors"]
     assert finetune["trained_groups"] == ["fusion", "llm", "projectors"]
     assert finetune["init"] == str(out / "align")
-    assert read_meta(out / "finetune") == finetune
     assert align["step"] == math.ceil(12 * 1 / 16)  # 12 samples, 1 epoch, global batch 16
     config = json.loads((out / "finetune" / "config.json").read_text())
+    meta = read_meta(out / "finetune")
+    assert meta.pop("trained_config") == config, "meta.json records the config the weights were trained with"
+    assert meta == finetune
     assert config["model"]["name"] == "merv-tiny"
     metrics = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == finetune["step"] and all(math.isfinite(m["loss"]) for m in metrics)
@@ -151,7 +181,7 @@ def test_the_fast_paths_give_the_plain_losses(tiny_run, shards, tmp_path):
         records = [json.loads(x) for x in (tmp_path / logits / "metrics.jsonl").read_text().splitlines()]
         runs[logits] = (meta, [r["loss"] for r in records])
         assert all(r["data_wait_s"] <= r["step_s"] for r in records), "the data wait of each step is logged"
-        assert meta["strategy"] == {"device": "cpu", "precision": "fp32", "fsdp": None, "kernels": "plain",
+        assert meta["strategy"] == {"device": "cpu", "compute": "fp32", "fsdp": None, "kernels": "plain",
                                     "compile": False, "loss_logits": logits}  # fmt: skip
     assert runs["all"][1] == pytest.approx(runs["targets"][1], rel=1e-5)
     from safetensors.torch import load_file
@@ -184,16 +214,17 @@ def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards,
 
     run = resolve_run_config("merv-tiny", tiny_overrides_from(tiny_run))
     stage = dataclasses.replace(run.train.stage("finetune"), mixed_precision="bf16")
+    torch.manual_seed(0)  # projectors and fusion start from the global generator: the reference must draw the same
     model = MERV.from_config(run.model)
     set_trainable(model, stage.trainable)
-    strategy = Strategy(stage, Dist())
-    strategy.fsdp = True  # as on a GPU
+    strategy = Strategy(stage, Dist(), fsdp=True)  # as on a GPU
     model = strategy.prepare(model)
     from merv.data.batching import ExampleBuilder, collate
     from merv.data.shards import iter_samples
 
     build = ExampleBuilder(model.cfg, model.tokenizer)
     batch = collate([build(s) for s, _ in zip(iter_samples(shards["finetune"]), range(4), strict=False)])
+    torch.manual_seed(0)
     reference = MERV.from_config(run.model)
     with torch.no_grad():
         want, n, _ = reference(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"])
@@ -203,3 +234,12 @@ def test_bf16_parameters_under_the_fsdp2_policy_on_one_process(tiny_run, shards,
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 for g in grads), "fp32 master weights and gradients"
     torch.distributed.destroy_process_group()  # the one-process group the strategy made
+
+
+def test_liger_kernels_need_a_gpu(tiny_run):
+    from merv.train.distributed import Dist
+    from merv.train.strategy import Strategy
+
+    stage = dataclasses.replace(tiny_run.train.stage("finetune"), kernels="liger")
+    with pytest.raises(ValueError, match="kernels 'liger' needs a CUDA device"):
+        Strategy(stage, Dist(device="cpu"))

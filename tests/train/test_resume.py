@@ -88,8 +88,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_run, shards, tmp_path):
 
 
 def test_a_state_of_other_settings_is_not_resumed(tmp_path):
-    (tmp_path / "x.work" / "step-00000004").mkdir(parents=True)
-    (tmp_path / "x.work" / "step-00000004" / "meta.json").write_text(json.dumps({"fingerprint": "other"}))
+    from tests.train.test_state import small_state
+
+    small_state(work_dir(tmp_path / "x"), 4, "other")
     assert latest_state(work_dir(tmp_path / "x"), "mine") is None
     assert latest_state(work_dir(tmp_path / "x"), "other").name == "step-00000004"
 

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import shlex
+from pathlib import Path
 
 from merv.pipeline import (
     check_stage_data,
@@ -24,6 +25,23 @@ RUNS = {name: model_run(config, name) for name in config["models"]}
 SHARD_SETS = {name: shard_set(config, name, run) for name, run in RUNS.items()}
 for _name, _run in RUNS.items():
     check_stage_data(config, _name, _run)
+
+
+def refresh_media_indexes():
+    """Rewrite the media index of every configured source whose media changed since it was written (see
+    merv.data.media): the shard jobs (and feature extraction) that read that source then rerun. Only the main
+    Snakemake process does it; a cluster job's own Snakemake plans one job and must not touch inputs."""
+    from merv.data.media import refresh_index
+
+    if not workflow.is_main_process:
+        return
+    for split in config["data"]["train"]:
+        refresh_index(Path(f"data/media/train/{split}.json"))
+    for bench in config["data"]["benchmarks"]:
+        refresh_index(Path(f"data/media/eval/{bench}.json"))
+
+
+refresh_media_indexes()
 
 
 wildcard_constraints:
@@ -86,7 +104,7 @@ def benchmark_shards(wildcards):
 
 def synth_outputs():
     return ["data/synth/train/align.json", "data/synth/train/finetune.json"] + [
-        f"data/synth/eval_data/{b}/test_q.json" for b in ("synth_mcq", "synth_open")
+        f"data/synth/eval_data/{b}/{f}" for b in ("synth_mcq", "synth_open") for f in ("test_q.json", "test_a.json")
     ]
 
 
@@ -284,6 +302,19 @@ def stage_features(wildcards):
     }
 
 
+def feature_weights(wildcards):
+    """The weights a feature extraction loads. A pretrained encoder's own folder counts by time: retraining it changes
+    its features, which its cache's name does not show. The others are ancient: built weights are a function of the
+    encoder's config, which names the cache (rebuilding them for the LLM's sake keeps the features), and the cache
+    key holds every encoder's weight digest, checked when training opens the cache."""
+    from merv.pretrain.config import PRETRAINED_DIR
+
+    encoder = feature_cache(wildcards)["encoder"]
+    own = pretrained_encoders(config, wildcards.model).get(encoder)
+    own = f"{PRETRAINED_DIR}/{own}" if own else None
+    return [p if p == own else ancient(p) for p in weights_inputs(config, wildcards.model)]
+
+
 def features_flags(wildcards):
     return " ".join(f"--features {e}={path}" for e, path in stage_features(wildcards).items())
 
@@ -301,11 +332,12 @@ def report_benchmark_shards(bench):
 
 
 def report_inputs(wildcards):
-    """Each reported model's eval.json and final checkpoint, the benchmarks' questions (question types) and the
-    shards the fusion-weight figure runs on."""
+    """Each reported model's eval.json, final checkpoint and the frozen weights it loads (costs and fusion weights
+    run the models), the benchmarks' questions (question types) and the shards the fusion-weight figure runs on."""
     inputs = {
         "results": [f"results/{m}/eval.json" for m in REPORTED],
         "checkpoints": [checkpoint(m, stage_names(m)[-1]) for m in REPORTED],
+        "weights": sorted({p for m in REPORTED for p in weights_inputs(config, m)}),
         "questions": [f"{d}/test_q.json" for d in config["data"]["benchmarks"].values()],
     }
     if config["report"].get("fusion_weights"):

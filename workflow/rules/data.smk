@@ -21,9 +21,47 @@ rule synth_dataset:
         " --size {params.size} --frames {params.frames} --fps {params.fps} > {log} 2>&1"
 
 
+# The media a source reads, with size and mtime (merv.data.media): the shard rules read this instead of listing
+# every video as an input; common.smk rewrites it when a video is added, removed or replaced, so that reaches a rerun.
+# Listing files is no cluster job's work: these run where Snakemake runs.
+localrules:
+    index_train_media,
+    index_benchmark_media,
+
+
+rule index_train_media:
+    input:
+        json=lambda w: train_split(w)["json"],
+    output:
+        "data/media/train/{split}.json",
+    params:
+        root=lambda w: f"--root {train_split(w)['root']}" if "root" in train_split(w) else "",
+    log:
+        "results/logs/index_train_media_{split}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv index-media {input.json} {params.root} --out {output} > {log} 2>&1"
+
+
+rule index_benchmark_media:
+    input:
+        questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
+    output:
+        "data/media/eval/{bench}.json",
+    params:
+        bench=benchmark_dir,
+    log:
+        "results/logs/index_benchmark_media_{bench}.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv index-media {params.bench} --out {output} > {log} 2>&1"
+
+
 rule shard_train:
     input:
-        unpack(lambda w: {"json": train_split(w)["json"]}),
+        unpack(lambda w: {"json": train_split(w)["json"], "media": f"data/media/train/{w.split}.json"}),
     output:
         directory("data/shards/{shardset}/train/{split}"),
     threads: config["shards"]["workers"]
@@ -42,6 +80,8 @@ rule shard_train:
 rule shard_benchmark:
     input:
         questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
+        answers=lambda w: f"{benchmark_dir(w)}/test_a.json",
+        media="data/media/eval/{bench}.json",
     output:
         directory("data/shards/{shardset}/eval/{bench}"),
     threads: config["shards"]["workers"]

@@ -5,6 +5,8 @@ rule eval_benchmark:
     input:
         model=final_checkpoint,
         data=benchmark_shards,
+        # the frozen encoders and the LLM the checkpoint loads (its answers depend on them too)
+        weights=weights_input,
     output:
         "results/{model}/eval/{bench}/chunk-{chunk}-of-{chunks}.json",
     wildcard_constraints:

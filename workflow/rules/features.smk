@@ -4,12 +4,12 @@
 
 rule extract_features:
     input:
-        # the shards are checked by content (the frames this encoder reads) when training opens the cache; by time
-        # they would make every encoder's cache stale whenever another encoder's frame count changes
-        shards=lambda w: ancient(train_shards(w.model, feature_cache(w)["split"])),
-        # built weights are a function of the encoder's config, which names the cache; their content hash is in the
-        # cache key, checked when training opens it
-        weights=lambda w: [ancient(p) for p in weights_inputs(config, w.model)],
+        # rebuilt shards (a changed training JSON or video, or new shard settings) re-extract; another encoder's frame
+        # count changes neither the shards nor this cache's name, so it keeps the cache. (The shards must not be
+        # ancient: Snakemake skips its own time check for a job below one that reruns and reaches it only through
+        # ancient files.) Training checks the cache against the shards by content anyway.
+        shards=lambda w: train_shards(w.model, feature_cache(w)["split"]),
+        weights=feature_weights,
     output:
         directory("data/features/{model}/{cache}"),
     params:

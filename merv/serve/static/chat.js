@@ -1,11 +1,28 @@
 // The chat page of `merv serve`: choose or upload a video, then ask about it. Answers stream from the server's
 // OpenAI-compatible /v1/chat/completions (text/event-stream); the whole conversation is sent with each question,
-// the video as a video_url part of the first user message.
+// the video as a video_url part of the first user message. A server started with an API key answers 401: the page
+// then asks for the key, keeps it for this tab only (sessionStorage) and sends it as a Bearer token; the <video>
+// gets its file as a blob, since a media element cannot send headers.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const chat = { model: null, video: null, messages: [], busy: false };
+const chat = { model: null, video: null, messages: [], busy: false, apiKey: sessionStorage.getItem("merv-api-key") };
 window.chat = chat; // inspectable (tests, the browser console)
+
+class KeyNeeded extends Error {}
+
+// fetch() with the API key (when there is one); a 401 shows the key form.
+async function api(url, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (chat.apiKey) headers.Authorization = `Bearer ${chat.apiKey}`;
+  const response = await fetch(url, { ...options, headers });
+  if (response.status === 401) {
+    $("key-form").hidden = false;
+    $("api-key").focus();
+    throw new KeyNeeded(chat.apiKey ? "the API key was refused: enter it again" : "enter the server's API key");
+  }
+  return response;
+}
 
 function setStatus(text) {
   $("status").textContent = text || "";
@@ -39,12 +56,22 @@ function chooseVideo(video) {
     $("video-info").textContent = "";
     return;
   }
-  $("player").src = `/api/media?url=${encodeURIComponent(video.url)}`;
+  const media = `/api/media?url=${encodeURIComponent(video.url)}`;
+  if (chat.apiKey) {
+    api(media)
+      .then((response) => response.blob())
+      .then((blob) => {
+        if (chat.video === video) $("player").src = URL.createObjectURL(blob);
+      })
+      .catch((error) => setStatus(error.message));
+  } else {
+    $("player").src = media;
+  }
   $("video-info").textContent = `${video.name} (${(video.bytes / 1024).toFixed(0)} KiB)`;
 }
 
 async function loadVideos() {
-  const response = await fetch("/api/videos");
+  const response = await api("/api/videos");
   const listing = await response.json();
   chat.model = listing.model;
   chat.maxUploadBytes = listing.max_upload_bytes;
@@ -60,7 +87,7 @@ async function upload(file) {
   setStatus(`uploading ${file.name}…`);
   const form = new FormData();
   form.append("file", file);
-  const response = await fetch("/api/uploads", { method: "POST", body: form });
+  const response = await api("/api/uploads", { method: "POST", body: form });
   const body = await response.json();
   if (!response.ok) {
     setStatus(body.error ? body.error.message : `upload failed (HTTP ${response.status})`);
@@ -121,7 +148,7 @@ async function ask(question) {
   const answer = bubble("assistant", "");
   answer.dataset.done = "false";
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await api("/v1/chat/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({
@@ -157,7 +184,7 @@ $("video-select").addEventListener("change", (event) => {
   chooseVideo(option && option.dataset.video ? JSON.parse(option.dataset.video) : null);
 });
 $("video-upload").addEventListener("change", (event) => {
-  if (event.target.files.length) upload(event.target.files[0]);
+  if (event.target.files.length) upload(event.target.files[0]).catch((error) => setStatus(error.message));
 });
 $("reset").addEventListener("click", () => chooseVideo(chat.video));
 $("ask").addEventListener("submit", (event) => {
@@ -173,4 +200,20 @@ $("question").addEventListener("keydown", (event) => {
     $("ask").requestSubmit();
   }
 });
-loadVideos().catch((error) => setStatus(`cannot list videos: ${error.message}`));
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  chat.apiKey = $("api-key").value.trim();
+  sessionStorage.setItem("merv-api-key", chat.apiKey);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  setStatus("");
+  $("video-select").replaceChildren($("video-select").options[0]);
+  start();
+});
+
+function start() {
+  loadVideos().catch((error) =>
+    setStatus(error instanceof KeyNeeded ? error.message : `cannot list videos: ${error.message}`),
+  );
+}
+start();

@@ -61,6 +61,6 @@ def doc_to_choice(doc: dict) -> list[str]:
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    """MERV's letter rule: the first character of the stripped answer must be the option letter."""
+    """MERV's letter rule: the first character of the stripped answer must be the option letter (either case)."""
     answer = option_letters(len(doc["options"]))[doc["answer_id"]]
     return {"accuracy_generate_firstchar": float(first_char_letter(results[0]) == answer)}
