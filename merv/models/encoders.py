@@ -63,7 +63,7 @@ def conv_stem_patch_embed():
     """timm's ``PatchEmbed`` with a convolutional stem instead of one strided projection: 3x3 stride-2 convolutions
     (batch norm, ReLU) down to the patch size, then a 1x1 to the embedding width, the stem of "Early Convolutions
     Help Transformers See Better" (Xiao et al., 2021). Same tokens, same grid; what a tiny ViT needs to learn shape
-    from a few thousand steps (a plain 16x16 projection learned none of it: docs/encoders.md)."""
+    from a few thousand steps (a plain 16x16 projection learned none of it: docs/thesis.md)."""
     import math
 
     from timm.layers import PatchEmbed

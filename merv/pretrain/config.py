@@ -40,7 +40,7 @@ class PretrainConfig:
     eval_samples: int = 256  # held-out pretext samples for the accuracy in pretext.json
     curve_points: int = 20  # times held-out accuracy is measured during training (the curve in pretext.json)
     # weight of each label's loss (default 1): the per-token maps and masks make patch tokens carry what the label
-    # is, but summed with equal weights they crowd out the pooled shape label (docs/encoders.md)
+    # is, but summed with equal weights they crowd out the pooled shape label (docs/thesis.md)
     loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
