@@ -11,7 +11,8 @@ intermediate_size, tubelet: its spatial patch) or of the
 label's loss (loss_weights). The entry is the one in
 config/config.yaml. Variants run side by side, ``--parallel`` at a time, one compute thread each (--threads), so
 their wall times compare as ratios only when they ran under the same load: the script prints the machine's load
-average too. The held-out set is the pretext's own (its seed), the same for every variant.
+average too. The held-out set is the pretext's own (its seed), the same for every variant. ``default:`` (no keys)
+trains the entry as the config has it, the way the pipeline's ``merv pretrain`` does.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
 
 def run_variant(entry: dict, arch: dict, cfg: dict, out: Path, threads: int) -> dict:
     """Train one variant in this process (called by the child process of :func:`main`)."""
-    import torch
+    from merv.runtime import reproducible
+
+    reproducible(threads)  # as `merv pretrain --threads N --isa native` runs it, before torch computes anything
 
     from merv.pretrain import config as pconfig
     from merv.pretrain.train import train_encoder
 
-    torch.set_num_threads(threads)
     spec = pconfig.pretrain_config_from_dict({**entry, **cfg})
     original = pconfig.PretrainConfig.encoder_config
 
