@@ -126,6 +126,14 @@ def pretrain_config_json(wildcards):
     return json.dumps(config["pretrain"][wildcards.name], sort_keys=True)
 
 
+def pretrain_encoder_json(wildcards):
+    """The architecture a pretrain entry trains, as its preset resolves it: editing the preset reruns the stage."""
+    from merv.pretrain.config import pretrain_config_from_dict
+
+    enc = pretrain_config_from_dict(config["pretrain"][wildcards.name]).encoder_config()
+    return json.dumps(dataclasses.asdict(enc), sort_keys=True)
+
+
 def build_kind(wildcards):
     kind = weights_kind(config, wildcards.model)
     if kind == "fetch":

@@ -11,6 +11,7 @@ rule pretrain_encoder:
     threads: compute_threads()
     params:
         config=pretrain_config_json,
+        encoder=pretrain_encoder_json,  # not passed: it records the preset's architecture, so an edit reruns this
         compute=compute_flags(),
     log:
         "results/logs/pretrain_encoder_{name}.log",
