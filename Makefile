@@ -32,7 +32,7 @@ setup: $(STAMP)
 
 demo: setup
 	@start=$$(date +%s); \
-	snakemake --cores $(CORES) results/merv_tiny/eval.json && \
+	snakemake --cores $(CORES) results/merv_tiny/eval.json --configfile config/demo.yaml && \
 	echo "pipeline finished in $$(( $$(date +%s) - start )) s" && cat results/merv_tiny/eval.json
 
 # the paper's DAG (four encoder families, two stages) at toy size, on this machine's CPUs

@@ -16,6 +16,7 @@ import yaml
 
 from merv.settings import (
     SECTIONS,
+    ComputeSection,
     EvalSection,
     ExtractSettings,
     JudgeSection,
@@ -81,8 +82,29 @@ def cmd_pretrain(args):
     from merv.pretrain.train import pretrain_encoder
 
     cfg = pretrain_config_from_dict(json.loads(args.config), where="--config")
-    report = pretrain_encoder(cfg, Path(args.out), threads=args.threads)
+    report = pretrain_encoder(cfg, Path(args.out))
     log.info("held-out pretext accuracy %s (chance %s)", report["held_out_accuracy"], report["chance"])
+
+
+def cmd_probe(args):
+    import tempfile
+
+    from merv.pretrain.config import ProbeSettings, pretrain_config_from_dict
+    from merv.pretrain.probe import probe_encoders, write_probe
+
+    section = json.loads(args.pretrain)
+    specs = {name: pretrain_config_from_dict(spec, f"pretrain.{name}") for name, spec in section.items()}
+    unknown = sorted(set(args.encoder) - set(specs))
+    if unknown:
+        raise ValueError(f"--encoder {unknown}: not in the pretrain config (it has {sorted(specs)})")
+    if args.encoder:
+        specs = {name: specs[name] for name in args.encoder}
+    settings = ProbeSettings(train_clips=args.train_clips, test_clips=args.test_clips, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="merv-probe-") as scratch:
+        rows = probe_encoders(specs, Path(args.root), settings, scratch)
+    written = write_probe(rows, settings, Path(args.out))
+    print((Path(args.out) / "probe.md").read_text(), end="")
+    log.info("wrote %s", ", ".join(str(p) for p in written))
 
 
 def cmd_report(args):
@@ -232,9 +254,11 @@ def launch_config(args):
 
 
 def cmd_train(args):
+    from merv.config import with_loader_workers
     from merv.train.loop import train_stage
 
-    run = load_config_spec(args.config)
+    # the worker count is part of the sample order: named in the run config, so the checkpoint records it
+    run = with_loader_workers(load_config_spec(args.config), args.workers)
     run.train.stage(args.stage)  # an unknown stage fails here, before anything is submitted
     features = parse_features(args.features)
     if args.launcher == "none":
@@ -465,8 +489,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("pretrain", help="pretrain a tiny encoder on its synthetic pretext task (merv.pretrain)")
     s.add_argument("--config", required=True, help="inline JSON of one config `pretrain:` entry")
     s.add_argument("--out", required=True, help="folder for the weights and pretext.json")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    add_compute_options(s)
     s.set_defaults(func=cmd_pretrain)
+
+    from merv.pretrain.config import PRETRAINED_DIR
+    from merv.pretrain.config import ProbeSettings as Probe
+
+    s = sub.add_parser(
+        "probe", help="linear probes of the pretrained encoders: colour, shape, direction (merv.pretrain)"
+    )
+    s.add_argument("--pretrain", required=True, help="inline JSON of config `pretrain:` (name -> entry)")
+    s.add_argument("--encoder", action="append", default=[], help="probe only this pretrain entry (repeatable)")
+    s.add_argument(
+        "--root", default=PRETRAINED_DIR, help=f"folder of the pretrained encoders (default {PRETRAINED_DIR})"
+    )
+    s.add_argument("--out", required=True, help="folder for probe.csv, probe.md and probe.json")
+    s.add_argument("--train-clips", type=int, default=Probe.train_clips, help=f"default {Probe.train_clips}")
+    s.add_argument("--test-clips", type=int, default=Probe.test_clips, help=f"default {Probe.test_clips}")
+    s.add_argument("--seed", type=int, default=Probe.seed, help=f"the probe's clips (default {Probe.seed})")
+    add_compute_options(s)
+    s.set_defaults(func=cmd_probe)
 
     for name, help_ in (
         ("report", "the paper's tables and figures across models (--spec), or one table across eval.json files"),
@@ -476,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("results", nargs="*", help="eval.json files: table.md, table.csv, table.png")
         s.add_argument("--spec", help="inline JSON: models, their results and checkpoints, benchmarks")
         s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
+        add_compute_options(s)
         s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("fetch-weights", help="download a model's missing weights from their sources (hub, timm)")
@@ -552,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read this encoder's cached features (merv features) instead of running it; repeat per encoder",
     )
     s.add_argument("--no-progress", action="store_true")
+    add_compute_options(s, workers=True)
     add_launch_options(s)
     s.set_defaults(func=cmd_train)
 
@@ -563,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("dtype", "batch_size", "device"):
         add_setting(s, "--" + name.replace("_", "-"), ExtractSettings, name)
     s.add_argument("--no-progress", action="store_true")
+    add_compute_options(s)
     add_launch_options(s)
     s.set_defaults(func=cmd_features)
 
@@ -574,10 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("mcq", "batch_size", "max_new_tokens", "num_chunks"):
         add_setting(s, "--" + name.replace("_", "-"), EvalSection, name)
     s.add_argument("--chunk-index", type=int, default=0, help="... and evaluate chunk K (0-based)")
-    s.add_argument("--limit", type=int, help="only the first N questions of the benchmark (a quick look)")
+    add_setting(s, "--limit", EvalSection, "limit")
     add_setting(s, "--cache", EvalSection, "cache_dir")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_runtime_options(s)
+    add_compute_options(s)
     g = s.add_argument_group(
         "judge (open-ended)",
         "an OpenAI-compatible chat-completions endpoint; each setting also comes from MERV_JUDGE_URL, "
@@ -717,6 +763,16 @@ def add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     g.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only, no progress")
 
 
+def add_compute_options(s: argparse.ArgumentParser, workers: bool = False) -> None:
+    """``--threads`` / ``--isa`` (config ``compute``) of a command that computes: applied by :func:`main` before
+    anything runs (merv.runtime.reproducible), so its float results are the same bytes in every run."""
+    g = s.add_argument_group("compute (config `compute`: what the float results depend on)")
+    add_setting(g, "--threads", ComputeSection, "threads")
+    add_setting(g, "--isa", ComputeSection, "isa")
+    if workers:
+        add_setting(g, "--workers", ComputeSection, "loader_workers")
+
+
 def add_launch_options(s: argparse.ArgumentParser) -> None:
     """How a job runs: in this process (or under torchrun), or submitted through submitit."""
     g = s.add_argument_group("launch (submitit)")
@@ -785,13 +841,28 @@ def main(argv: list[str] | None = None) -> int:
     from merv.train.launch import JobFailed
 
     try:
+        if hasattr(args, "threads"):  # a command that computes: pinned before torch runs anything
+            from merv.runtime import reproducible
+
+            log.debug("compute settings: %s", reproducible(args.threads, args.isa))
         args.func(args)
     except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable, JobFailed) as e:
         if args.verbose:
             raise
         print(f"merv {args.command}: error: {e}", file=sys.stderr)
         return 1
+    log.info("merv %s: %s", args.command, resource_line())
     return 0
+
+
+def resource_line() -> str:
+    """CPU seconds (user + system, this process and the children it waited for) and peak memory: what a job cost,
+    which, unlike its wall time, barely depends on what else runs on the machine (benchmarks/pipeline_timing.py)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return f"cpu {cpu:.1f} s, max rss {max(own.ru_maxrss, children.ru_maxrss) / 1024:.0f} MB"
 
 
 if __name__ == "__main__":

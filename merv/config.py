@@ -229,7 +229,7 @@ class StageConfig:
     mixed_precision: Literal["no", "bf16"] = "no"
     activation_checkpointing: bool = False
     fsdp: Literal["full_shard", "shard_grad_op"] = "full_shard"  # used when training on several processes
-    num_workers: int | None = None  # DataLoader processes per rank decoding frames (None: from the free cores)
+    num_workers: int | None = None  # DataLoader processes per rank (None: compute.loader_workers); sets the order
     prefetch: int = 4  # batches each DataLoader worker prepares ahead
     # The loss projects only the positions that have a target through the LM head ("targets": no [B, S, vocab]
     # logits), or every position ("all": the reference path). kernels "liger" (GPU): Liger's RMSNorm/SwiGLU/RoPE
@@ -308,6 +308,16 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         return fingerprint(self.to_dict())
+
+
+def with_loader_workers(run: RunConfig, workers: int) -> RunConfig:
+    """``run`` with ``workers`` DataLoader workers in every stage that names none (``num_workers: null``)."""
+    if workers < 0:
+        raise ValueError(f"loader workers must be >= 0, got {workers}")
+    stages = tuple(
+        s if s.num_workers is not None else dataclasses.replace(s, num_workers=workers) for s in run.train.stages
+    )
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, stages=stages))
 
 
 # --------------------------------------------------------------------------------------------------------------

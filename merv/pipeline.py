@@ -18,6 +18,7 @@ from merv.config import RunConfig, parse_config, resolve_run_config
 from merv.fetch import with_local_weights
 from merv.pretrain.config import PretrainConfig
 from merv.settings import (
+    ComputeSection,
     DataSection,
     EvalSection,
     LaunchSection,
@@ -46,6 +47,7 @@ class PipelineConfig:
     pretrain: dict[str, PretrainConfig] = field(default_factory=dict)
     report: ReportSection = ReportSection()
     launch: LaunchSection = LaunchSection()
+    compute: ComputeSection = ComputeSection()
     eval: EvalSection = EvalSection()
 
 

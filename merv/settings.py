@@ -21,6 +21,7 @@ from typing import Any, Literal
 Backend = Literal["decord", "pyav"]  # merv.data.video.BACKENDS
 McqMode = Literal["generate", "likelihood", "both"]
 FeatureDtype = Literal["bf16", "fp16", "fp32"]
+CpuIsa = Literal["native", "avx2"]  # merv.runtime.ISA_ENV
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -54,7 +55,7 @@ class SynthSection:
 
     seed: int = setting(0, "random seed; the dataset is a pure function of these settings")
     train_videos: int = setting(1200, "training clips")
-    eval_videos: int = setting(200, "clips (one question each) per benchmark")
+    eval_videos: int = setting(600, "questions (one clip each) per benchmark, every question type equally often")
     size: int = setting(64, "frame width and height in pixels (even: H.264)")
     frames: int = setting(16, "frames per clip")
     fps: int = setting(8, "frame rate of the written mp4 files")
@@ -215,6 +216,32 @@ class JudgeSection:
 
 
 @dataclass(frozen=True)
+class ComputeSection:
+    """``compute``: how every computing job runs its numerics, what makes CPU float results bit-identical.
+
+    ``threads`` is part of what a job computes (a float sum split over 2 threads is not the one over 1), so it comes
+    from here, never from the cores a scheduler happens to give. ``isa``: ``native`` runs the fastest code path of
+    this CPU (results are identical on CPUs of the same instruction set); ``avx2`` pins MKL, ATen and oneDNN to
+    their AVX2 code paths, so AVX-512 and AVX2 machines compute the same bytes (see docs/reproducibility.md).
+    ``loader_workers``: DataLoader processes of a training stage whose config names no ``num_workers``; the worker
+    count is part of the sample order. One thread a job by default: Snakemake runs as many jobs side by side as it
+    has cores, which uses them better than two threads a job and is far less hurt by other load (measured in
+    docs/reproducibility.md)."""
+
+    threads: int = setting(1, "CPU compute threads, whatever cores the job was given")
+    isa: CpuIsa = setting("native", "CPU code path: this CPU's own, or AVX2 on every machine")
+    loader_workers: int = setting(
+        1, "DataLoader workers when the stage names no num_workers (part of the sample order)"
+    )
+
+    def __post_init__(self):
+        if self.threads < 1:
+            raise ValueError(f"compute.threads must be >= 1, got {self.threads}")
+        if self.loader_workers < 0:
+            raise ValueError(f"compute.loader_workers must be >= 0, got {self.loader_workers}")
+
+
+@dataclass(frozen=True)
 class EvalSection:
     """``eval``: evaluation (``merv eval``); changing it reruns only the evaluation jobs (answers come from the
     cache)."""
@@ -223,11 +250,12 @@ class EvalSection:
     max_new_tokens: int | None = setting(None, "generation length limit (None: the benchmark's own, e.g. 512)")
     mcq: McqMode = setting("both", "multiple choice by generation (MERV's scoring), by option likelihood, or both")
     num_chunks: int = setting(1, "split the benchmark into N chunks (merged with an exactly-once check) ...")
+    limit: int | None = setting(None, "only the first N questions of each benchmark, a quick look (None: all)")
     cache_dir: str = setting("results/eval_cache", "cache folder of answers and judge verdicts (content-addressed)")
     judge: JudgeSection = JudgeSection()
 
     def __post_init__(self):
-        EvalSettings(self.mcq, self.batch_size, self.max_new_tokens, self.num_chunks)  # the same checks
+        EvalSettings(self.mcq, self.batch_size, self.max_new_tokens, self.num_chunks, limit=self.limit)  # same checks
 
 
 @dataclass(frozen=True)
@@ -240,7 +268,7 @@ class EvalSettings:
     max_new_tokens: int | None = EvalSection.max_new_tokens  # None: the benchmark's registry default
     num_chunks: int = EvalSection.num_chunks
     chunk_index: int = 0
-    limit: int | None = None  # only the first N questions of the benchmark (a quick look)
+    limit: int | None = EvalSection.limit  # only the first N questions of the benchmark (a quick look)
 
     def __post_init__(self):
         if self.mcq not in ("generate", "likelihood", "both"):
@@ -269,6 +297,7 @@ SECTIONS: dict[str, type] = {
     "shards": ShardsSection,
     "report": ReportSection,
     "launch": LaunchSection,
+    "compute": ComputeSection,
     "eval": EvalSection,
     "eval.judge": JudgeSection,
 }

@@ -53,8 +53,24 @@ def environment_uses():
                 and loop.iter.id in local
             ):
                 local.setdefault(loop.target.id, set()).update(local[loop.iter.id])
+        # `os.environ.update(env)`: every variable-like key of the module's dict literals may be set
+        dict_keys = {
+            k.value
+            for d in ast.walk(tree)
+            if isinstance(d, ast.Dict)
+            for k in d.keys
+            if isinstance(k, ast.Constant) and isinstance(k.value, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+", k.value)
+        }
         for node in ast.walk(tree):
             key = None
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "update"
+                and is_environ(node.func.value)
+            ):
+                yield f"{path.relative_to(REPO)}:{node.lineno}", dict_keys or {"<unresolved update>"}
+                continue
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 reads = node.func.attr in ("get", "setdefault", "pop") and is_environ(node.func.value)
                 if (reads or node.func.attr == "getenv") and node.args:

@@ -13,6 +13,10 @@ shuffle leaves out others.
 A position is ``(epoch, batches consumed in it)``, the same on every rank: resuming there skips each worker's
 consumed samples as raw tar bytes, before any JPEG decoding, and yields exactly the batches an uninterrupted run
 would have yielded next.
+
+The global random generators a transform might draw from (``random``, NumPy, torch) are seeded in every worker from
+(seed, epoch, rank, worker) (:func:`worker_seed`), never from the parent's RNG state, so such draws repeat run after
+run as the sample order does. The order itself depends on the worker count: it is part of a run's config.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from merv.config import fingerprint
 from merv.data.reader import decode_sample, read_manifest
 
 
@@ -74,6 +79,21 @@ def pieces(shards: list[dict], start: int, end: int) -> list[Piece]:
             out.append(Piece(shard, lo - offset, hi - lo))
         offset += shard["samples"]
     return out
+
+
+def worker_seed(seed: int, epoch: int, rank: int, worker: int = 0) -> int:
+    """The 63-bit seed of one DataLoader worker's (or, for ``worker=-1``, one epoch's) global RNGs."""
+    return int(fingerprint(["loader", seed, epoch, rank, worker]), 16) & (2**63 - 1)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed ``random`` and NumPy from the seed torch gave this worker (itself from the epoch's
+    generator, so a function of seed, epoch, rank and worker)."""
+    import numpy as np
+
+    seed = torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 class ShardLoader:
@@ -160,6 +180,9 @@ class ShardLoader:
                     persistent_workers=False,
                     pin_memory=self.pin_memory,
                     prefetch_factor=self.prefetch,
+                    # worker w's torch seed is this generator's first draw + w: no draw from the global RNG
+                    generator=torch.Generator().manual_seed(worker_seed(self.seed, epoch, self.rank, -1)),
+                    worker_init_fn=seed_worker,
                 )
             )
         )

@@ -2,17 +2,21 @@
 
 Each clip has an appearance (colour, shape) and a motion (first direction, then a second one). Questions ask for
 each of the four, so a model needs appearance *and* motion, i.e. both a per-frame and a video encoder help.
-Everything is deterministic from the seed. Written in the formats real data uses:
+Every file is a pure function of the settings and the seed (same bytes on every run). Written in the formats real
+data uses:
 
 - training JSON in the Video-LLaVA conversation layout (``align.json`` captions, ``finetune.json`` QA),
 - evaluation benchmarks in the MERV ``eval_data`` layout (``test_q.json``, ``test_a.json``, ``videos/``).
 
-Options of a multiple-choice question are listed in a fixed order per question type: the tiny CPU model then only
-has to learn perception, not to match option text, and chance is still 1/len(options).
+Each evaluation clip has one question; every benchmark asks each question type equally often (a score per type is
+then as precise as the next). Options of a multiple-choice question are listed in a fixed order per question type:
+the tiny CPU model then only has to learn perception, not to match option text, and chance is still
+1/len(options).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -94,8 +98,19 @@ def render(clip: Clip, size: int, num_frames: int, travel: int) -> np.ndarray:
     return frames
 
 
+# libx264 settings that make the bytes a function of the frames alone (measured with PyAV 18.1 / libavcodec 62):
+# - mbtree=0: x264's macroblock-tree rate control (on in every preset but ultrafast) reads memory it never wrote in
+#   its SIMD code: with the heap dirtied before each encode, 16 of 150 clips came out in 2-4 different byte streams
+#   (decoding to the same pixels), 0 of 150 with mbtree off. That is how two clones of the same commit rendered 6
+#   of 1200 training clips differently;
+# - threads=1: x264's default threads follow the core count (1.5 x cores), and the output follows the threads.
+# tests/data/test_synth.py renders under load and on a dirtied heap and compares bytes.
+X264_OPTIONS = {"crf": "12", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
+
+
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Encode frames as an H.264 mp4 (yuv420p, near-lossless) with PyAV's bundled FFmpeg."""
+    """Encode frames as an H.264 mp4 (yuv420p, near-lossless) with PyAV's bundled FFmpeg: the same bytes for the
+    same frames on any run (:data:`X264_OPTIONS`; the container holds no clock time)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +119,8 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.thread_count = 1
+        stream.options = dict(X264_OPTIONS)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -120,6 +136,14 @@ def _make_clips(rng: random.Random, prefix: str, n: int, size: int) -> list[Clip
 def _render_all(clips: list[Clip], video_dir: Path, size: int, num_frames: int, fps: int) -> None:
     for clip in clips:
         write_mp4(video_dir / f"{clip.name}.mp4", render(clip, size, num_frames, size // 5), fps)
+
+
+def balanced_types(rng: random.Random, n: int) -> list[str]:
+    """A question type for each of ``n`` clips: every type equally often (the first ``n % 4`` types once more),
+    in a random order."""
+    types = list(itertools.islice(itertools.cycle(QUESTIONS), n))
+    rng.shuffle(types)
+    return types
 
 
 def _answer(clip: Clip, qtype: str) -> str:
@@ -187,8 +211,7 @@ def write_dataset(
         bench_dir = out / "eval_data" / bench
         _render_all(eval_clips, bench_dir / "videos", size, num_frames, fps)
         questions, answers = [], []
-        for c in eval_clips:
-            qtype = rng.choice(tuple(QUESTIONS))
+        for c, qtype in zip(eval_clips, balanced_types(rng, len(eval_clips)), strict=True):
             question, options, _ = QUESTIONS[qtype]
             qid = f"{c.name}_{qtype}"
             answer = _answer(c, qtype)

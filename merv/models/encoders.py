@@ -19,6 +19,63 @@ from merv.config import EncoderConfig
 from merv.models.backbone import VisualEncoder, layer_index
 
 
+class StemBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose statistics follow the input's dtype once frozen (eval mode): a frozen encoder under FSDP2's
+    bf16 policy or autocast holds bf16 parameters beside fp32 running statistics, which ``batch_norm`` refuses to mix.
+    In fp32 it is ``nn.BatchNorm2d`` exactly; the state dict is the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+
+        def cast(t):
+            return None if t is None else t.to(x.dtype)
+
+        stats = (cast(self.running_mean), cast(self.running_var), cast(self.weight), cast(self.bias))
+        return nn.functional.batch_norm(x, *stats, False, 0.0, self.eps)
+
+
+def conv_stem_patch_embed():
+    """timm's ``PatchEmbed`` with a convolutional stem instead of one strided projection: 3x3 stride-2 convolutions
+    (batch norm, ReLU) down to the patch size, then a 1x1 to the embedding width, the stem of "Early Convolutions
+    Help Transformers See Better" (Xiao et al., 2021). Same tokens, same grid; what a tiny ViT needs to learn shape
+    from a few thousand steps (a plain 16x16 projection learned none of it: docs/thesis.md)."""
+    import math
+
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stride, width = self.patch_size[0], self.proj.out_channels
+            steps = int(math.log2(stride))
+            if 2**steps != stride or self.patch_size[0] != self.patch_size[1]:
+                raise ValueError(f"a convolutional stem needs a square power-of-two patch size, got {self.patch_size}")
+            layers, channels = [], self.proj.in_channels
+            for i in range(steps):  # widths ..., width/4, width/2, width: doubling as the resolution halves
+                out = max(8, width >> (steps - 1 - i))
+                layers += [nn.Conv2d(channels, out, 3, 2, 1, bias=False), StemBatchNorm(out), nn.ReLU(inplace=True)]
+                channels = out
+            self.proj = nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+    return ConvStemPatchEmbed
+
+
+# ``model_kwargs: {embed_layer: <name>}`` of a timm ViT: a patch embedding by name (YAML cannot hold a class)
+EMBED_LAYERS = {"conv_stem": conv_stem_patch_embed}
+
+
+def timm_kwargs(cfg: EncoderConfig) -> dict:
+    """``cfg.model_kwargs`` as timm's ``create_model`` takes them (a named ``embed_layer`` resolved to its class)."""
+    kwargs = dict(cfg.model_kwargs)
+    if "embed_layer" in kwargs:
+        name = kwargs["embed_layer"]
+        if name not in EMBED_LAYERS:
+            raise ValueError(f"encoder {cfg.id!r}: unknown embed_layer {name!r}; known: {sorted(EMBED_LAYERS)}")
+        kwargs["embed_layer"] = EMBED_LAYERS[name]()
+    return kwargs
+
+
 class TimmImageEncoder(VisualEncoder):
     """Any timm vision transformer applied to each frame independently (SigLIP, DINOv2, ViT ...)."""
 
@@ -41,7 +98,7 @@ class TimmImageEncoder(VisualEncoder):
             raise IntegrityError(f"{what}: {e}") from None
         try:
             self.model = timm.create_model(
-                cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **cfg.model_kwargs
+                cfg.arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0, **timm_kwargs(cfg)
             )
         except RuntimeError as e:  # torch's load_state_dict: misshapen tensors
             detail = " ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)

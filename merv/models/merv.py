@@ -61,6 +61,15 @@ class MERV(nn.Module):
             {name: build_projector(cfg.projector, enc.embed_dim, dim) for name, enc in encoders.items()}
         )
         self.fusion = build_fusion(cfg.fusion, dim, len(encoders))
+        self.encoders.eval()
+
+    def train(self, mode: bool = True) -> MERV:
+        """Train mode for the trainable parts; the frozen encoders stay in eval mode, so that their batch norms
+        (a convolutional stem) neither update their running statistics nor normalise by the batch: an encoder
+        computes what the feature cache stored and what its saved weights give."""
+        super().train(mode)
+        self.encoders.eval()
+        return self
 
     @classmethod
     def from_config(

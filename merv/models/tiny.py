@@ -53,7 +53,9 @@ def init_encoder(enc: EncoderConfig) -> torch.nn.Module:
     if enc.kind == "timm_image":
         import timm
 
-        return timm.create_model(enc.arch, pretrained=False, num_classes=0, **enc.model_kwargs)
+        from merv.models.encoders import timm_kwargs
+
+        return timm.create_model(enc.arch, pretrained=False, num_classes=0, **timm_kwargs(enc))
     if enc.kind == "hf_video":
         from transformers import VivitConfig, VivitModel
 

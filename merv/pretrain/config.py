@@ -38,12 +38,26 @@ class PretrainConfig:
     seed: int = 1  # pretext data and initialisation; the benchmark's data never enters
     render_size: int = 64  # frames are rendered at this size, then resized by the encoder's own transform
     eval_samples: int = 256  # held-out pretext samples for the accuracy in pretext.json
+    curve_points: int = 20  # times held-out accuracy is measured during training (the curve in pretext.json)
+    # weight of each label's loss (default 1): the per-token maps and masks make patch tokens carry what the label
+    # is, but summed with equal weights they crowd out the pooled shape label (docs/thesis.md)
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1:
-            raise ValueError("pretrain: steps, batch_size and eval_samples must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1 or self.curve_points < 1:
+            raise ValueError("pretrain: steps, batch_size, eval_samples and curve_points must be >= 1")
         if self.lr <= 0 or self.render_size < 16:
             raise ValueError(f"pretrain: lr must be > 0 and render_size >= 16, got {self.lr}, {self.render_size}")
+        from merv.pretrain.data import label_classes  # numpy and PIL only
+
+        unknown = sorted(set(self.loss_weights) - set(label_classes(self.task)))
+        if unknown:
+            raise ValueError(
+                f"pretrain: loss_weights names {unknown}, not labels of task {self.task!r} "
+                f"(it has {sorted(label_classes(self.task))})"
+            )
+        if any(not isinstance(w, int | float) or w < 0 for w in self.loss_weights.values()):
+            raise ValueError(f"pretrain: loss_weights must be numbers >= 0, got {self.loss_weights}")
 
     def encoder_config(self, out: str | Path | None = None) -> EncoderConfig:
         """The encoder's config from the preset; with ``out``, its weights pointed at the pretrained copy there."""
@@ -97,3 +111,22 @@ def with_pretrained_encoders(
         run.model, encoders=tuple(replaced.get(e.id, e) for e in run.model.encoders)
     )
     return dataclasses.replace(run, model=model)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the pretrained encoders are probed (``merv probe``, merv.pretrain.probe)."""
+
+    train_clips: int = 800
+    test_clips: int = 400
+    seed: int = 1234  # the probe's clips: not the benchmark's (config synth.seed) nor a pretext's
+    size: int = 64  # rendered frame size (the benchmark's)
+    frames: int = 16  # rendered frames per clip (the benchmark's)
+    l2: float = 1e-3  # L2 weight of the logistic regression (on standardised features)
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.train_clips < 2 or self.test_clips < 1:
+            raise ValueError(
+                f"probe: need >= 2 training clips and >= 1 test clip, got {self.train_clips}, {self.test_clips}"
+            )

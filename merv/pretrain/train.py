@@ -26,11 +26,13 @@ from merv.models.encoders import VisualEncoder, build_encoder
 from merv.models.tiny import init_encoder, save_encoder
 from merv.pretrain.config import PretrainConfig
 from merv.pretrain.data import label_classes, pretext_batch
+from merv.runtime import runtime_record
 from merv.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 REPORT = "pretext.json"
+CURVE = "pretext.png"  # the curves of pretext.json
 
 
 def tubelet_frames(encoder: VisualEncoder) -> int:
@@ -66,15 +68,21 @@ def prepare(encoder: VisualEncoder, frames: np.ndarray) -> torch.Tensor:
     return torch.stack([encoder.transform(clip) for clip in frames])
 
 
-def pretext_loss(logits: dict[str, torch.Tensor], labels: dict[str, np.ndarray]) -> torch.Tensor:
-    """Cross-entropy of every class label, binary cross-entropy of every mask cell, summed."""
+def pretext_loss(
+    logits: dict[str, torch.Tensor], labels: dict[str, np.ndarray], weights: dict[str, float] | None = None
+) -> torch.Tensor:
+    """Cross-entropy of every class label, binary cross-entropy of every mask cell, summed with ``weights`` (1 for a
+    label they do not name; a label of weight 0 is not computed)."""
     total = 0.0
     for k, lg in logits.items():
+        weight = (weights or {}).get(k, 1.0)
+        if not weight:
+            continue
         target = torch.as_tensor(labels[k])
         if k.endswith("_mask"):
-            total = total + F.binary_cross_entropy_with_logits(lg, target)
+            total = total + weight * F.binary_cross_entropy_with_logits(lg, target)
         else:
-            total = total + F.cross_entropy(lg.flatten(0, -2), target.flatten())
+            total = total + weight * F.cross_entropy(lg.flatten(0, -2), target.flatten())
     return total
 
 
@@ -95,16 +103,53 @@ def hits(logits: dict[str, torch.Tensor], labels: dict[str, np.ndarray]) -> dict
 
 
 @torch.no_grad()
-def accuracy(encoder: VisualEncoder, head: PretextHead, batch) -> dict[str, float]:
+def accuracy(encoder: VisualEncoder, head: PretextHead, batch, frames: torch.Tensor | None = None) -> dict[str, float]:
+    """Held-out accuracy of every label (``frames``: the batch already prepared, to prepare it once)."""
     encoder.eval()
     head.eval()
-    return hits(head(encoder(prepare(encoder, batch.frames))), batch.labels)
+    return hits(head(encoder(prepare(encoder, batch.frames) if frames is None else frames)), batch.labels)
 
 
-def pretrain_encoder(cfg: PretrainConfig, out: str | Path, threads: int | None = None) -> dict:
-    """Train ``cfg``'s encoder, write it to ``out`` (weights + ``pretext.json``), return the report."""
-    if threads:
-        torch.set_num_threads(threads)
+def curve_steps(steps: int, points: int) -> set[int]:
+    """The steps after which held-out accuracy is measured: ``points`` evenly spaced, the last one included."""
+    n = min(points, steps)
+    return {round(steps * (i + 1) / n) for i in range(n)}
+
+
+def curve_png(report: dict, title: str) -> bytes:
+    """Held-out accuracy of each label over the steps (chance dotted), and the training loss, as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, lax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [p["step"] for p in report["curve"]]
+    for i, label in enumerate(report["curve"][0]["accuracy"]):
+        if label.endswith("_mask"):
+            continue
+        colour = f"C{i}"
+        ax.plot(steps, [p["accuracy"][label] for p in report["curve"]], color=colour, marker=".", label=label)
+        ax.axhline(report["chance"][label], color=colour, linestyle=":", linewidth=1)
+    ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1), title=f"{title}: held-out accuracy (chance dotted)")
+    ax.legend(fontsize=8)
+    losses = np.asarray(report["losses"])
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    lax.plot(np.arange(window, len(losses) + 1), smooth)
+    lax.set(xlabel="step", ylabel="training loss", yscale="log", title=f"training loss ({window}-step mean)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pretrain_encoder(cfg: PretrainConfig, out: str | Path) -> dict:
+    """Train ``cfg``'s encoder, write it to ``out`` (weights + ``pretext.json``), return the report. Its threads and
+    CPU code path are the process's (``merv pretrain --threads``: merv.runtime.reproducible)."""
     return train_encoder(cfg, Path(out))[1]
 
 
@@ -127,23 +172,29 @@ def train_encoder(cfg: PretrainConfig, out: Path) -> tuple[VisualEncoder, dict]:
         return pretext_batch(cfg.task, rng, n, cfg.render_size, encoder.num_frames, tubelet, grid)
 
     held_out = batch(np.random.default_rng([cfg.seed, 1]), cfg.eval_samples)
-    before = accuracy(encoder, head, held_out)
+    held_out_frames = prepare(encoder, held_out.frames)
+    before = accuracy(encoder, head, held_out, held_out_frames)
+    curve, measure_at = [{"step": 0, "accuracy": before}], curve_steps(cfg.steps, cfg.curve_points)
     rng = np.random.default_rng([cfg.seed, 0])
     losses, start = [], time.time()
     for step in range(cfg.steps):
         encoder.train()
         head.train()
         data = batch(rng, cfg.batch_size)
-        loss = pretext_loss(head(encoder(prepare(encoder, data.frames))), data.labels)
+        loss = pretext_loss(head(encoder(prepare(encoder, data.frames))), data.labels, cfg.loss_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if (step + 1) % max(1, cfg.steps // 10) == 0:
-            log.info("pretrain %s step %d/%d loss %.4f", cfg.task, step + 1, cfg.steps, np.mean(losses[-10:]))
-    after = accuracy(encoder, head, held_out)
+        if step + 1 in measure_at:  # eval mode and no RNG: the training run is the same with or without it
+            curve.append({"step": step + 1, "accuracy": accuracy(encoder, head, held_out, held_out_frames)})
+            log.info(
+                "pretrain %s step %d/%d loss %.4f held-out %s", cfg.task, step + 1, cfg.steps,
+                np.mean(losses[-10:]), {k: round(v, 3) for k, v in curve[-1]["accuracy"].items()},
+            )  # fmt: skip
+    after = curve[-1]["accuracy"]
     seconds = time.time() - start
 
     save_encoder(enc_cfg, encoder.model)
@@ -156,13 +207,16 @@ def train_encoder(cfg: PretrainConfig, out: Path) -> tuple[VisualEncoder, dict]:
         "chance": {k: 1.0 / (n - k.endswith("_map")) for k, n in classes.items() if not k.endswith("_mask")},
         "held_out_accuracy_before": before,
         "held_out_accuracy": after,
+        "curve": curve,  # held-out accuracy over the steps
         "loss_first": float(np.mean(losses[:window])),
         "loss_last": float(np.mean(losses[-window:])),
         "losses": [round(x, 5) for x in losses],
         "reload_max_abs_diff": max_diff,
+        "runtime": runtime_record(),
         "seconds": round(seconds, 1),
     }
     (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    (out / CURVE).write_bytes(curve_png(report, f"{cfg.encoder} ({cfg.task})"))
     log.info("pretrained %s (%s) in %.0fs: held-out accuracy %s", cfg.encoder, cfg.task, seconds, after)
     return encoder, report
 

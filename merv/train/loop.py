@@ -28,6 +28,7 @@ from merv.data.shards import read_manifest
 from merv.features.cache import open_feature_sets
 from merv.models.merv import MERV
 from merv.prompting import IGNORE_INDEX
+from merv.runtime import runtime_record
 from merv.schedule import warmup_cosine
 from merv.train.distributed import Dist, all_reduce_sum, all_reduce_sums, barrier, init_distributed
 from merv.train.lock import holds_output_lock
@@ -72,10 +73,11 @@ class Preempted(Exception):
 
 
 def default_workers(d: Dist) -> int:
-    """DataLoader workers per rank when the stage does not say: the cores this rank can spare (up to 4)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
-    return max(0, min(4, cores // max(1, local_ranks) - 1))
+    """DataLoader workers per rank when the stage does not say: config ``compute.loader_workers``'s default, never the
+    machine's core count (the worker count is part of the sample order; ``merv train --workers`` names it)."""
+    from merv.settings import ComputeSection
+
+    return ComputeSection.loader_workers
 
 
 def build_model(run: RunConfig, stage: StageConfig, init: Path | None) -> tuple[MERV, set[str], str | None]:
@@ -334,6 +336,7 @@ def stage_meta(s: Stage, p: Progress, data_dir: Path, out: Path, init: Path | No
         },
         "config_fingerprint": s.fingerprint,
         "project": project_record(out),  # where relative weight paths were found (see merv.weights)
+        "runtime": runtime_record(),  # threads and CPU code path: what the float bytes depend on besides the inputs
         "final_loss": float(np.mean([m["loss"] for m in p.metrics[-max(1, s.total_steps // 10) :]])),
         "seconds": round(seconds, 1),
     }

@@ -119,3 +119,29 @@ def test_split_ranges_and_pieces_cut_the_sample_sequence_across_shard_boundaries
     got = [(p.shard["name"], p.first, p.count) for p in pieces(shards, 2, 7)]
     assert got == [("a", 2, 1), ("b", 0, 2), ("c", 0, 2)]
     assert pieces(shards, 3, 3) == []
+
+
+def random_draws(sample):
+    """A transform drawing from every global RNG a worker has (as a random augmentation would)."""
+    import random
+
+    import numpy as np
+
+    return (key_of(sample), random.random(), float(np.random.rand()), float(torch.rand(())))
+
+
+def test_worker_rngs_are_seeded_by_seed_epoch_rank_and_worker(many_shards):
+    """Draws from the global RNGs in DataLoader workers repeat run after run (not taken from the parent's state)
+    and differ between workers and epochs."""
+
+    def draws(epoch, seed=0):
+        ld = ShardLoader(many_shards, transform=random_draws, collate=list, batch_size=3, num_workers=2, seed=seed)
+        return [d for batch in ld.epoch(epoch) for d in batch]
+
+    torch.manual_seed(1)  # the parent's RNG state differs between the two runs
+    first = draws(0)
+    torch.rand(5)
+    assert draws(0) == first
+    values = [v for d in first for v in d[1:]]
+    assert len(set(values)) == len(values), "every worker and draw gets its own numbers"
+    assert draws(1) != first and draws(0, seed=1) != first

@@ -1,9 +1,16 @@
+import hashlib
 import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from merv.data.synth import QUESTIONS, render, sample_clip, write_dataset
+from merv.data.synth import QUESTIONS, balanced_types, render, sample_clip, write_dataset, write_mp4
 from merv.data.video import read_frames
 from merv.prompting import mcq_prompt, option_letters
 
@@ -22,6 +29,15 @@ def test_dataset_layout(synth_dir):
         assert all((d / "videos" / f"{q['video_name']}.mp4").is_file() for q in qs)
     mcq = json.loads((synth_dir / "eval_data" / "synth_mcq" / "test_q.json").read_text())[0]
     assert mcq["num_option"] == len(mcq["options"])
+
+
+def test_every_question_type_is_asked_equally_often(synth_dir):
+    for bench in ("synth_mcq", "synth_open"):  # 6 questions: two types twice, two once
+        qs = json.loads((synth_dir / "eval_data" / bench / "test_q.json").read_text())
+        assert sorted(Counter(q["question_type"] for q in qs).values()) == [1, 1, 2, 2]
+    types = balanced_types(random.Random(0), 600)
+    assert Counter(types) == dict.fromkeys(QUESTIONS, 150)
+    assert types[:8] != list(QUESTIONS) * 2, "in a random order, not cycling"
 
 
 def test_questions_need_appearance_and_motion():
@@ -47,7 +63,7 @@ def test_motion_is_visible_in_decoded_frames(tmp_path):
     frames = render(clip, 64, 16, travel=12)
 
     def centre(frame):
-        ys, xs = np.nonzero((np.abs(frame.astype(int) - frame[0, 0].astype(int)).sum(-1) > 60))
+        ys, xs = np.nonzero(np.abs(frame.astype(int) - frame[0, 0].astype(int)).sum(-1) > 60)
         return xs.mean(), ys.mean()
 
     (x0, y0), (xm, ym) = centre(frames[0]), centre(frames[8])
@@ -78,3 +94,46 @@ def test_mcq_prompt_matches_original_wording():
         "A, B, C and nothing else.\n\n    A. red\nB. blue\nC. green"
     )
     assert option_letters(3) == ["A", "B", "C"]
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_every_file_is_the_same_bytes_when_rendered_again_under_load(tmp_path):
+    """The dataset is a pure function of its settings: a second render in another process, beside two busy
+    processes, writes the same bytes in every file (videos included)."""
+    settings = {"seed": 5, "train_videos": 40, "eval_videos": 8}
+    write_dataset(tmp_path / "a", **settings)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        code = f"from merv.data.synth import write_dataset; write_dataset({str(tmp_path / 'b')!r}, **{settings!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    a, b = file_digests(tmp_path / "a"), file_digests(tmp_path / "b")
+    assert len(a) == 40 + 2 * 8 + 2 + 2 * 2 + 1  # videos, training JSONs, benchmark JSONs, summary
+    assert a == b, sorted(k for k in a if a[k] != b.get(k))
+
+
+def test_encoding_does_not_depend_on_what_memory_held_before(tmp_path):
+    """libx264's output must not depend on the heap's earlier contents (its mb-tree code read memory it never
+    wrote: the same frames came out as different bytes). Each clip is encoded again after dirtying the heap."""
+    rng = random.Random(0)
+    clips = [sample_clip(rng, f"c{i}", 64, travel=12) for i in range(40)]
+    junk = np.random.default_rng(0)
+    varying = []
+    for clip in clips:
+        frames = render(clip, 64, 16, travel=12)
+        digests = set()
+        for _ in range(3):
+            blocks = [os.urandom(int(n)) for n in junk.integers(1_000, 200_000, size=50)]  # freed, dirty memory
+            del blocks
+            write_mp4(tmp_path / "clip.mp4", frames, 8)
+            digests.add(hashlib.sha256((tmp_path / "clip.mp4").read_bytes()).hexdigest())
+        if len(digests) > 1:
+            varying.append(clip.name)
+    assert not varying, f"clips encoded to different bytes: {varying}"

@@ -88,3 +88,50 @@ def test_feature_layer_out_of_range_is_a_clear_error(frozen):
     with pytest.raises(ValueError, match=r"encoder 'dinov2': feature_layer 5 is outside this 2-block model"):
         build_encoder(dataclasses.replace(cfg, feature_layer=5))
     assert [layer_index(k, 24, "x") for k in (-1, -2, 0, 24)] == [24, 23, 0, 24]
+
+
+def test_conv_stem_vit_saves_and_loads_through_timm(tmp_path):
+    """embed_layer: conv_stem builds timm's ViT with a convolutional stem: the same token grid as the strided patch
+    projection, saved as a timm state dict and loaded back by timm's pretrained loader (merv's path) unchanged."""
+    import dataclasses
+
+    from merv.models.tiny import init_encoder, save_encoder
+
+    vit = next(e for e in resolve_run_config("merv-tiny").model.encoders if e.id == "vit")
+    plain = dataclasses.replace(vit, weights=str(tmp_path / "plain.safetensors"))
+    stem = dataclasses.replace(plain, weights=str(tmp_path / "stem.safetensors"),
+                               model_kwargs={**vit.model_kwargs, "embed_layer": "conv_stem"})  # fmt: skip
+    torch.manual_seed(0)
+    module = init_encoder(stem)
+    assert [type(m).__name__ for m in module.patch_embed.proj][:3] == ["Conv2d", "StemBatchNorm", "ReLU"]
+    save_encoder(stem, module)
+    save_encoder(plain, init_encoder(plain))
+    loaded, reference = build_encoder(stem).eval(), build_encoder(plain)
+    assert (loaded.tokens_per_frame, loaded.embed_dim) == (reference.tokens_per_frame, reference.embed_dim)
+    x = torch.randn(2, 4, 3, 64, 64)
+    with torch.no_grad():
+        expected = module.eval().forward_features(x.flatten(0, 1))[:, 1:].unflatten(0, (2, 4))
+        assert torch.equal(loaded(x), expected)
+    with pytest.raises(ValueError, match=r"encoder 'vit': unknown embed_layer 'convstem'; known: \['conv_stem'\]"):
+        build_encoder(dataclasses.replace(stem, model_kwargs={**vit.model_kwargs, "embed_layer": "convstem"}))
+
+
+def test_the_stems_batch_norm_is_torchs_in_fp32_and_takes_bf16_when_frozen():
+    """(A frozen conv-stem encoder under FSDP2's bf16 policy holds bf16 weights beside fp32 running statistics.)"""
+    from merv.models.encoders import StemBatchNorm
+
+    torch.manual_seed(0)
+    ours, torchs = StemBatchNorm(8), torch.nn.BatchNorm2d(8)
+    for bn in (ours, torchs):  # the same non-trivial statistics and affine parameters
+        bn.train()
+        bn(torch.randn(4, 8, 5, 5) * 3 + 1)
+    torchs.load_state_dict(ours.state_dict())
+    ours.eval(), torchs.eval()
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(ours(x), torchs(x))
+    ours.weight.data = ours.weight.data.bfloat16()
+    ours.bias.data = ours.bias.data.bfloat16()
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.batch_norm(x.bfloat16(), ours.running_mean, ours.running_var, ours.weight, ours.bias)
+    out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), torchs(x), atol=0.05)

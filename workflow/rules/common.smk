@@ -15,6 +15,8 @@ from merv.pipeline import (
     weights_inputs,
     weights_kind,
 )
+from merv.config import parse_config
+from merv.settings import ComputeSection
 from merv.pretrain.config import PRETRAINED_DIR
 
 MERV_ENV = "../../envs/merv.yaml"
@@ -54,10 +56,20 @@ wildcard_constraints:
     part="part-[0-9]+",
 
 
-def whole_machine():
-    """Threads of a job that should have the machine to itself: every core given locally (--cores), one elsewhere
-    (a cluster job's CPUs are the profile's `cpus_per_task`)."""
-    return workflow.resource_settings.cores or 1
+# How computing jobs run their numerics (config `compute`): their threads come from here, never from the cores
+# Snakemake grants a job (it exports OMP_NUM_THREADS = the job's `threads`, which `merv --threads` overrides).
+COMPUTE = parse_config(ComputeSection, config.get("compute") or {}, "compute")
+
+
+def compute_threads():
+    """The cores a computing job reserves: the threads it computes with (so jobs side by side never oversubscribe
+    the machine; Snakemake lowers a reservation to --cores, which leaves the job's own threads as they are)."""
+    return COMPUTE.threads
+
+
+def compute_flags():
+    """`merv` options that fix a job's float results: threads and CPU code path (a param: changing one reruns)."""
+    return f"--threads {COMPUTE.threads} --isa {COMPUTE.isa}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +156,14 @@ def pretrain_config_json(wildcards):
     return json.dumps(config["pretrain"][wildcards.name], sort_keys=True)
 
 
+def pretrain_encoder_json(wildcards):
+    """The architecture a pretrain entry trains, as its preset resolves it: editing the preset reruns the stage."""
+    from merv.pretrain.config import pretrain_config_from_dict
+
+    enc = pretrain_config_from_dict(config["pretrain"][wildcards.name]).encoder_config()
+    return json.dumps(dataclasses.asdict(enc), sort_keys=True)
+
+
 def build_kind(wildcards):
     kind = weights_kind(config, wildcards.model)
     if kind == "fetch":
@@ -219,6 +239,8 @@ def eval_options():
     """What the numbers depend on; changing one reruns the evaluation jobs (their answers come from the cache)."""
     cfg = config["eval"]
     flags = [f"--mcq {cfg['mcq']}", f"--batch-size {cfg['batch_size']}"]
+    if cfg.get("limit"):
+        flags.append(f"--limit {cfg['limit']}")
     if cfg["max_new_tokens"]:
         flags.append(f"--max-new-tokens {cfg['max_new_tokens']}")
     for key in ("url", "model", "preset"):

@@ -17,6 +17,8 @@ rule eval_benchmark:
     params:
         options=eval_options(),
         cache=config["eval"]["cache_dir"],
+        compute=compute_flags(),
+    threads: compute_threads()
     resources:
         judge=judge_access_flags,
     log:
@@ -26,7 +28,7 @@ rule eval_benchmark:
     shell:
         "merv eval --model {input.model} --data {input.data} --name {wildcards.bench}"
         " --num-chunks {wildcards.chunks} --chunk-index {wildcards.chunk} --cache {params.cache}"
-        " {params.options} {resources.judge} --out {output} > {log} 2>&1"
+        " {params.options} {params.compute} {resources.judge} --out {output} > {log} 2>&1"
 
 
 rule merge_eval:

@@ -17,11 +17,13 @@ rule extract_features:
         config=lambda w: json.dumps({"model": RUNS[w.model].to_dict()["model"]}, sort_keys=True),
         encoder=lambda w: feature_cache(w)["encoder"],
         dtype=lambda w: RUNS[w.model].train.feature_dtype,
+        compute=compute_flags(),
+    threads: compute_threads()
     log:
         "results/{model}/logs/extract_features_{cache}.log",
     conda:
         MERV_ENV
     shell:
         "merv features {input.shards} --config {params.config:q} --encoder {params.encoder} --dtype {params.dtype}"
-        " --out {output} --no-progress > {log} 2>&1"
+        " --out {output} {params.compute} --no-progress > {log} 2>&1"
 

@@ -8,12 +8,14 @@ rule pretrain_encoder:
         directory(f"{PRETRAINED_DIR}/{{name}}"),
     wildcard_constraints:
         name="[A-Za-z0-9_]+",
-    threads: 1  # two encoders train side by side on a 2-core machine
+    threads: compute_threads()
     params:
         config=pretrain_config_json,
+        encoder=pretrain_encoder_json,  # not passed: it records the preset's architecture, so an edit reruns this
+        compute=compute_flags(),
     log:
         "results/logs/pretrain_encoder_{name}.log",
     conda:
         MERV_ENV
     shell:
-        "merv pretrain --config {params.config:q} --out {output} --threads {threads} > {log} 2>&1"
+        "merv pretrain --config {params.config:q} --out {output} {params.compute} > {log} 2>&1"

@@ -8,9 +8,11 @@ rule make_tables:
         report_outputs(config),
     params:
         spec=report_spec_json,
+        compute=compute_flags(),  # the fusion-weight figure runs a model
+    threads: compute_threads()
     log:
         "results/logs/make_tables.log",
     conda:
         MERV_ENV
     shell:
-        "merv report --spec {params.spec:q} --out results/tables > {log} 2>&1"
+        "merv report --spec {params.spec:q} --out results/tables {params.compute} > {log} 2>&1"

@@ -13,7 +13,7 @@ rule train_stage:
             category="Training",
             labels={"model": "{model}", "stage": "{stage}"},
         ),
-    threads: whole_machine()  # locally, a training job has the machine to itself
+    threads: compute_threads()
     resources:
         # how a stage is launched does not change what it computes: resources, so they trigger no rerun
         launch=launch_flags,
@@ -22,10 +22,13 @@ rule train_stage:
         config=stage_config_json,
         init=init_flag,
         features=features_flags,
+        compute=compute_flags(),
+        workers=COMPUTE.loader_workers,
     log:
         "results/{model}/logs/train_{stage}.log",
     conda:
         MERV_ENV
     shell:
         "merv train --config {params.config:q} --stage {wildcards.stage} --data {input.data} {params.init}"
-        " {params.features} --out {output} {resources.launch} --no-progress > {log} 2>&1"
+        " {params.features} --out {output} {params.compute} --workers {params.workers} {resources.launch}"
+        " --no-progress > {log} 2>&1"
