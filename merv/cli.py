@@ -238,19 +238,13 @@ def parse_features(items: list[str] | None) -> dict[str, str]:
 
 
 def launch_config(args):
+    """The submission the launch options describe: every field of ``LaunchConfig`` from its option (two options are
+    named otherwise: ``--time`` and ``--submitit-dir``)."""
     from merv.train.launch import LaunchConfig
 
-    return LaunchConfig(
-        launcher=args.launcher,
-        nodes=args.nodes,
-        tasks_per_node=args.tasks_per_node,
-        gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task,
-        partition=args.partition,
-        account=args.account,
-        time_min=args.time,
-        folder=args.submitit_dir,
-    )
+    option = {"time_min": "time", "folder": "submitit_dir"}
+    fields = [f.name for f in dataclasses.fields(LaunchConfig)]
+    return LaunchConfig(**{name: getattr(args, option.get(name, name)) for name in fields})
 
 
 def cmd_train(args):
@@ -688,58 +682,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on every route but /health (default: the MERV_API_KEY variable; "
         "prefer it: a command line is visible to other users of the machine)",
     )
-    s.add_argument(
-        "--allowed-host",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a Host name clients use besides localhost (repeatable; needed with a non-loopback --host; '*': any)",
-    )
-    s.add_argument(
-        "--allowed-dir",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="a folder file:// video URLs may point into, listed by the chat page (repeatable)",
-    )
-    s.add_argument(
-        "--allowed-media-domain",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="a host name http(s):// media may come from (repeatable; exact names; default: none, http(s) off)",
-    )
-    s.add_argument(
-        "--allowed-media-network",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="a private network the allowed media names may resolve into, e.g. an intranet 10.1.0.0/16 (repeatable)",
-    )
-    s.add_argument(
-        "--max-media-redirects",
-        type=int,
-        default=Serve.max_media_redirects,
-        help=f"redirects followed per media URL, each checked like the URL (default {Serve.max_media_redirects})",
-    )
-    s.add_argument(
-        "--max-frame-pixels",
-        type=int,
-        default=Serve.max_frame_pixels,
-        help=f"width x height of one frame, from its header before decoding (default {Serve.max_frame_pixels})",
-    )
-    s.add_argument(
-        "--max-request-pixels",
-        type=int,
-        default=Serve.max_request_pixels,
-        help=f"pixels of all frames a request makes the server decode (default {Serve.max_request_pixels})",
-    )
-    s.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=Serve.max_upload_mb,
-        help=f"largest video or frame set per request: data URL, download or upload (default {Serve.max_upload_mb:g})",
-    )
+    for flag, metavar, help_ in (
+        ("--allowed-host", "NAME", "a Host name clients use besides localhost (repeatable; needed with a non-loopback "
+         "--host; '*': any)"),
+        ("--allowed-dir", "DIR", "a folder file:// video URLs may point into, listed by the chat page (repeatable)"),
+        ("--allowed-media-domain", "NAME", "a host name http(s):// media may come from (repeatable; exact names; "
+         "default: none, http(s) off)"),
+        ("--allowed-media-network", "CIDR", "a private network the allowed media names may resolve into, e.g. an "
+         "intranet 10.1.0.0/16 (repeatable)"),
+    ):  # fmt: skip
+        s.add_argument(flag, action="append", default=[], metavar=metavar, help=help_)
+    for flag, name, kind, help_ in (
+        ("--max-media-redirects", "max_media_redirects", int, "redirects followed per media URL, each checked like "
+         "the URL"),
+        ("--max-frame-pixels", "max_frame_pixels", int, "width x height of one frame, from its header before decoding"),
+        ("--max-request-pixels", "max_request_pixels", int, "pixels of all frames a request makes the server decode"),
+        ("--max-upload-mb", "max_upload_mb", float, "largest video or frame set per request: data URL, download or "
+         "upload"),
+    ):  # fmt: skip
+        default = getattr(Serve, name)
+        s.add_argument(flag, type=kind, default=default, help=f"{help_} (default {default:g})")
     s.add_argument("--download-timeout", type=float, default=Serve.download_timeout_s, help="seconds, http(s) videos")
     s.add_argument("--max-batch", type=int, default=Serve.max_batch, help="most requests per generate call")
     s.add_argument(
