@@ -56,10 +56,10 @@ def test_every_job_ran_on_slurm_and_the_result_is_there(slurm_run):
     workdir, env, log = slurm_run
     result = json.loads((workdir / "results" / "merv_full" / "eval.json").read_text())
     assert set(result["benchmarks"]) == {"synth_mcq", "synth_open"} and result["benchmarks"]["synth_mcq"]["n"] == 4
-    jobs = sacct(env, "JobID", "JobName", "State", "Comment", "AllocTRES")
+    jobs = sacct(env, "JobID", "JobName", "State", "Comment", "AllocTRES", "WorkDir")
     by_rule = {}
-    for job in jobs:
-        if job["Comment"].startswith("rule_"):
+    for job in jobs:  # this run's jobs (the cluster's accounting also holds other tests' jobs)
+        if job["Comment"].startswith("rule_") and Path(job["WorkDir"]) == workdir:
             rule = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
             by_rule.setdefault(rule, []).append(job)
     # (planning parts and gathering them are local rules: no Slurm job)

@@ -24,6 +24,18 @@ from tests.conftest import tiny_overrides
 FP32 = ExtractSettings(dtype="fp32", batch_size=5)
 
 
+# The fusion's key bias shifts every encoder's score by the same q.b, which the softmax cancels: its gradient is zero
+# up to rounding, and AdamW turns that noise into steps of about lr, so its values (~1e-6) are noise of two runs
+# that round differently. Every other tensor must agree closely.
+NOISE_ONLY = ("fusion.key.bias",)
+
+
+def same_weights(a: torch.Tensor, b: torch.Tensor, name: str) -> bool:
+    if name in NOISE_ONLY:
+        return bool(a.abs().max() < 1e-4 and b.abs().max() < 1e-4)
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def stage_run(tiny_run, **stage):
     overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
     stage = {"epochs": 2, "global_batch_size": 4, "micro_batch_size": 2, "num_workers": 0, **stage}
@@ -62,7 +74,7 @@ def test_training_from_the_cache_equals_training_on_the_fly(tiny_run, shards, ca
     a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("fly", "cache"))
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        assert same_weights(a[k], b[k], k), k
 
 
 def test_a_cache_of_other_settings_is_refused_naming_the_field(tiny_run, shards, caches, tmp_path):
@@ -160,4 +172,4 @@ def test_two_ranks_from_the_cache_equal_two_ranks_on_the_fly(tiny_run, synth_dir
     assert meta_cache["samples_seen"] == 12 and set(meta_cache["data"]["feature_caches"]) == {"vit", "vivit"}
     assert losses(tmp_path / "fly") == pytest.approx(losses(tmp_path / "cache"), rel=1e-4)
     for k in fly:
-        assert torch.allclose(fly[k], cache[k], rtol=1e-4, atol=1e-6), k
+        assert same_weights(fly[k], cache[k], k), k

@@ -102,11 +102,13 @@ def entry_point_path(tmp_path_factory) -> Path:
     """A folder holding merv's installed-package metadata with the ``lmms_eval.models`` entry points that
     pyproject.toml declares (what ``pip install`` writes into site-packages). Put first on PYTHONPATH, lmms-eval's
     registry finds ``--model merv`` through it, even where merv was installed before the entry point existed."""
+    from merv.version import __version__  # pyproject.toml's version is dynamic: it reads this
+
     project = pyproject()
     group = project["entry-points"]["lmms_eval.models"]
-    info = tmp_path_factory.mktemp("site") / f"merv-{project['version']}.dist-info"
+    info = tmp_path_factory.mktemp("site") / f"merv-{__version__}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: merv\nVersion: {project['version']}\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: merv\nVersion: {__version__}\n")
     lines = ["[lmms_eval.models]", *(f"{name} = {target}" for name, target in group.items())]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     return info.parent

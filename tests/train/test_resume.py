@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merv.config import resolve_run_config
+from merv.config import resolve_run_config, with_loader_workers
+from merv.settings import ComputeSection
 from merv.train.state import latest_state, work_dir
 from tests.conftest import tiny_overrides
 
@@ -34,6 +35,9 @@ def kill_tree(pid: int) -> None:
     for victim in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+LOADER_WORKERS = ComputeSection.loader_workers
 
 
 def train_cmd(config: str, data, out):
@@ -67,7 +71,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_run, shards, tmp_path):
     state_meta = json.loads((work_dir(cut) / "step-00000010" / "meta.json").read_text())
     assert (
         state_meta["step"] == 10
-        and state_meta["config"] == json.loads(json.dumps(run.to_dict()))
+        # the config as trained: `merv train` fills the stages' unset loader workers (config compute.loader_workers)
+        and state_meta["config"] == json.loads(json.dumps(with_loader_workers(run, LOADER_WORKERS).to_dict()))
         and state_meta["stage"] == "finetune"
     )
     assert "step-00000010" in states and len([s for s in states if not s.endswith(".tmp")]) <= 2  # keep_last
