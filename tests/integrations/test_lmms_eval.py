@@ -309,8 +309,9 @@ def test_lmms_eval_scores_like_merv_eval(project, bench, mcq_checkpoint, entry_p
         np.testing.assert_allclose(losses, -np.array(row["likelihood"]["logprobs"]), rtol=0, atol=1e-5)
         assert int(np.argmin(losses)) == "ABCDE".index(row["likelihood"]["choice"])
     assert lmms["results"]["merv_synth_mcq_ppl"]["acc,none"] == merv["summary"]["metrics"]["accuracy_likelihood"]
-    # a model that answers: every answer an option letter, above chance (it was taught TAUGHT of the answers)
-    assert merv["summary"]["degenerate"]["no_option_letter"] == 0
+    # a model that answers: nearly every answer an option letter (one never taught a question may answer otherwise;
+    # both tools score it the same, as checked above), above chance (it was taught TAUGHT of the answers)
+    assert merv["summary"]["degenerate"]["no_option_letter"] <= EVAL_VIDEOS // 8
     assert TAUGHT / 2 / EVAL_VIDEOS <= accuracy < 1, accuracy
     ours, ppl = merv["summary"]["metrics"], lmms["results"]["merv_synth_mcq_ppl"]["acc,none"]
     gen, ll = ours["accuracy_generate_firstchar"], ours["accuracy_likelihood"]

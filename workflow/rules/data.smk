@@ -118,3 +118,13 @@ rule shard_benchmark:
     shell:
         "merv shard {params.bench} --out {output} --frames {params.settings[frames]} --size {params.settings[size]}"
         " {params.settings[options]} --workers {threads} --no-progress > {log} 2>&1"
+
+
+# Every shard folder the selected models read: what DVC's `shards` stage makes (`snakemake all_shards`). A target
+# rule, not `--until`: Snakemake leaves out the part jobs that a plan checkpoint creates when --until filters the DAG.
+rule all_shards:
+    input:
+        sorted(
+            {train_shards(m, stage.data) for m in SELECTED for stage in RUNS[m].train.stages}
+            | {f"data/shards/{SHARD_SETS[m]}/eval/{b}" for m in SELECTED for b in config["data"]["benchmarks"]}
+        ),
