@@ -28,6 +28,6 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        expand("results/{model}/eval.json", model=SELECTED),
-        report_outputs(config) if REPORTED else [],
+        expand("results/{model}/eval.json", model=W.selected),
+        W.report_outputs(),
     default_target: True

@@ -30,6 +30,19 @@ from merv.version import __version__
 log = logging.getLogger("merv")
 
 
+def json_spec(spec: str, option: str) -> dict:
+    """A JSON object given inline (``{...}``) or as the path of a JSON file (what a pipeline job is handed)."""
+    if spec.lstrip().startswith("{"):
+        return json.loads(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"{option} {spec!r} is neither inline JSON nor a JSON file")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{option} {spec}: not JSON ({e})") from None
+
+
 def load_config_spec(spec: str):
     """A run config from a preset name, a YAML/JSON file, or inline JSON (``{...}``)."""
     from merv.config import available_presets, resolve_run_config, run_config_from_dict
@@ -81,7 +94,7 @@ def cmd_pretrain(args):
     from merv.pretrain.config import pretrain_config_from_dict
     from merv.pretrain.train import pretrain_encoder
 
-    cfg = pretrain_config_from_dict(json.loads(args.config), where="--config")
+    cfg = pretrain_config_from_dict(json_spec(args.config, "--config"), where="--config")
     report = pretrain_encoder(cfg, Path(args.out))
     log.info("held-out pretext accuracy %s (chance %s)", report["held_out_accuracy"], report["chance"])
 
@@ -92,7 +105,7 @@ def cmd_probe(args):
     from merv.pretrain.config import ProbeSettings, pretrain_config_from_dict
     from merv.pretrain.probe import probe_encoders, write_probe
 
-    section = json.loads(args.pretrain)
+    section = json_spec(args.pretrain, "--pretrain")
     specs = {name: pretrain_config_from_dict(spec, f"pretrain.{name}") for name, spec in section.items()}
     unknown = sorted(set(args.encoder) - set(specs))
     if unknown:
@@ -119,7 +132,7 @@ def cmd_report(args):
         print(files["markdown"].read_text(), end="")
         log.info("wrote %s", ", ".join(str(p) for p in files.values()))
         return
-    written = write_report(report_config_from_dict(json.loads(args.spec), where="--spec"), Path(args.out))
+    written = write_report(report_config_from_dict(json_spec(args.spec, "--spec"), where="--spec"), Path(args.out))
     print((Path(args.out) / "main.md").read_text(), end="")
     log.info("wrote %s", ", ".join(str(p) for p in written))
 
@@ -140,17 +153,28 @@ def cmd_fetch_weights(args):
 
 
 def cmd_status(args):
-    from merv.config import deep_merge
-    from merv.pipeline import model_status, status_table
+    from merv.workflow import Workflow, load_pipeline_config, status_table
 
-    config = {}
-    for path in args.configfile:  # later files patch earlier ones, as snakemake --configfile does
-        config = deep_merge(config, yaml.safe_load(Path(path).read_text()))
-    rows = [model_status(config, name, Path(args.root)) for name in config["models"]]
+    workflow = Workflow(load_pipeline_config(args.configfile), root=args.root)
+    rows = [workflow.model_status(name) for name in workflow.runs]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print(status_table(rows))
+
+
+def cmd_dvc_yaml(args):
+    from merv.workflow import Workflow, load_pipeline_config
+
+    text = Workflow(load_pipeline_config(args.configfile)).dvc_yaml()
+    out = Path(args.out)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise SystemExit(f"{out} is not what `merv dvc-yaml` makes of {' '.join(args.configfile)}: rerun it")
+        log.info("%s is current", out)
+        return
+    out.write_text(text)
+    log.info("wrote %s", out)
 
 
 def size_argument(text: str) -> int:
@@ -388,11 +412,19 @@ def cmd_merge(args):
 def cmd_collect(args):
     from merv.eval.merge import collect_results
 
-    out = collect_results(args.results, args.model)
-    benchmarks = out["benchmarks"]
+    out = collect_results(args.results, args.model, args.seed)
     write_json(args.out, out)
-    for name, b in benchmarks.items():
+    for name, b in out["benchmarks"].items():
         log.info("%s: %s = %s (n=%d)", name, b["metric"], b["value"], b["n"])
+
+
+def cmd_collect_seeds(args):
+    from merv.eval.merge import collect_seeds
+
+    out = collect_seeds(args.results, args.model)
+    write_json(args.out, out)
+    for name, b in out["benchmarks"].items():
+        log.info("%s: %s = %s over seeds %s (n=%d)", name, b["metric"], b["value"], out["seeds"], b["n"])
 
 
 def cmd_import_original(args):
@@ -481,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_build_tiny)
 
     s = sub.add_parser("pretrain", help="pretrain a tiny encoder on its synthetic pretext task (merv.pretrain)")
-    s.add_argument("--config", required=True, help="inline JSON of one config `pretrain:` entry")
+    s.add_argument("--config", required=True, help="one config `pretrain:` entry: inline JSON or a JSON file")
     s.add_argument("--out", required=True, help="folder for the weights and pretext.json")
     add_compute_options(s)
     s.set_defaults(func=cmd_pretrain)
@@ -492,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "probe", help="linear probes of the pretrained encoders: colour, shape, direction (merv.pretrain)"
     )
-    s.add_argument("--pretrain", required=True, help="inline JSON of config `pretrain:` (name -> entry)")
+    s.add_argument("--pretrain", required=True, help="config `pretrain:` (name -> entry): inline JSON or a JSON file")
     s.add_argument("--encoder", action="append", default=[], help="probe only this pretrain entry (repeatable)")
     s.add_argument(
         "--root", default=PRETRAINED_DIR, help=f"folder of the pretrained encoders (default {PRETRAINED_DIR})"
@@ -510,7 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("results", nargs="*", help="eval.json files: table.md, table.csv, table.png")
-        s.add_argument("--spec", help="inline JSON: models, their results and checkpoints, benchmarks")
+        s.add_argument(
+            "--spec",
+            help="the report spec (models, each seed's results and checkpoint, benchmarks): JSON inline or a file",
+        )
         s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
         add_compute_options(s)
         s.set_defaults(func=cmd_report)
@@ -533,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default=".", help="project folder holding data/ and results/")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("dvc-yaml", help="write dvc.yaml from the pipeline config (models, seeds, report)")
+    s.add_argument(
+        "--configfile", nargs="+", default=["config/config.yaml"], help="pipeline config(s), as given to snakemake"
+    )
+    s.add_argument("--out", default="dvc.yaml")
+    s.add_argument("--check", action="store_true", help="only check that --out is current (exit 1 if not)")
+    s.set_defaults(func=cmd_dvc_yaml)
 
     s = sub.add_parser("shard", help="decode media once into WebDataset tars of pre-sampled frames")
     s.add_argument("inputs", nargs="+", help="training JSON files, eval_data benchmark folders or folders of videos")
@@ -653,8 +696,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("collect", help="merge per-benchmark results into one eval.json")
     s.add_argument("results", nargs="+")
     s.add_argument("--model", required=True)
+    s.add_argument("--seed", type=int, help="the seed the model was trained under (recorded for collect-seeds)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_collect)
+
+    s = sub.add_parser("collect-seeds", help="a model's eval.json over its seeds (each from merv collect --seed)")
+    s.add_argument("results", nargs="+", help="each seed's eval.json")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_collect_seeds)
 
     s = sub.add_parser("import-original", help="convert a checkpoint of the original MERV code into a merv folder")
     s.add_argument("checkpoint", help="the original's .pt file (read with weights_only=True)")

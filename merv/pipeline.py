@@ -10,9 +10,7 @@ paper-size model in the same config read different shards.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from merv.config import RunConfig, parse_config, resolve_run_config
 from merv.fetch import with_local_weights
@@ -150,19 +148,6 @@ def report_outputs(config: dict) -> list[str]:
     return [f"{REPORT_DIR}/{name}" for name in names]
 
 
-def report_dvc_deps(config: dict) -> list[str]:
-    """What the tables stage of ``dvc.yaml`` depends on (DVC cannot template a list): each reported model's
-    eval.json, checkpoints and built weights (the report runs the models), the pretrained encoders, the shards the
-    fusion-weight figure reads and the data the questions come from."""
-    models = report_models(config)
-    return (
-        [f"results/{m}/eval.json" for m in models]
-        + [f"results/{m}/train" for m in models]
-        + [f"data/weights/{m}" for m in models]
-        + ["data/weights/pretrained", "data/shards", "data/synth"]
-    )
-
-
 def check_stage_data(config: dict, model: str, run: RunConfig) -> None:
     """Every training stage reads a split that data.train defines."""
     for stage in run.train.stages:
@@ -171,39 +156,3 @@ def check_stage_data(config: dict, model: str, run: RunConfig) -> None:
                 f"model {model!r} stage {stage.name!r} trains on data {stage.data!r}, "
                 f"which config data.train does not define (it has {sorted(config['data']['train'])})"
             )
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# merv status
-
-
-def model_status(config: dict, model: str, root: Path) -> dict:
-    """What the filesystem under ``root`` holds of a model: weights in place, stages trained, benchmarks scored."""
-    run = model_run(config, model)
-    stages = {}
-    for stage in run.train.stages:
-        meta = root / "results" / model / "train" / stage.name / "meta.json"
-        stages[stage.name] = json.loads(meta.read_text()).get("step") if meta.is_file() else None
-    eval_file = root / "results" / model / "eval.json"
-    scores = json.loads(eval_file.read_text())["benchmarks"] if eval_file.is_file() else {}
-    return {
-        "model": model,
-        "preset": config["models"][model]["preset"],
-        "selected": model in config["pipeline"]["models"],
-        "weights": weights_kind(config, model),
-        "weights_ready": (root / weights_marker(config, model)).exists(),
-        "stages": stages,
-        "eval": {b: scores[b]["value"] for b in scores},
-    }
-
-
-def status_table(rows: list[dict]) -> str:
-    """A Markdown table of :func:`model_status` rows (one per model)."""
-    lines = ["| model | preset | default | weights | trained | evaluated |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        weights = f"{r['weights']} ({'ready' if r['weights_ready'] else 'missing'})"
-        trained = ", ".join(f"{s} {'step ' + str(step) if step else '-'}" for s, step in r["stages"].items())
-        evaluated = ", ".join(f"{b} {v:.3f}" for b, v in r["eval"].items()) or "-"
-        default = "yes" if r["selected"] else "no"
-        lines.append(f"| {r['model']} | {r['preset']} | {default} | {weights} | {trained} | {evaluated} |")
-    return "\n".join(lines)

@@ -169,6 +169,9 @@ class ReportSection:
     main: tuple[str, ...] = ()  # rows of the main table
     fusion_ablation: tuple[str, ...] = ()  # rows of the fusion ablation
     fusion_weights: FusionWeightsFigure | None = None
+    # every reported model trains under each seed (results/<model>/seed-<s>/; seed s moves the preset's training
+    # seed by s): the tables give mean and 95% CI over seeds and questions
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 @dataclass(frozen=True)

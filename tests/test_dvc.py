@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merv.pipeline import report_dvc_deps
 from tests.helpers import REPO
 from tests.test_pipeline import small_config
 
@@ -36,7 +35,10 @@ def commit(repo: Path, home: Path, message: str) -> None:
 
 
 def write_config(repo: Path, cfg: dict) -> None:
+    """The config, and dvc.yaml made from it as a user makes it after an edit (`merv dvc-yaml`)."""
     (repo / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = subprocess.run([sys.executable, "-m", "merv", "dvc-yaml"], cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def changed_stages(repo: Path, home: Path) -> set[str]:
@@ -61,11 +63,7 @@ def clone(tmp_path_factory, home) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             (dest / rel).write_bytes(src.read_bytes())
-    write_config(dest, small_config())
-    # the small config reports two models: the tables stage lists their eval.json (as a user editing `report` would)
-    dvc = yaml.safe_load((dest / "dvc.yaml").read_text())
-    dvc["stages"]["tables"]["deps"] = report_dvc_deps(small_config())
-    (dest / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
+    write_config(dest, small_config())  # two models, two seeds: dvc.yaml made from it (merv dvc-yaml)
     assert run(["git", "init", "-q"], dest, home).returncode == 0
     commit(dest, home, "copy")
     res = run(["dvc", "repro"], dest, home)
@@ -79,8 +77,8 @@ def test_dvc_repro_runs_the_pipeline_and_tracks_params(clone, home):
     assert "synth_mcq" in json.dumps(metrics) and "accuracy" in json.dumps(metrics)
     assert changed_stages(clone, home) == set()
     stages = run(["dvc", "stage", "list", "--name-only"], clone, home).stdout.split()
-    assert stages == ["synth", "pretrain", "shards", "train@merv_tiny", "train@tiny_motion", "eval@merv_tiny",
-                      "eval@tiny_motion", "tables"]  # fmt: skip
+    assert stages == ["synth", "pretrain", "shards", "train-merv_tiny", "eval-merv_tiny", "train-tiny_motion",
+                      "eval-tiny_motion", "tables"]  # fmt: skip
     assert "results/tables/metrics.json" in json.dumps(metrics), "the tables are a metric of dvc repro"
     assert (clone / "results" / "tables" / "main.md").is_file() and (
         clone / "results/tables/fusion_weights.png"
@@ -92,24 +90,24 @@ def test_status_after_an_edit_names_the_stages_snakemake_would_rerun(clone, home
     try:
         cfg["eval"]["max_new_tokens"] = 4  # Snakemake: the evaluation jobs only
         write_config(clone, cfg)
-        evals = {"eval@merv_tiny", "eval@tiny_motion"}
+        evals = {"eval-merv_tiny", "eval-tiny_motion"}
         assert changed_stages(clone, home) == evals
         cfg["models"]["merv_tiny"]["overrides"]["train"]["stages"]["finetune"]["lr"] = 1e-3  # + train_stage
         write_config(clone, cfg)
-        assert changed_stages(clone, home) == {"train@merv_tiny"} | evals
+        assert changed_stages(clone, home) == {"train-merv_tiny"} | evals
         cfg["models"]["merv_full"]["overrides"] = {"train": {"stages": {"align": {"lr": 1e-3}}}}  # not selected
         write_config(clone, cfg)
-        assert changed_stages(clone, home) == {"train@merv_tiny"} | evals
+        assert changed_stages(clone, home) == {"train-merv_tiny"} | evals
         cfg["report"]["main"] = ["tiny_motion", "merv_tiny"]  # the tables only
         write_config(clone, cfg)
-        assert changed_stages(clone, home) == {"train@merv_tiny", "tables"} | evals
+        assert changed_stages(clone, home) == {"train-merv_tiny", "tables"} | evals
     finally:
         write_config(clone, small_config())
     assert changed_stages(clone, home) == set()
 
 
 def test_a_second_model_is_trained_and_evaluated_by_dvc_repro(clone, home):
-    tiny_meta = (clone / "results" / "merv_tiny" / "train" / "finetune" / "meta.json").read_text()
+    tiny_meta = (clone / "results" / "merv_tiny" / "seed-0" / "train" / "finetune" / "meta.json").read_text()
     cfg = small_config()
     cfg["models"]["merv_tiny_b"] = {
         "preset": "merv-tiny",
@@ -119,12 +117,12 @@ def test_a_second_model_is_trained_and_evaluated_by_dvc_repro(clone, home):
     cfg["pipeline"]["models"].append("merv_tiny_b")
     write_config(clone, cfg)
     # the new model's stages, and sharding (which builds the shard sets of the selected models: here, nothing new)
-    assert changed_stages(clone, home) == {"shards", "train@merv_tiny_b", "eval@merv_tiny_b"}
+    assert changed_stages(clone, home) == {"shards", "train-merv_tiny_b", "eval-merv_tiny_b"}
     res = run(["dvc", "repro"], clone, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads((clone / "results" / "merv_tiny_b" / "eval.json").read_text())
     assert result["model"] == "merv_tiny_b" and set(result["benchmarks"]) == {"synth_mcq", "synth_open"}
-    assert (clone / "results" / "merv_tiny" / "train" / "finetune" / "meta.json").read_text() == tiny_meta
+    assert (clone / "results" / "merv_tiny" / "seed-0" / "train" / "finetune" / "meta.json").read_text() == tiny_meta
     assert changed_stages(clone, home) == set()
     assert "merv_tiny_b" in run(["dvc", "metrics", "show"], clone, home).stdout
     commit(clone, home, "second model")
@@ -136,14 +134,14 @@ def test_push_then_pull_into_a_fresh_clone_restores_everything(clone, home, tmp_
     assert (home / ".cache" / "merv" / "dvc-remote" / "files").is_dir(), "the default remote is a local folder"
     fresh = tmp_path / "fresh"
     assert run(["git", "clone", "-q", str(clone), str(fresh)], tmp_path, home).returncode == 0
-    assert not (fresh / "results").exists() or not any((fresh / "results").glob("*/train"))
+    assert not (fresh / "results").exists() or not any((fresh / "results").glob("*/seed-*/train"))
     res = run(["dvc", "pull"], fresh, home)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     restored = [
         "data/shards/small/train/finetune/manifest.json",
         "data/weights/merv_tiny/built/llm/config.json",
-        "results/merv_tiny/train/finetune/model.safetensors",
-        "results/merv_tiny/eval/synth_mcq.json",
+        "results/merv_tiny/seed-1/train/finetune/model.safetensors",
+        "results/merv_tiny/seed-1/eval/synth_mcq.json",
         "results/merv_tiny/eval.json",
         "data/weights/pretrained/motion/model.safetensors",
         "results/tables/main.md",

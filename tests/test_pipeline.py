@@ -15,6 +15,9 @@ from tests.helpers import REPO, planned_jobs, snakemake, write_config
 pytestmark = pytest.mark.slow
 
 
+SEEDS = 2  # the reported models train under two seeds: results/<model>/seed-{0,1}/
+
+
 def small_config() -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["synth"].update(train_videos=8, eval_videos=4)
@@ -26,7 +29,8 @@ def small_config() -> dict:
     # two models of the grid and the tables over them (the whole grid: benchmarks/thesis_fresh_clone.py)
     cfg["pipeline"]["models"] = ["merv_tiny", "tiny_motion"]
     cfg["report"] = {"main": ["merv_tiny", "tiny_motion"], "fusion_ablation": ["merv_tiny"],
-                     "fusion_weights": {"model": "merv_tiny", "benchmark": "synth_mcq"}}  # fmt: skip
+                     "fusion_weights": {"model": "merv_tiny", "benchmark": "synth_mcq"},
+                     "seeds": list(range(SEEDS))}  # fmt: skip
     return cfg
 
 
@@ -42,17 +46,27 @@ def pipeline(tmp_path_factory):
 
 def test_eval_json_has_the_promised_shape(pipeline):
     workdir, _ = pipeline
-    result = json.loads((workdir / "results" / "merv_tiny" / "eval.json").read_text())
-    assert result["model"] == "merv_tiny" and re.fullmatch(r"[0-9a-f]{16}", result["config_fingerprint"])
+    over_seeds = json.loads((workdir / "results" / "merv_tiny" / "eval.json").read_text())
+    assert over_seeds["model"] == "merv_tiny" and over_seeds["seeds"] == [0, 1]
+    by_seed = [json.loads((workdir / f"results/merv_tiny/seed-{s}/eval.json").read_text()) for s in (0, 1)]
+    for name, b in over_seeds["benchmarks"].items():
+        values = [r["benchmarks"][name]["value"] for r in by_seed]
+        assert b["by_seed"] == {"0": values[0], "1": values[1]} and b["value"] == pytest.approx(sum(values) / 2)
+    result = by_seed[0]
+    assert result["seed"] == 0 and re.fullmatch(r"[0-9a-f]{16}", result["config_fingerprint"])
     mcq, open_ended = result["benchmarks"]["synth_mcq"], result["benchmarks"]["synth_open"]
     assert mcq["metric"] == "accuracy_generate_firstchar" and mcq["n"] == 4 and 0 <= mcq["value"] <= 1
     assert 0 <= mcq["metrics"]["accuracy_likelihood"] <= 1 and set(mcq["degenerate"]) >= {"empty", "no_option_letter"}
     assert 0.25 <= mcq["chance"] <= 1 / 3
     assert open_ended["metric"] == "exact_match" and open_ended["n"] == 4 and "chance" not in open_ended
-    for stage in ("align", "finetune"):
-        meta = json.loads((workdir / "results" / "merv_tiny" / "train" / stage / "meta.json").read_text())
-        assert meta["stage"] == stage and meta["step"] >= 1
-    assert (workdir / "results" / "merv_tiny" / "logs" / "train_finetune.log").is_file()
+    seeds = set()
+    for seed in (0, 1):
+        for stage in ("align", "finetune"):
+            meta = json.loads((workdir / f"results/merv_tiny/seed-{seed}/train/{stage}/meta.json").read_text())
+            assert meta["stage"] == stage and meta["step"] >= 1
+            seeds.add((stage, meta["seed"]))
+        assert (workdir / f"results/merv_tiny/seed-{seed}/logs/train_finetune.log").is_file()
+    assert seeds == {(stage, s) for stage in ("align", "finetune") for s in (7, 8)}, "seed s moves the preset's 7"
 
 
 def test_rerun_has_nothing_to_do(pipeline):
@@ -108,27 +122,30 @@ def _rerun(path: Path) -> None:
     (path / ".snakemake_timestamp").touch()
 
 
-EVAL = {"eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}
+EVAL = {"eval_benchmark": 2 * SEEDS, "merge_eval": 2 * SEEDS, "collect_eval": SEEDS, "collect_seeds": 1}
+ONE_BENCH = {"eval_benchmark": SEEDS, "merge_eval": SEEDS, "collect_eval": SEEDS, "collect_seeds": 1}
 # (what is edited, how, the input file its direct consumers name, the jobs the plan must hold)
 EDITS = [
     ("data/synth/eval_data/synth_mcq/test_a.json", _answer_edit, None,
-     {"shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
+     {"shard_benchmark": 1, **ONE_BENCH}),
     ("data/synth/eval_data/synth_mcq/test_q.json", _question_edit, None,
-     {"index_benchmark_media": 1, "shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
+     {"index_benchmark_media": 1, "shard_benchmark": 1, **ONE_BENCH}),
     ("data/synth/eval_data/synth_open/videos/eval_00001.mp4", _replace_video, "data/media/eval/synth_open.json",
-     {"shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
+     {"shard_benchmark": 1, **ONE_BENCH}),
     # (the parts a replanned split reruns are known once the plan ran: tests/test_parts_pipeline.py)
     ("data/synth/train/align.json", _label_edit, None,
-     {"plan_train_parts": 1, "gather_train_shards": 1, "extract_features": 2, "train_stage": 2, **EVAL}),
+     {"plan_train_parts": 1, "gather_train_shards": 1, "extract_features": 2, "train_stage": 2 * SEEDS, **EVAL}),
     # (the part's media index is brought up to date when planning: its content, a param of the part's job, changed)
     ("data/synth/train/videos/train_00001.mp4", _replace_video, "Params have changed",
-     {"shard_train_part": 2, "gather_train_shards": 2, "extract_features": 4, "train_stage": 2, **EVAL}),
-    ("data/weights/pretrained/motion", _rerun, None, {"extract_features": 2, "train_stage": 2, **EVAL}),
-    ("data/weights/merv_tiny/built", _rerun, None, {"train_stage": 2, **EVAL}),
-    ("results/merv_tiny/train/align", _rerun, None, {"train_stage": 1, **EVAL}),
-    ("results/merv_tiny/eval/synth_open/chunk-0-of-1.json", _rewrite_result, None,
-     {"merge_eval": 1, "collect_eval": 1}),
-    ("results/merv_tiny/eval/synth_mcq.json", _rewrite_result, None, {"collect_eval": 1}),
+     {"shard_train_part": 2, "gather_train_shards": 2, "extract_features": 4, "train_stage": 2 * SEEDS, **EVAL}),
+    ("data/weights/pretrained/motion", _rerun, None, {"extract_features": 2, "train_stage": 2 * SEEDS, **EVAL}),
+    ("data/weights/merv_tiny/built", _rerun, None, {"train_stage": 2 * SEEDS, **EVAL}),
+    # one seed's files: only that seed's jobs, then the model's eval.json over seeds
+    ("results/merv_tiny/seed-0/train/align", _rerun, None,
+     {"train_stage": 1, "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1, "collect_seeds": 1}),
+    ("results/merv_tiny/seed-1/eval/synth_open/chunk-0-of-1.json", _rewrite_result, None,
+     {"merge_eval": 1, "collect_eval": 1, "collect_seeds": 1}),
+    ("results/merv_tiny/seed-0/eval/synth_mcq.json", _rewrite_result, None, {"collect_eval": 1, "collect_seeds": 1}),
 ]  # fmt: skip
 
 
@@ -171,17 +188,12 @@ def test_changing_an_eval_setting_reruns_only_evaluation(pipeline):
     try:
         res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
         assert res.returncode == 0, res.stderr
-        assert planned_jobs(res.stdout + res.stderr) == {"eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}
+        assert planned_jobs(res.stdout + res.stderr) == EVAL
         # and a training change reruns that stage and what follows, not the data stages
         changed["models"]["merv_tiny"]["overrides"]["train"]["stages"]["finetune"]["lr"] = 1e-3
         write_config(workdir, changed)
         res = snakemake(workdir, "-n", "results/merv_tiny/eval.json")
-        assert planned_jobs(res.stdout + res.stderr) == {
-            "train_stage": 1,
-            "eval_benchmark": 2,
-            "merge_eval": 2,
-            "collect_eval": 1,
-        }
+        assert planned_jobs(res.stdout + res.stderr) == {"train_stage": SEEDS, **EVAL}
     finally:
         write_config(workdir, cfg)
 
@@ -200,11 +212,9 @@ def test_changing_one_encoders_frame_count_re_extracts_only_that_encoder(pipelin
         out = res.stdout + res.stderr
         assert planned_jobs(out) == {
             "build_tiny_weights": 1,  # its config names the frame counts
-            "extract_features": 2,
-            "train_stage": 2,
-            "eval_benchmark": 2,
-            "merge_eval": 2,
-            "collect_eval": 1,
+            "extract_features": 2,  # once for every seed
+            "train_stage": 2 * SEEDS,
+            **EVAL,
         }
         caches = re.findall(r"output: data/features/merv_tiny/(\S+)", out)
         assert sorted(c.split("-")[:2] for c in caches) == [["align", "vit"], ["finetune", "vit"]], caches
@@ -272,19 +282,19 @@ def test_default_target_is_the_selected_models_and_any_configured_model_is_a_tar
     res = snakemake(workdir, "-n")  # merv_tiny is done: the other selected model, then the tables
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = planned_jobs(res.stdout + res.stderr)
-    assert jobs == {"build_tiny_weights": 1, "extract_features": 2, "train_stage": 2, "eval_benchmark": 2,
-                    "merge_eval": 2, "collect_eval": 1, "make_tables": 1, "all": 1}, jobs  # fmt: skip
+    assert jobs == {"build_tiny_weights": 1, "extract_features": 2, "train_stage": 2 * SEEDS, **EVAL,
+                    "make_tables": 1, "all": 1}, jobs  # fmt: skip
     assert (
-        "output: results/tiny_motion/train/finetune" in res.stdout
-        and "output: results/merv_tiny/train" not in res.stdout
+        "output: results/tiny_motion/seed-1/train/finetune" in res.stdout
+        and "output: results/merv_tiny/seed" not in res.stdout
     )
     # merv_full is configured (real weights, fetched): a target, planned on its own 224 px shard set
     res = snakemake(workdir, "-n", "results/merv_full/eval.json")
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = planned_jobs(res.stdout + res.stderr)
     assert jobs == {"fetch_weights": 1, "shard_train_part": 2, "gather_train_shards": 2, "shard_benchmark": 2,
-                    "train_stage": 2,
-                    "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}, jobs  # fmt: skip
+                    "train_stage": 2,  # not reported: its own seed only
+                    "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1, "collect_seeds": 1}, jobs  # fmt: skip
     assert "data/shards/paper/train/align" in res.stdout
 
 
@@ -319,6 +329,6 @@ def test_status_lists_what_is_trained_and_evaluated(pipeline):
     assert res.returncode == 0, res.stderr
     rows = {r["model"]: r for r in json.loads(res.stdout)}
     tiny, full = rows["merv_tiny"], rows["merv_full"]
-    assert tiny["selected"] and tiny["weights_ready"] and all(tiny["stages"].values())
-    assert set(tiny["eval"]) == {"synth_mcq", "synth_open"}
-    assert not full["selected"] and full["stages"] == {"align": None, "finetune": None} and not full["eval"]
+    assert tiny["selected"] and tiny["weights_ready"] and tiny["stages"] == {"align": SEEDS, "finetune": SEEDS}
+    assert set(tiny["eval"]) == {"synth_mcq", "synth_open"} and tiny["seeds"] == [0, 1]
+    assert not full["selected"] and full["stages"] == {"align": 0, "finetune": 0} and not full["eval"]

@@ -40,7 +40,7 @@ def snakemake(workdir: Path, cores: int, *args: str) -> subprocess.CompletedProc
 
 def weights_digest(workdir: Path, model: str) -> str:
     return hashlib.sha256(
-        (workdir / "results" / model / "train" / "align" / "model.safetensors").read_bytes()
+        (workdir / "results" / model / "seed-0" / "train" / "align" / "model.safetensors").read_bytes()
     ).hexdigest()
 
 
@@ -54,7 +54,7 @@ def ran_side_by_side(log: str) -> bool:
 def test_training_stage_gives_the_same_weights_on_1_core_and_beside_another_job_on_2(tmp_path):
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(small_config()))
-    merv_tiny, motion = "results/merv_tiny/train/align", "results/tiny_motion/train/align"
+    merv_tiny, motion = "results/merv_tiny/seed-0/train/align", "results/tiny_motion/seed-0/train/align"
     snakemake(tmp_path, 2, merv_tiny, motion)  # data, pretrained encoders, weights, feature caches
 
     snakemake(tmp_path, 1, merv_tiny, "--forcerun", "train_stage")  # alone, one core granted

@@ -64,7 +64,8 @@ def test_every_job_ran_on_slurm_and_the_result_is_there(slurm_run):
             by_rule.setdefault(rule, []).append(job)
     # (planning parts and gathering them are local rules: no Slurm job)
     expected = {"synth_dataset": 1, "build_tiny_weights": 1, "shard_train_part": 2, "shard_benchmark": 2,
-                "train_stage": 2, "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}  # fmt: skip
+                "train_stage": 2, "eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1,
+                "collect_seeds": 1}  # fmt: skip
     assert {rule: len(js) for rule, js in by_rule.items()} == expected, jobs
     assert all(j["State"] == "COMPLETED" for js in by_rule.values() for j in js), jobs
     # the profile's per-rule resources reached Slurm: GPUs for evaluation, CPUs for sharding
@@ -72,12 +73,14 @@ def test_every_job_ran_on_slurm_and_the_result_is_there(slurm_run):
     assert all("cpu=2" in j["AllocTRES"] for j in by_rule["shard_train_part"] + by_rule["shard_benchmark"])
     # train_stage only submits: submitit's own jobs trained, one per stage, each with launch.gpus_per_node GPUs
     assert all("gres/gpu" not in j["AllocTRES"] for j in by_rule["train_stage"])
-    submitted = sorted(p.name for p in (workdir / "results" / "merv_full" / "submitit").iterdir() if p.name.isdigit())
+    submitit = workdir / "results" / "merv_full" / "seed-0" / "submitit"
+    submitted = sorted(p.name for p in submitit.iterdir() if p.name.isdigit())
     trainers = [j for j in jobs if j["JobID"] in submitted]
     assert len(trainers) == 2 and all(j["State"] == "COMPLETED" and "gres/gpu=1" in j["AllocTRES"] for j in trainers)
     for stage in ("align", "finetune"):
-        meta = json.loads((workdir / "results" / "merv_full" / "train" / stage / "meta.json").read_text())
-        assert meta["stage"] == stage and (workdir / "results" / "merv_full" / "logs" / f"train_{stage}.log").is_file()
+        seed_dir = workdir / "results" / "merv_full" / "seed-0"
+        meta = json.loads((seed_dir / "train" / stage / "meta.json").read_text())
+        assert meta["stage"] == stage and (seed_dir / "logs" / f"train_{stage}.log").is_file()
 
 
 def test_second_run_plans_nothing(slurm_run):

@@ -1,6 +1,7 @@
 """Join the chunk results of one benchmark, checking that every question is answered exactly once
 (:func:`merge_files`, ``merv merge``), and a model's benchmark results into its ``eval.json``
-(:func:`collect_results`, ``merv collect``).
+(:func:`collect_results`, ``merv collect``), and a model's seeds into ``results/<model>/eval.json``
+(:func:`collect_seeds`, ``merv collect-seeds``).
 
 Each chunk result carries the benchmark's question count and a digest of all its question ids in order, the ids
 it was assigned and its rows. The merge refuses -- naming what is wrong -- chunks of different benchmarks or
@@ -117,7 +118,7 @@ def merge_files(paths: list[str | Path]) -> dict:
     return merge_results([(str(path), read_result(path)) for path in paths])
 
 
-def collect_results(paths: list[str | Path], model: str) -> dict:
+def collect_results(paths: list[str | Path], model: str, seed: int | None = None) -> dict:
     """A model's ``eval.json``: the summary, question selection, fingerprint and manifest of each whole-benchmark
     result in ``paths`` (no rows), and a fingerprint over theirs. A chunk result is refused: merge it first."""
     benchmarks = {}
@@ -131,8 +132,49 @@ def collect_results(paths: list[str | Path], model: str) -> dict:
             "config_fingerprint": r["config_fingerprint"],
             "manifest": r["manifest"],
         }
-    return {
+    out = {
         "model": model,
         "config_fingerprint": fingerprint(sorted(b["config_fingerprint"] for b in benchmarks.values())),
+        "benchmarks": benchmarks,
+    }
+    return out if seed is None else {**out, "seed": seed}
+
+
+def _seed_mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def collect_seeds(paths: list[str | Path], model: str) -> dict:
+    """A model's ``results/<model>/eval.json`` over its seeds: per benchmark the headline metric's mean over seeds,
+    each seed's value and the question count (every seed must score the same benchmarks with the same metric on
+    the same number of questions). Confidence intervals need the per-question rows: ``merv report`` gives them."""
+    runs = []
+    for path in paths:
+        r = read_result(path)
+        if r.get("model") != model or "seed" not in r:
+            raise ValueError(f"{path}: not a seed's eval.json of model {model!r} (model {r.get('model')!r}, "
+                             f"seed {r.get('seed')!r}); make it with merv collect --seed")  # fmt: skip
+        runs.append((str(path), r))
+    seeds = [r["seed"] for _, r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"model {model!r}: a seed is given twice ({seeds})")
+    first_path, first = runs[0]
+    benchmarks = {}
+    for name, b in first["benchmarks"].items():
+        for path, r in runs[1:]:
+            other = r["benchmarks"].get(name)
+            if other is None or (other["metric"], other["n"]) != (b["metric"], b["n"]):
+                raise ValueError(f"{path}: benchmark {name!r} differs from {first_path} (missing, or another metric "
+                                 "or question count): the seeds must answer the same questions")  # fmt: skip
+        values = {str(r["seed"]): r["benchmarks"][name]["value"] for _, r in runs}
+        benchmarks[name] = {"metric": b["metric"], "value": _seed_mean(list(values.values())), "n": b["n"],
+                            "by_seed": values}  # fmt: skip
+    extra = sorted({n for _, r in runs for n in r["benchmarks"]} - set(benchmarks))
+    if extra:
+        raise ValueError(f"model {model!r}: benchmark(s) {extra} are scored under some seeds only")
+    return {
+        "model": model,
+        "seeds": seeds,
+        "config_fingerprint": fingerprint(sorted(r["config_fingerprint"] for _, r in runs)),
         "benchmarks": benchmarks,
     }

@@ -140,7 +140,7 @@ def ablation_table(cfg: ReportConfig, results: Results, costs: dict[str, dict]) 
 
 def report_files(fusion_ablation: bool, fusion_weights: bool) -> list[str]:
     """The names of the files :func:`write_report` writes, in its order: the one list the Snakemake rule's outputs
-    (:func:`merv.pipeline.report_outputs`) and dvc.yaml's tables stage (checked by a test) take them from."""
+    (:func:`merv.pipeline.report_outputs`) and the generated dvc.yaml take them from."""
     names = ["main.md", "main.csv"]
     names += ["fusion_ablation.md", "fusion_ablation.csv"] if fusion_ablation else []
     names += ["by_type.csv", "metrics.json", "accuracy_by_type.png"]

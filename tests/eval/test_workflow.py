@@ -45,12 +45,14 @@ def comparable(result: dict) -> dict:
 def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, shards, start_judge, tiny_run, tmp_path):
     server = start_judge("--model", "judge-z")
     work = tmp_path / "work"
-    shutil.copytree(checkpoint, work / "results" / "merv_tiny" / "train" / "finetune")
+    seed = work / "results" / "merv_tiny" / "seed-0"
+    shutil.copytree(checkpoint, seed / "train" / "finetune")
     shutil.copytree(shards["synth_open"], work / "data" / "shards" / "small" / "eval" / "synth_open")
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     # one benchmark keeps the test short: chunked MCQ results are compared with unchunked ones in test_benchmark.py
     cfg["data"]["benchmarks"] = {"synth_open": "data/synth/eval_data/synth_open"}
     cfg["eval"].update(batch_size=2, num_chunks=3)
+    cfg["report"]["seeds"] = [0]
     cfg["eval"]["judge"].update(url=server.url, model="judge-z")
     (work / "config").mkdir()
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -61,13 +63,13 @@ def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, sh
 
     res = snakemake(work, "results/merv_tiny/eval.json")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert jobs(res) == {"eval_benchmark": 3, "merge_eval": 1, "collect_eval": 1}
-    eval_json = json.loads((work / "results" / "merv_tiny" / "eval.json").read_text())
+    assert jobs(res) == {"eval_benchmark": 3, "merge_eval": 1, "collect_eval": 1, "collect_seeds": 1}
+    eval_json = json.loads((seed / "eval.json").read_text())
     assert eval_json["benchmarks"]["synth_open"]["metric"] == "judge_accuracy"
 
     # the unchunked evaluation, in this process with its own cache (so everything is computed again)
     judge = Judge(JudgeConfig(url=server.url, model="judge-z"))
-    merged = json.loads((work / "results" / "merv_tiny" / "eval" / "synth_open.json").read_text())
+    merged = json.loads((seed / "eval" / "synth_open.json").read_text())
     whole = evaluate(
         CheckpointHandle(checkpoint), shards["synth_open"], "synth_open", EvalSettings(batch_size=2),
         ResultCache(tmp_path / "own-cache"), judge,
@@ -85,17 +87,18 @@ def test_three_chunks_equal_one_and_a_lost_answer_fails_the_merge(checkpoint, sh
         "eval_benchmark": 2,
         "merge_eval": 1,
         "collect_eval": 1,
+        "collect_seeds": 1,
     }
     cfg["eval"]["num_chunks"] = 3
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
 
     # a chunk that lost an answer: the merge fails naming the question, and writes nothing
-    chunk = work / "results" / "merv_tiny" / "eval" / "synth_open" / "chunk-1-of-3.json"
+    chunk = seed / "eval" / "synth_open" / "chunk-1-of-3.json"
     data = json.loads(chunk.read_text())
     lost = data["rows"].pop()["question_id"]
     chunk.write_text(json.dumps(data))
     res = snakemake(work, "results/merv_tiny/eval.json")
     assert res.returncode != 0
-    log = (work / "results" / "merv_tiny" / "logs" / "merge_eval_synth_open.log").read_text()
+    log = (seed / "logs" / "merge_eval_synth_open.log").read_text()
     assert f"missing question ids '{lost}'" in log and "Traceback" not in log
-    assert not (work / "results" / "merv_tiny" / "eval" / "synth_open.json").exists()
+    assert not (seed / "eval" / "synth_open.json").exists()

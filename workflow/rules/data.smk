@@ -3,7 +3,7 @@
 
 rule synth_dataset:
     output:
-        synth_outputs(),
+        W.synth_outputs(),
         summary="data/synth/summary.json",
     params:
         seed=config["synth"]["seed"],
@@ -12,6 +12,8 @@ rule synth_dataset:
         size=config["synth"]["size"],
         frames=config["synth"]["frames"],
         fps=config["synth"]["fps"],
+    benchmark:
+        "results/benchmarks/synth_dataset.tsv"
     log:
         "results/logs/synth_dataset.log",
     conda:
@@ -32,11 +34,11 @@ localrules:
 
 rule index_benchmark_media:
     input:
-        questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
+        questions=lambda w: f"{W.benchmark_dir(w.bench)}/test_q.json",
     output:
         "data/media/eval/{bench}.json",
     params:
-        bench=benchmark_dir,
+        bench=lambda w: W.benchmark_dir(w.bench),
     log:
         "results/logs/index_benchmark_media_{bench}.log",
     conda:
@@ -50,11 +52,11 @@ rule index_benchmark_media:
 # per part writes that part's shards, and the gather writes the split's folder (hard links) and manifest once.
 checkpoint plan_train_parts:
     input:
-        json=lambda w: train_split(w)["json"],
+        json=lambda w: W.train_split(w.split)["json"],
     output:
         directory("data/media/train/{split}"),
     params:
-        root=train_root,
+        root=lambda w: W.train_root(w.split),
         items_per_part=config["shards"]["items_per_part"],
     log:
         "results/logs/plan_train_parts_{split}.log",
@@ -76,8 +78,10 @@ rule shard_train_part:
     params:
         content=train_part_digest,
         part=lambda w: f"{train_plan(w)}/{w.part}.json",
-        root=train_root,
-        settings=shard_settings,
+        root=lambda w: W.train_root(w.split),
+        settings=lambda w: W.shard_settings(w.shardset),
+    benchmark:
+        "results/benchmarks/shard_train_part_{shardset}_{split}_{part}.tsv"
     log:
         "results/logs/shard_train_part_{shardset}_{split}_{part}.log",
     conda:
@@ -102,15 +106,17 @@ rule gather_train_shards:
 
 rule shard_benchmark:
     input:
-        questions=lambda w: f"{benchmark_dir(w)}/test_q.json",
-        answers=lambda w: f"{benchmark_dir(w)}/test_a.json",
+        questions=lambda w: f"{W.benchmark_dir(w.bench)}/test_q.json",
+        answers=lambda w: f"{W.benchmark_dir(w.bench)}/test_a.json",
         media="data/media/eval/{bench}.json",
     output:
         directory("data/shards/{shardset}/eval/{bench}"),
     threads: config["shards"]["workers"]
     params:
-        bench=benchmark_dir,
-        settings=shard_settings,
+        bench=lambda w: W.benchmark_dir(w.bench),
+        settings=lambda w: W.shard_settings(w.shardset),
+    benchmark:
+        "results/benchmarks/shard_benchmark_{shardset}_{bench}.tsv"
     log:
         "results/logs/shard_benchmark_{shardset}_{bench}.log",
     conda:
@@ -124,7 +130,4 @@ rule shard_benchmark:
 # rule, not `--until`: Snakemake leaves out the part jobs that a plan checkpoint creates when --until filters the DAG.
 rule all_shards:
     input:
-        sorted(
-            {train_shards(m, stage.data) for m in SELECTED for stage in RUNS[m].train.stages}
-            | {f"data/shards/{SHARD_SETS[m]}/eval/{b}" for m in SELECTED for b in config["data"]["benchmarks"]}
-        ),
+        W.all_shards(),

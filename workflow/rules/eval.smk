@@ -1,28 +1,30 @@
 # Evaluation stage, scatter/gather: every benchmark in `eval.num_chunks` chunk jobs (eval_benchmark, the GPU jobs),
-# joined with an exactly-once check (merge_eval), then one results/<model>/eval.json (collect_eval). Answers and
-# judge verdicts go to a content-addressed cache (eval.cache_dir), so rerunning a job repeats no model or judge call.
+# joined with an exactly-once check (merge_eval), then one eval.json per seed (collect_eval) and the model's
+# results/<model>/eval.json over its seeds (collect_seeds). Answers and judge verdicts go to a content-addressed cache
+# (eval.cache_dir), so rerunning a job repeats no model or judge call.
 rule eval_benchmark:
     input:
-        model=final_checkpoint,
-        data=benchmark_shards,
+        model=lambda w: W.final_checkpoint(w.model, w.seed),
+        data=lambda w: W.benchmark_shards(w.model, w.bench),
         # the frozen encoders and the LLM the checkpoint loads (its answers depend on them too)
-        weights=weights_input,
+        weights=lambda w: W.weights_inputs(w.model),
     output:
-        "results/{model}/eval/{bench}/chunk-{chunk}-of-{chunks}.json",
+        "results/{model}/seed-{seed}/eval/{bench}/chunk-{chunk}-of-{chunks}.json",
     wildcard_constraints:
-        model="[A-Za-z0-9_]+",
         bench="[^/]+",
         chunk=r"\d+",
         chunks=r"\d+",
     params:
-        options=eval_options(),
+        options=W.eval_options(),
         cache=config["eval"]["cache_dir"],
-        compute=compute_flags(),
-    threads: compute_threads()
+        compute=W.compute_flags,
+    threads: W.threads
     resources:
-        judge=judge_access_flags,
+        judge=W.judge_access_flags(),
     log:
-        "results/{model}/logs/eval_{bench}_chunk-{chunk}-of-{chunks}.log",
+        "results/{model}/seed-{seed}/logs/eval_{bench}_chunk-{chunk}-of-{chunks}.log",
+    benchmark:
+        "results/{model}/seed-{seed}/benchmarks/eval_{bench}_chunk-{chunk}-of-{chunks}.tsv"
     conda:
         MERV_ENV
     shell:
@@ -33,14 +35,13 @@ rule eval_benchmark:
 
 rule merge_eval:
     input:
-        eval_chunks,
+        lambda w: W.eval_chunks(w.model, w.seed, w.bench),
     output:
-        "results/{model}/eval/{bench}.json",
+        "results/{model}/seed-{seed}/eval/{bench}.json",
     wildcard_constraints:
-        model="[A-Za-z0-9_]+",
         bench="[^/]+",
     log:
-        "results/{model}/logs/merge_eval_{bench}.log",
+        "results/{model}/seed-{seed}/logs/merge_eval_{bench}.log",
     conda:
         MERV_ENV
     shell:
@@ -49,12 +50,25 @@ rule merge_eval:
 
 rule collect_eval:
     input:
-        eval_results,
+        lambda w: W.eval_results(w.model, w.seed),
     output:
-        report("results/{model}/eval.json", category="Results", labels={"model": "{model}", "file": "eval.json"}),
+        "results/{model}/seed-{seed}/eval.json",
     log:
-        "results/{model}/logs/collect_eval.log",
+        "results/{model}/seed-{seed}/logs/collect_eval.log",
     conda:
         MERV_ENV
     shell:
-        "merv collect {input} --model {wildcards.model} --out {output} > {log} 2>&1"
+        "merv collect {input} --model {wildcards.model} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+
+
+rule collect_seeds:
+    input:
+        lambda w: W.seed_results(w.model),
+    output:
+        report("results/{model}/eval.json", category="Results", labels={"model": "{model}", "file": "eval.json"}),
+    log:
+        "results/{model}/logs/collect_seeds.log",
+    conda:
+        MERV_ENV
+    shell:
+        "merv collect-seeds {input} --model {wildcards.model} --out {output} > {log} 2>&1"

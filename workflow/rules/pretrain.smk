@@ -8,14 +8,16 @@ rule pretrain_encoder:
         directory(f"{PRETRAINED_DIR}/{{name}}"),
     wildcard_constraints:
         name="[A-Za-z0-9_]+",
-    threads: compute_threads()
+    threads: W.threads
     params:
-        config=pretrain_config_json,
-        encoder=pretrain_encoder_json,  # not passed: it records the preset's architecture, so an edit reruns this
-        compute=compute_flags(),
+        config=lambda w: W.pretrain_job(w.name),
+        architecture=lambda w: W.pretrain_architecture(w.name),  # not passed: a preset edit reruns this
+        compute=W.compute_flags,
+    benchmark:
+        "results/benchmarks/pretrain_encoder_{name}.tsv"
     log:
         "results/logs/pretrain_encoder_{name}.log",
     conda:
         MERV_ENV
     shell:
-        "merv pretrain --config {params.config:q} --out {output} {params.compute} > {log} 2>&1"
+        "merv pretrain --config {params.config} --out {output} {params.compute} > {log} 2>&1"

@@ -11,15 +11,15 @@ rule probe_encoders:
         "results/probe/probe.md",
         "results/probe/probe.json",
     params:
-        pretrain=lambda w: json.dumps(config.get("pretrain") or {}, sort_keys=True),
+        pretrain=lambda w: W.probe_job(),
         root=lambda w, input: input[0].rsplit("/", 1)[0],  # data/weights/pretrained
         out=lambda w, output: output[0].rsplit("/", 1)[0],
-        compute=compute_flags(),
-    threads: compute_threads()
+        compute=W.compute_flags,
+    threads: W.threads
     log:
         "results/logs/probe_encoders.log",
     conda:
         MERV_ENV
     shell:
-        "merv probe --pretrain {params.pretrain:q} --root {params.root} --out {params.out} {params.compute}"
+        "merv probe --pretrain {params.pretrain} --root {params.root} --out {params.out} {params.compute}"
         " > {log} 2>&1"

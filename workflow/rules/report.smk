@@ -1,18 +1,22 @@
-# Report stage: the paper's tables and figures across the models config `report` lists (results/tables/).
+# Report stage: the paper's tables and figures across the models config `report` lists, each under every seed of
+# report.seeds (results/tables/: mean and 95% CI over seeds and questions, paired comparisons).
 
 
 rule make_tables:
     input:
-        unpack(report_inputs),
+        unpack(lambda w: W.report_inputs()),
     output:
-        report_outputs(config),
+        W.report_outputs(),
     params:
-        spec=report_spec_json,
-        compute=compute_flags(),  # the fusion-weight figure runs a model
-    threads: compute_threads()
+        spec=lambda w: W.report_job(),
+        out=W.report_dir,
+        compute=W.compute_flags,  # the fusion-weight figure runs a model
+    threads: W.threads
     log:
         "results/logs/make_tables.log",
+    benchmark:
+        "results/benchmarks/make_tables.tsv"
     conda:
         MERV_ENV
     shell:
-        "merv report --spec {params.spec:q} --out results/tables {params.compute} > {log} 2>&1"
+        "merv report --spec {params.spec} --out {params.out} {params.compute} > {log} 2>&1"
