@@ -12,6 +12,13 @@ questions (the two-way "crossed random effects" bootstrap). With one seed it is 
 questions. Resampling questions separately within each seed would treat the same question as a new one in every
 seed and understate the question variance.
 
+Its variance is exactly ``sum(a_s^2)/S^2 + sum(b_q^2)/Q^2 + sum(g_sq^2)/(SQ)^2`` for the two-way decomposition of
+``x`` (seed effects ``a``, question effects ``b``, interaction ``g``): under the two-way random-effects model it counts
+the between-seed variance ``1 - 1/S`` times and the seed-by-question interaction about ``3 - 2/S`` times. No
+resampling scheme is unbiased for crossed data (McCullagh 2000; Owen 2007, "the pigeonhole bootstrap"): the CI is
+conservative when seeds agree up to noise and too narrow when a few seeds differ systematically
+(``benchmarks/report_ci_coverage.py`` measures both; docs/thesis.md).
+
 **Paired comparison** (:func:`paired_comparison`) of model A and model B trained with the same seeds on the same
 questions: the differences ``A - B`` per (seed, question) are bootstrapped as above, giving the mean difference, its
 CI and a two-sided p-value (the share of replicates of the centred difference at least as far from 0 as the observed
