@@ -277,7 +277,7 @@ def paired_table(cfg: ReportConfig, results: Results, comparisons: list) -> tupl
         if not mine:
             continue
         md += f"\n### {title}\n\n"
-        header = ["benchmark", "A", "B", "A", "B", "A - B [CI]", "p", "A only / B only", "McNemar p"]
+        header = ["benchmark", "A", "B", "A (%)", "B (%)", "A - B (points) [CI]", "p", "A only / B only", "McNemar p"]
         rows = [
             [bench, a, b, pct(c.mean_a), pct(c.mean_b), points_ci(c), p_value(c.p_bootstrap),
              "" if c.a_only is None else f"{c.a_only} / {c.b_only}", p_value(c.p_mcnemar)]

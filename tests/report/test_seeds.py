@@ -132,3 +132,28 @@ def test_the_accuracy_figure_has_ci_error_bars(tmp_path):
 
     plt.close(fig)
     assert np.isfinite(fused_all).all()
+
+
+def test_a_rows_score_is_the_headline_metric_of_the_summary():
+    """Per metric, the mean of the report's per-question scores is merv.eval.metrics.summarise's number for the same
+    rows (likelihood and generation both scored; open-ended rows judged, one left unjudged)."""
+    from merv.eval.metrics import summarise
+    from merv.report.results import ROW_SCORE
+
+    mcq = [
+        {"question_id": f"q{i}", "num_options": 4, "prediction": "A" if i % 3 else "C", "letter": "A" if i % 3 else "C",
+         "correct_generate": bool(i % 3), "likelihood": {"choice": "A" if i % 2 else "B", "correct": bool(i % 2)}}
+        for i in range(10)
+    ]  # fmt: skip
+    opened = [
+        {"question_id": f"o{i}", "prediction": "x", "exact_match": i < 4}
+        | ({"unjudged": "no reply"} if i == 9 else {"verdict": {"pred": "yes" if i % 4 else "no", "score": 3}})
+        for i in range(10)
+    ]
+    for rows, kind, metrics in ((mcq, "mcq", ("accuracy_generate_firstchar", "accuracy_likelihood")),
+                                (opened, "open", ("exact_match", "judge_accuracy"))):  # fmt: skip
+        summary = summarise(rows, kind)
+        for metric in metrics:
+            scores = [s for s in map(ROW_SCORE[metric], rows) if s is not None]
+            assert sum(scores) / len(scores) == pytest.approx(summary["metrics"][metric]), metric
+    assert sum(ROW_SCORE["judge_accuracy"](r) is None for r in opened) == 1
