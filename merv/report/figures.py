@@ -28,7 +28,7 @@ def _png(fig) -> bytes:
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], errors: dict | None = None):
-    """One bar per series in each group; ``errors[series]``: symmetric error bars ``[N]`` or ``[2, N]`` (below,
+    """One bar per series in each group; ``errors[series]``: error bars, ``[N]`` (symmetric) or ``[2, N]`` (below,
     above)."""
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
