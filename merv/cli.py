@@ -122,7 +122,7 @@ def cmd_probe(args):
 
 def cmd_report(args):
     from merv.report.compare import write_comparison
-    from merv.report.config import report_config_from_dict
+    from merv.report.config import read_report_spec
     from merv.report.tables import write_report
 
     if bool(args.results) == bool(args.spec):
@@ -132,7 +132,7 @@ def cmd_report(args):
         print(files["markdown"].read_text(), end="")
         log.info("wrote %s", ", ".join(str(p) for p in files.values()))
         return
-    written = write_report(report_config_from_dict(json_spec(args.spec, "--spec"), where="--spec"), Path(args.out))
+    written = write_report(read_report_spec(args.spec), Path(args.out))
     print((Path(args.out) / "main.md").read_text(), end="")
     log.info("wrote %s", ", ".join(str(p) for p in written))
 
@@ -543,8 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("results", nargs="*", help="eval.json files: table.md, table.csv, table.png")
         s.add_argument(
-            "--spec",
-            help="the report spec (models, each seed's results and checkpoint, benchmarks): JSON inline or a file",
+            "--spec", help="inline JSON or a JSON file: models with their seeds' results and checkpoints, benchmarks"
         )
         s.add_argument("--out", required=True, help="folder for the Markdown/CSV tables, metrics.json and PNGs")
         add_compute_options(s)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 
 from merv.report.config import ReportConfig
-from merv.report.results import OVERALL, Results, benchmark_names, type_names
+from merv.report.results import OVERALL, Estimates, Results, benchmark_names, type_names
 
 
 def _pyplot():
@@ -27,7 +27,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], errors: dict[str, list[float]] | None = None):
+def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], errors: dict | None = None):
+    """One bar per series in each group; ``errors[series]``: error bars, ``[N]`` (symmetric) or ``[2, N]`` (below,
+    above)."""
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for i, (label, values) in enumerate(series.items()):
@@ -47,28 +49,34 @@ def grouped_bars_png(groups: list[str], series: dict[str, list[float]], ylabel: 
     return _png(fig)
 
 
-def accuracy_by_type_png(cfg: ReportConfig, results: Results) -> bytes:
-    """Per benchmark with question types (else overall only): grouped bars of each model's score per type."""
+def accuracy_by_type_png(cfg: ReportConfig, results: Results, est: Estimates) -> bytes:
+    """:func:`accuracy_by_type_figure` as PNG."""
+    return _png(accuracy_by_type_figure(cfg, results, est))
+
+
+def accuracy_by_type_figure(cfg: ReportConfig, results: Results, est: Estimates):
+    """Per benchmark with question types (else overall only): grouped bars of each model's mean score per type, with
+    its 95% CI (over seeds and questions) as error bars."""
     plt = _pyplot()
     models = tuple(dict.fromkeys([*cfg.main, *cfg.fusion_ablation]))
     benches = benchmark_names(cfg, results, models)
     fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 4), dpi=100, squeeze=False)
     for ax, bench in zip(axes[0], benches, strict=True):
         groups = [OVERALL, *type_names(results, models, bench)]
-        series = {}
+        series, errors = {}, {}
         for m in models:
-            result = results[m].get(bench)
-            scores = result.scores if result else {}
-            series[m] = [100 * (scores[g].value or 0) if g in scores else np.nan for g in groups]
-        _grouped_bars(ax, groups, series)
+            cells = [est[m].get(bench, {}).get(g) for g in groups]
+            series[m] = [100 * e.mean if e else np.nan for e in cells]
+            errors[m] = np.array([[100 * (e.mean - e.low), 100 * (e.high - e.mean)] if e else [0, 0] for e in cells]).T
+        _grouped_bars(ax, groups, series, errors)
         chance = next((results[m][bench].chance for m in models if bench in results[m]), None)
         if chance is not None:
             ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_ylim(0, 105)
-        ax.set_ylabel("score (%)")
+        ax.set_ylabel("score (%, 95% CI)")
         ax.set_title(bench)
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return fig
 
 
 def fusion_weights_png(cfg: ReportConfig, rows: list[tuple]) -> bytes:

@@ -1,4 +1,5 @@
-"""What the report measures on trained checkpoints: the cost of a question, and the fusion weights per question type."""
+"""What the report measures on trained checkpoints: the cost of a question, and the fusion weights per question type
+(each model's first run's checkpoint: the cost does not depend on the seed, the figure shows one trained model)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,13 @@ questions (the two-way "crossed random effects" bootstrap). With one seed it is 
 questions. Resampling questions separately within each seed would treat the same question as a new one in every
 seed and understate the question variance.
 
+Its variance is exactly ``sum(a_s^2)/S^2 + sum(b_q^2)/Q^2 + sum(g_sq^2)/(SQ)^2`` for the two-way decomposition of
+``x`` (seed effects ``a``, question effects ``b``, interaction ``g``): under the two-way random-effects model it counts
+the between-seed variance ``1 - 1/S`` times and the seed-by-question interaction about ``3 - 2/S`` times. No
+resampling scheme is unbiased for crossed data (McCullagh 2000; Owen 2007, "the pigeonhole bootstrap"): the CI is
+conservative when seeds agree up to noise and too narrow when a few seeds differ systematically
+(``benchmarks/report_ci_coverage.py`` measures both; docs/thesis.md).
+
 **Paired comparison** (:func:`paired_comparison`) of model A and model B trained with the same seeds on the same
 questions: the differences ``A - B`` per (seed, question) are bootstrapped as above, giving the mean difference, its
 CI and a two-sided p-value (the share of replicates of the centred difference at least as far from 0 as the observed
@@ -81,6 +88,12 @@ def score_matrix(scores, what: str = "scores") -> np.ndarray:
     return x
 
 
+def _draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    """``[resamples, n]``: how often each of ``n`` units is drawn when ``n`` are drawn with replacement."""
+    draws = rng.integers(0, n, size=(resamples, n)) + n * np.arange(resamples)[:, None]
+    return np.bincount(draws.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float64)
+
+
 def crossed_bootstrap(x: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
     """``resamples`` bootstrap replicates of the mean of ``x [seeds, questions]``: seeds and questions each drawn
     with replacement, independently (see the module docstring)."""
@@ -88,10 +101,11 @@ def crossed_bootstrap(x: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) 
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
     n_seeds, n_questions = x.shape
-    # how often each seed and each question is drawn in a replicate: a multinomial draw is a draw with replacement
-    seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=resamples)  # [B, S]
-    question_counts = rng.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=resamples)  # [B, Q]
-    return ((seed_counts @ x) * question_counts).sum(axis=1) / (n_seeds * n_questions)
+    seed_counts = _draw_counts(rng, n_seeds, resamples)  # [B, S]
+    question_counts = _draw_counts(rng, n_questions, resamples)  # [B, Q]
+    # sum over drawn (seed, question) pairs = sum_s seed_count * (question_counts . x[s]); for 0/1 scores every
+    # partial sum is an integer, so the replicates are exact whatever the BLAS's order of summation
+    return (seed_counts * (question_counts @ x.T)).sum(axis=1) / (n_seeds * n_questions)
 
 
 def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
@@ -142,16 +156,20 @@ def paired_comparison(a, b, *, resamples: int = RESAMPLES, level: float = LEVEL,
     )  # fmt: skip
 
 
-def align_questions(by_seed: list[dict[str, float]], what: str = "results") -> tuple[list[str], np.ndarray]:
+def align_questions(
+    by_seed: list[dict[str, float]], what: str = "results", seeds: list | None = None
+) -> tuple[list[str], np.ndarray]:
     """Per-seed ``{question_id: score}`` -> the sorted question ids and the matrix ``[seeds, questions]``; every seed
-    must have scored the same questions (else a clear error naming the first missing ones)."""
+    must have scored the same questions (else a clear error naming the seeds and the first differing questions).
+    ``seeds`` names the seeds in errors (default: their positions, ``#0``, ``#1``, ...)."""
     if not by_seed:
         raise ValueError(f"{what}: no seeds")
+    names = [f"seed {s}" for s in seeds] if seeds is not None else [f"seed #{i}" for i in range(len(by_seed))]
     ids = sorted(by_seed[0])
-    for i, scores in enumerate(by_seed[1:], start=1):
+    for name, scores in zip(names[1:], by_seed[1:], strict=True):
         if set(scores) != set(ids):
             missing, extra = sorted(set(ids) - set(scores))[:5], sorted(set(scores) - set(ids))[:5]
             raise ValueError(
-                f"{what}: seed #{i} scored other questions than seed #0 (missing {missing}, extra {extra})"
+                f"{what}: {name} scored other questions than {names[0]} (missing {missing}, extra {extra})"
             )
     return ids, np.array([[scores[q] for q in ids] for scores in by_seed], dtype=np.float64)

@@ -31,7 +31,7 @@ def spec(tiny_run, shards, synth_dir, tmp_path_factory):
     presets = {"fused": "merv-tiny", "motion": "merv-tiny-motion", "seq": "merv-tiny-sequence-concat"}
     return {
         "models": [
-            {"name": n, "results": "unused", "checkpoint": checkpoint(tiny_run, p, root / n)}
+            {"name": n, "runs": [{"seed": 0, "results": "unused", "checkpoint": checkpoint(tiny_run, p, root / n)}]}
             for n, p in presets.items()
         ],
         "benchmarks": [

@@ -113,3 +113,18 @@ def test_bad_input_is_a_clear_error():
         align_questions([{"q1": 1, "q2": 0}, {"q1": 1}])
     ids, m = align_questions([{"b": 1, "a": 0}, {"a": 1, "b": 1}])
     assert ids == ["a", "b"] and m.tolist() == [[0, 1], [1, 1]]
+
+
+def test_crossed_bootstrap_variance_is_the_two_way_formula():
+    """With y = m + a_s + b_q + g_sq (the two-way decomposition, effects summing to zero), the replicates' variance is
+    sum(a^2)/S^2 + sum(b^2)/Q^2 + sum(g^2)/(S Q)^2 (derived in merv.report.stats): what the docs' bias statement and
+    benchmarks/report_ci_coverage.py rest on."""
+    rng = np.random.default_rng(11)
+    x = (rng.random((3, 40)) < rng.beta(4, 1, 40)[None] + rng.normal(0, 0.1, (3, 1))).astype(float)
+    m, a, b = x.mean(), x.mean(axis=1) - x.mean(), x.mean(axis=0) - x.mean()
+    g = x - m - a[:, None] - b[None, :]
+    s, q = x.shape
+    expected = (a**2).sum() / s**2 + (b**2).sum() / q**2 + (g**2).sum() / (s * q) ** 2
+    replicates = crossed_bootstrap(x, resamples=200_000, seed=3)
+    assert replicates.mean() == pytest.approx(m, abs=0.002)
+    assert replicates.var() == pytest.approx(expected, rel=0.02)
