@@ -11,9 +11,16 @@ import pytest
 import yaml
 
 from tests.helpers import REPO
-from tests.test_pipeline import small_config
+from tests.test_pipeline import small_config as pipeline_config
 
 pytestmark = pytest.mark.slow
+
+
+def small_config() -> dict:
+    """test_pipeline's small config on one seed (its per-seed stages and outputs: tests/test_workflow.py)."""
+    cfg = pipeline_config()
+    cfg["report"]["seeds"] = [0]
+    return cfg
 
 
 def run(cmd: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
@@ -63,7 +70,7 @@ def clone(tmp_path_factory, home) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             (dest / rel).write_bytes(src.read_bytes())
-    write_config(dest, small_config())  # two models, two seeds: dvc.yaml made from it (merv dvc-yaml)
+    write_config(dest, small_config())  # two models: dvc.yaml made from it (merv dvc-yaml)
     assert run(["git", "init", "-q"], dest, home).returncode == 0
     commit(dest, home, "copy")
     res = run(["dvc", "repro"], dest, home)
@@ -140,8 +147,8 @@ def test_push_then_pull_into_a_fresh_clone_restores_everything(clone, home, tmp_
     restored = [
         "data/shards/small/train/finetune/manifest.json",
         "data/weights/merv_tiny/built/llm/config.json",
-        "results/merv_tiny/seed-1/train/finetune/model.safetensors",
-        "results/merv_tiny/seed-1/eval/synth_mcq.json",
+        "results/merv_tiny/seed-0/train/finetune/model.safetensors",
+        "results/merv_tiny/seed-0/eval/synth_mcq.json",
         "results/merv_tiny/eval.json",
         "data/weights/pretrained/motion/model.safetensors",
         "results/tables/main.md",
