@@ -109,6 +109,13 @@ def _rerun(path: Path) -> None:
 
 
 EVAL = {"eval_benchmark": 2, "merge_eval": 2, "collect_eval": 1}
+
+
+def feature_jobs(caches: int) -> dict[str, int]:
+    """The jobs that remake ``caches`` feature caches of a one-part split: the part's extraction, the gather."""
+    return {"extract_feature_part": caches, "gather_features": caches}
+
+
 # (what is edited, how, the input file its direct consumers name, the jobs the plan must hold)
 EDITS = [
     ("data/synth/eval_data/synth_mcq/test_a.json", _answer_edit, None,
@@ -119,11 +126,11 @@ EDITS = [
      {"shard_benchmark": 1, "eval_benchmark": 1, "merge_eval": 1, "collect_eval": 1}),
     # (the parts a replanned split reruns are known once the plan ran: tests/test_parts_pipeline.py)
     ("data/synth/train/align.json", _label_edit, None,
-     {"plan_train_parts": 1, "gather_train_shards": 1, "extract_features": 2, "train_stage": 2, **EVAL}),
+     {"plan_train_parts": 1, "gather_train_shards": 1, "gather_features": 2, "train_stage": 2, **EVAL}),
     # (the part's media index is brought up to date when planning: its content, a param of the part's job, changed)
     ("data/synth/train/videos/train_00001.mp4", _replace_video, "Params have changed",
-     {"shard_train_part": 2, "gather_train_shards": 2, "extract_features": 4, "train_stage": 2, **EVAL}),
-    ("data/weights/pretrained/motion", _rerun, None, {"extract_features": 2, "train_stage": 2, **EVAL}),
+     {"shard_train_part": 2, "gather_train_shards": 2, **feature_jobs(4), "train_stage": 2, **EVAL}),
+    ("data/weights/pretrained/motion", _rerun, None, {**feature_jobs(2), "train_stage": 2, **EVAL}),
     ("data/weights/merv_tiny/built", _rerun, None, {"train_stage": 2, **EVAL}),
     ("results/merv_tiny/train/align", _rerun, None, {"train_stage": 1, **EVAL}),
     ("results/merv_tiny/eval/synth_open/chunk-0-of-1.json", _rewrite_result, None,
@@ -200,13 +207,14 @@ def test_changing_one_encoders_frame_count_re_extracts_only_that_encoder(pipelin
         out = res.stdout + res.stderr
         assert planned_jobs(out) == {
             "build_tiny_weights": 1,  # its config names the frame counts
-            "extract_features": 2,
+            "extract_feature_part": 2,
+            "gather_features": 2,
             "train_stage": 2,
             "eval_benchmark": 2,
             "merge_eval": 2,
             "collect_eval": 1,
         }
-        caches = re.findall(r"output: data/features/merv_tiny/(\S+)", out)
+        caches = re.findall(r"output: data/features/merv_tiny/([^/\s]+)\n", out)  # the gathered caches
         assert sorted(c.split("-")[:2] for c in caches) == [["align", "vit"], ["finetune", "vit"]], caches
     finally:
         write_config(workdir, cfg)
@@ -272,7 +280,7 @@ def test_default_target_is_the_selected_models_and_any_configured_model_is_a_tar
     res = snakemake(workdir, "-n")  # merv_tiny is done: the other selected model, then the tables
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = planned_jobs(res.stdout + res.stderr)
-    assert jobs == {"build_tiny_weights": 1, "extract_features": 2, "train_stage": 2, "eval_benchmark": 2,
+    assert jobs == {"build_tiny_weights": 1, **feature_jobs(2), "train_stage": 2, "eval_benchmark": 2,
                     "merge_eval": 2, "collect_eval": 1, "make_tables": 1, "all": 1}, jobs  # fmt: skip
     assert (
         "output: results/tiny_motion/train/finetune" in res.stdout
