@@ -298,32 +298,41 @@ def cmd_train(args):
 
 
 def cmd_features(args):
-    from merv.features.extract import ExtractSettings, FeaturesJob, extract_features, write_manifest
+    from merv.features.extract import ExtractSettings, FeaturesJob, extract_features, parse_shard_range, write_manifest
     from merv.weights import resolve_model
 
     run = load_config_spec(args.config)
     settings = ExtractSettings(dtype=args.dtype, batch_size=args.batch_size, device=args.device)
+    shard_range = parse_shard_range(args.shard_range) if args.shard_range else None
     if args.launcher == "none":
         from merv.train.distributed import barrier, init_distributed
 
         d = init_distributed()  # one process, or one per GPU under torchrun
         model = resolve_model(run.model)
-        result = extract_features(
-            Path(args.shards), model, args.encoder, Path(args.out), settings, d.rank, d.world_size, not args.no_progress
-        )
+        shards, out, enc = Path(args.shards), Path(args.out), args.encoder
+        progress = not args.no_progress
+        result = extract_features(shards, model, enc, out, settings, d.rank, d.world_size, progress, shard_range)
         barrier(d)
         if d.world_size > 1 and d.is_main:
-            result = write_manifest(Path(args.shards), model, args.encoder, Path(args.out), settings, 0.0)
+            result = write_manifest(shards, model, enc, out, settings, shard_range)
     else:
         from merv.train.launch import submit
 
-        job = FeaturesJob(run.to_dict(), args.encoder, args.shards, args.out, settings)
+        job = FeaturesJob(run.to_dict(), args.encoder, args.shards, args.out, settings, shard_range)
         result = submit(job, launch_config(args))
     if result is not None:
         log.info(
             "%s: %d samples (%d with features) of shape %s as %s, %d bytes a sample",
             args.out, result["samples"], result["features"], result["shape"], args.dtype, result["bytes_per_sample"],
         )  # fmt: skip
+
+
+def cmd_gather_features(args):
+    from merv.features.parts import gather_features
+
+    manifest = gather_features([Path(p) for p in args.parts], Path(args.shards), Path(args.out))
+    log.info("%s: %d samples (%d with features) in %d shards", args.out, manifest["samples"], manifest["features"],
+             len(manifest["shards"]))  # fmt: skip
 
 
 def cmd_eval(args):
@@ -642,10 +651,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="cache folder")
     for name in ("dtype", "batch_size", "device"):
         add_setting(s, "--" + name.replace("_", "-"), ExtractSettings, name)
+    s.add_argument(
+        "--shard-range",
+        metavar="A:B",
+        help="only the folder's shards A to B-1 (0-based; B may pass the end): a part cache for gather-features",
+    )
     s.add_argument("--no-progress", action="store_true")
     add_compute_options(s)
     add_launch_options(s)
     s.set_defaults(func=cmd_features)
+
+    s = sub.add_parser("gather-features", help="gather part caches of one encoder into one feature cache (gather)")
+    s.add_argument(
+        "parts", nargs="+", help="the part caches (merv features of each shard part, or --shard-range), in order"
+    )
+    s.add_argument("--shards", required=True, help="the shard folder the cache is of (the gathered split)")
+    s.add_argument("--out", required=True, help="cache folder")
+    s.set_defaults(func=cmd_gather_features)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on one sharded benchmark (or one chunk of it)")
     s.add_argument("--model", required=True, help="checkpoint folder")

@@ -292,6 +292,19 @@ class Workflow:
         own = f"{PRETRAINED_DIR}/{own}" if own else None
         return [(p, p != own) for p in self.weights_inputs(model)]
 
+    def feature_part(self, model: str, cache: str, part: str) -> dict:
+        """A cache's part (rule extract_feature_part): the shard folder of that part of the cache's split, which
+        holds the very tars the gathered split links, and the part cache made from it."""
+        split = self.feature_cache(model, cache)["split"]
+        return {
+            "shards": self.part_dirs(self.shard_sets[model], split, [part])[0],
+            "out": f"data/features/{model}/parts/{cache}/{part}",
+        }
+
+    def feature_part_dirs(self, model: str, cache: str, parts: list[str]) -> list[str]:
+        """The part caches of a cache, in the order of its split's parts (what gather_features joins)."""
+        return [self.feature_part(model, cache, p)["out"] for p in parts]
+
     def features_job(self, model: str) -> str:
         """Only the model: a change to a training stage does not touch the features."""
         return self.job_file("features", {"model": self.runs[model].to_dict()["model"]})

@@ -1,5 +1,6 @@
-"""Scatter–gather sharding through the real Snakemake: a split sharded in parts, each its own job; appending samples
-or replacing a video reruns only the parts they touch, and the gathered folder holds what one `merv shard` writes."""
+"""Scatter–gather sharding and feature extraction through the real Snakemake: a split sharded in parts and its
+features extracted in parts, each its own job; appending samples or replacing a video reruns only the parts (of
+shards and features) they touch, and the gathered folder holds what one `merv shard` writes."""
 
 import json
 import re
@@ -16,6 +17,19 @@ from tests.test_pipeline import small_config, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 TARGET = "data/shards/small/train/mine"
+
+
+def feature_config(cfg: dict) -> dict:
+    """``cfg`` with a model that trains on split ``mine`` from cached features of its one encoder (merv-tiny's vit,
+    built weights) as the only selected one: `snakemake all_features` extracts that encoder over ``mine``."""
+    stages = {"align": {"data": "mine"}, "finetune": {"data": "mine"}}
+    cfg["models"]["feat"] = {
+        "preset": "merv-tiny-appearance",
+        "weights": "tiny",
+        "overrides": {"train": {"stages": stages}},
+    }
+    cfg["pipeline"]["models"] = ["feat"]
+    return cfg
 
 
 def jobs_run(out: str) -> list[tuple[str, str]]:
@@ -38,7 +52,7 @@ def members(folder: Path) -> dict[str, bytes]:
 
 
 def test_appending_samples_or_replacing_a_video_reruns_only_the_parts_they_touch(synth_dir, tmp_path, monkeypatch):
-    cfg = small_config()
+    cfg = feature_config(small_config())
     cfg["shards"].update(items_per_part=3, workers=1)  # one process a part: a worker pool costs more than 3 clips
     cfg["data"]["train"]["mine"] = {"json": "mine/train.json"}
     write_config(tmp_path, cfg)
@@ -48,13 +62,14 @@ def test_appending_samples_or_replacing_a_video_reruns_only_the_parts_they_touch
     source.write_text(json.dumps(samples[:7]))
 
     def run(*args):
-        res = snakemake(tmp_path, *args, TARGET)
+        res = snakemake(tmp_path, *args, TARGET, "all_features")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         return jobs_run(res.stdout + res.stderr), res.stdout + res.stderr
 
     ran, _ = run()
-    parts = [("shard_train_part", f"part-0000{k}") for k in range(3)]
-    assert sorted(ran) == sorted([("plan_train_parts", ""), *parts, ("gather_train_shards", "")]), ran
+    parts = [(rule, f"part-0000{k}") for k in range(3) for rule in ("shard_train_part", "extract_feature_part")]
+    gathers = [("gather_train_shards", ""), ("gather_features", ""), ("all_features", "")]
+    assert sorted(ran) == sorted([("plan_train_parts", ""), ("build_tiny_weights", ""), *parts, *gathers]), ran
     gathered = tmp_path / TARGET
     manifest = read_manifest(gathered)
     assert manifest["input"] == manifest["samples"] == 7 and len(manifest["parts"]) == 3
@@ -74,15 +89,16 @@ def test_appending_samples_or_replacing_a_video_reruns_only_the_parts_they_touch
     kept = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
     source.write_text(json.dumps(samples[:10]))  # 3 appended: part 2 fills up, part 3 is new
     ran, _ = run()
-    assert sorted(ran) == sorted([("plan_train_parts", ""), ("shard_train_part", "part-00002"),
-                                  ("shard_train_part", "part-00003"), ("gather_train_shards", "")]), ran  # fmt: skip
+    parts = [(rule, f"part-0000{k}") for k in (2, 3) for rule in ("shard_train_part", "extract_feature_part")]
+    assert sorted(ran) == sorted([("plan_train_parts", ""), *parts, *gathers]), ran
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == kept, "part 0 untouched"
     assert read_manifest(gathered)["input"] == 10 and sample_keys(gathered)[:7] == sample_keys(tmp_path / "one")
 
     video = tmp_path / "mine" / samples[4]["video"]  # in part 1: another clip written over it, in place
     video.write_bytes((tmp_path / "mine" / samples[0]["video"]).read_bytes())
     ran, _ = run()
-    assert sorted(ran) == [("gather_train_shards", ""), ("shard_train_part", "part-00001")], ran
+    parts = [("shard_train_part", "part-00001"), ("extract_feature_part", "part-00001")]
+    assert sorted(ran) == sorted([*parts, *gathers]), ran
     sample = json.loads(members(gathered)[f"{samples[4]['id']}.json"])
     assert sample["frame_digests"] == json.loads(members(gathered)[f"{samples[0]['id']}.json"])["frame_digests"]
 

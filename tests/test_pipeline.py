@@ -124,6 +124,13 @@ def _rerun(path: Path) -> None:
 
 EVAL = {"eval_benchmark": 2 * SEEDS, "merge_eval": 2 * SEEDS, "collect_eval": SEEDS, "collect_seeds": 1}
 ONE_BENCH = {"eval_benchmark": SEEDS, "merge_eval": SEEDS, "collect_eval": SEEDS, "collect_seeds": 1}
+
+
+def feature_jobs(caches: int) -> dict[str, int]:
+    """The jobs that remake ``caches`` feature caches of a one-part split: the part's extraction, the gather."""
+    return {"extract_feature_part": caches, "gather_features": caches}
+
+
 # (what is edited, how, the input file its direct consumers name, the jobs the plan must hold)
 EDITS = [
     ("data/synth/eval_data/synth_mcq/test_a.json", _answer_edit, None,
@@ -134,11 +141,11 @@ EDITS = [
      {"shard_benchmark": 1, **ONE_BENCH}),
     # (the parts a replanned split reruns are known once the plan ran: tests/test_parts_pipeline.py)
     ("data/synth/train/align.json", _label_edit, None,
-     {"plan_train_parts": 1, "gather_train_shards": 1, "extract_features": 2, "train_stage": 2 * SEEDS, **EVAL}),
+     {"plan_train_parts": 1, "gather_train_shards": 1, "gather_features": 2, "train_stage": 2 * SEEDS, **EVAL}),
     # (the part's media index is brought up to date when planning: its content, a param of the part's job, changed)
     ("data/synth/train/videos/train_00001.mp4", _replace_video, "Params have changed",
-     {"shard_train_part": 2, "gather_train_shards": 2, "extract_features": 4, "train_stage": 2 * SEEDS, **EVAL}),
-    ("data/weights/pretrained/motion", _rerun, None, {"extract_features": 2, "train_stage": 2 * SEEDS, **EVAL}),
+     {"shard_train_part": 2, "gather_train_shards": 2, **feature_jobs(4), "train_stage": 2 * SEEDS, **EVAL}),
+    ("data/weights/pretrained/motion", _rerun, None, {**feature_jobs(2), "train_stage": 2 * SEEDS, **EVAL}),
     ("data/weights/merv_tiny/built", _rerun, None, {"train_stage": 2 * SEEDS, **EVAL}),
     # one seed's files: only that seed's jobs, then the model's eval.json over seeds
     ("results/merv_tiny/seed-0/train/align", _rerun, None,
@@ -212,11 +219,11 @@ def test_changing_one_encoders_frame_count_re_extracts_only_that_encoder(pipelin
         out = res.stdout + res.stderr
         assert planned_jobs(out) == {
             "build_tiny_weights": 1,  # its config names the frame counts
-            "extract_features": 2,  # once for every seed
+            **feature_jobs(2),  # once for every seed
             "train_stage": 2 * SEEDS,
             **EVAL,
         }
-        caches = re.findall(r"output: data/features/merv_tiny/(\S+)", out)
+        caches = re.findall(r"output: data/features/merv_tiny/([^/\s]+)\n", out)  # the gathered caches
         assert sorted(c.split("-")[:2] for c in caches) == [["align", "vit"], ["finetune", "vit"]], caches
     finally:
         write_config(workdir, cfg)
@@ -282,7 +289,7 @@ def test_default_target_is_the_selected_models_and_any_configured_model_is_a_tar
     res = snakemake(workdir, "-n")  # merv_tiny is done: the other selected model, then the tables
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = planned_jobs(res.stdout + res.stderr)
-    assert jobs == {"build_tiny_weights": 1, "extract_features": 2, "train_stage": 2 * SEEDS, **EVAL,
+    assert jobs == {"build_tiny_weights": 1, **feature_jobs(2), "train_stage": 2 * SEEDS, **EVAL,
                     "make_tables": 1, "all": 1}, jobs  # fmt: skip
     assert (
         "output: results/tiny_motion/seed-1/train/finetune" in res.stdout

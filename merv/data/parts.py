@@ -156,7 +156,7 @@ def gather_parts(part_dirs: list[Path], out: Path) -> dict:
             if not src.is_file() or src.stat().st_size != index["bytes"]:
                 raise ValueError(f"{src}: missing or not the size its index records ({index['bytes']} bytes)")
             name = SHARD_PATTERN.format(len(indexes))
-            _link(src, out / f"{name}.tar")
+            link_file(src, out / f"{name}.tar")
             index["name"] = f"{name}.tar"
             (out / f"{name}.json").write_text(json.dumps(index))
             indexes.append(index)
@@ -167,7 +167,7 @@ def gather_parts(part_dirs: list[Path], out: Path) -> dict:
     return manifest
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_file(src: Path, dst: Path) -> None:
     """A hard link (no bytes copied: the parts stay the only copy on disk), else a copy (another file system)."""
     dst.unlink(missing_ok=True)
     try:

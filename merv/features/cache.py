@@ -118,7 +118,7 @@ def compare_keys(expected: dict, found: dict, where: str) -> None:
         details = "; ".join(f"{k}: cache has {found.get(k)!r}, the config needs {expected.get(k)!r}" for k in diffs)
         raise FeatureCacheError(
             f"{where}: the feature cache was made for other settings ({details}); extract it again "
-            "(`merv features` / the extract_features rule)"
+            "(`merv features` / the pipeline's extract_feature_part and gather_features rules)"
         )
 
 
@@ -214,6 +214,12 @@ def open_feature_set(
     folder's keys, in order). Raises :class:`FeatureCacheError` naming the first thing that differs."""
     folder = Path(folder)
     manifest = read_cache_manifest(folder)
+    if "range" in manifest:
+        lo, hi = manifest["range"]["shards"]
+        raise FeatureCacheError(
+            f"{folder}: only a part of a feature cache (shards {lo} to {hi - 1} of {manifest['range']['of']}); "
+            "gather the parts into one cache first (`merv gather-features`)"
+        )
     found = manifest.get("key", {})
     expected = {
         **encoder_key(model, encoder, found.get("dtype", "?")),

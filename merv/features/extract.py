@@ -4,7 +4,10 @@ The cache's shards mirror the video shards at extraction time (same names, keys 
 temporary name, renamed, then committed by its index, so an interrupted extraction keeps its finished shards and a
 rerun does only the rest, ending with the same bytes; videos appended to the shard folder add only their shards.
 Several processes (one per GPU; ``torchrun`` or submitit tasks) split the shards among them; the last step writes the
-manifest once every shard is committed.
+manifest once every shard is committed. A shard range (``--shard-range A:B``) extracts one part of a folder as a part
+cache, which :func:`merv.features.parts.gather_features` joins with the others (scatter–gather over separate jobs).
+The manifest holds no timing: it is a function of the cache's content, so a gathered cache has the bytes of one
+extraction.
 """
 
 from __future__ import annotations
@@ -30,6 +33,27 @@ log = logging.getLogger(__name__)
 def cache_key(model: ModelConfig, encoder_id: str, shard_manifest: dict, dtype: str) -> dict:
     encoder = next(e for e in model.encoders if e.id == encoder_id)
     return {**encoder_key(model, encoder, dtype), "source_frames": source_digest(shard_manifest, encoder.num_frames)}
+
+
+def shard_key(key: dict, shard: dict) -> str:
+    """What one cache shard depends on: the cache's key but its split-wide source digest, and the digest of this
+    video shard's frames of the encoder's count (``shard``: its entry in the shard folder's manifest). A shard is
+    redone when this changes, and only then."""
+    frames = shard["frame_digests"][str(key["num_frames"])]
+    return fingerprint([{k: v for k, v in key.items() if k != "source_frames"}, frames])
+
+
+def parse_shard_range(spec: str) -> tuple[int, int | None]:
+    """``"A:B"`` -> ``(A, B)``: the shards ``A`` up to (not including) ``B`` of a folder's list, 0-based; ``B`` may
+    be left out (to the end) and may pass the end (a fixed step of parts: the last one is short)."""
+    start, sep, stop = spec.partition(":")
+    try:
+        lo, hi = int(start or 0), (int(stop) if stop else None)
+    except ValueError:
+        lo = hi = -1
+    if not sep or lo < 0 or (hi is not None and hi <= lo):
+        raise ValueError(f"shard range {spec!r}: expected A:B with 0 <= A < B (shards A to B-1), e.g. 0:100")
+    return lo, hi
 
 
 class _Extractor:
@@ -127,9 +151,11 @@ def extract_features(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    shard_range: tuple[int, int | None] | None = None,
 ) -> dict | None:
     """Extract (or resume extracting) ``encoder_id``'s features over ``shard_dir`` into ``out``; ``model`` is
-    resolved (see :func:`merv.weights.resolve_model`). Process ``rank`` of ``world_size`` does every
+    resolved (see :func:`merv.weights.resolve_model`). ``shard_range`` (``(A, B)``, :func:`parse_shard_range`)
+    limits it to those shards of the folder (a part cache). Process ``rank`` of ``world_size`` does every
     ``world_size``-th shard; with one process the manifest is written and returned (else :func:`write_manifest`)."""
     from tqdm import tqdm
 
@@ -141,67 +167,103 @@ def extract_features(
     key = cache_key(model, encoder_id, manifest, settings.dtype)
     extractor = None
     start = time.time()
-    shards = manifest["shards"][rank::world_size]
+    shards = selected_shards(manifest, shard_range)[rank::world_size]
     done = 0
     for shard in tqdm(shards, desc=f"features {encoder_id}", disable=not progress, mininterval=2):
         keys = shard_keys(shard_dir, shard["name"])
-        # a shard is redone when the encoder or this shard's frames of the encoder's count changed
-        count = str(next(e for e in model.encoders if e.id == encoder_id).num_frames)
-        shard_key = fingerprint([{k: v for k, v in key.items() if k != "source_frames"}, shard["frame_digests"][count]])
-        if _committed(out, shard["name"], keys, shard_key):
+        expected = shard_key(key, shard)
+        if _committed(out, shard["name"], keys, expected):
             done += 1
             continue
         extractor = extractor or _Extractor(model, encoder_id, settings)
-        extract_shard(extractor, shard_dir, shard["name"], out, shard_key, settings)
+        extract_shard(extractor, shard_dir, shard["name"], out, expected, settings)
     seconds = time.time() - start
     log.info("%s: %s features of %d shards (%d already there) in %.1fs", out, encoder_id, len(shards), done, seconds)
     if world_size == 1:
-        return write_manifest(shard_dir, model, encoder_id, out, settings, seconds)
+        return write_manifest(shard_dir, model, encoder_id, out, settings, shard_range)
     return None
 
 
-def write_manifest(shard_dir: Path, model: ModelConfig, encoder_id: str, out: Path, settings, seconds: float) -> dict:
-    """The cache's ``manifest.json``, once every shard is committed (stale shards of earlier runs removed)."""
+def selected_shards(shard_manifest: dict, shard_range: tuple[int, int | None] | None) -> list[dict]:
+    """The manifest's shards in ``shard_range`` (all of them for None)."""
+    if shard_range is None:
+        return shard_manifest["shards"]
+    return shard_manifest["shards"][shard_range[0] : shard_range[1]]
+
+
+def write_manifest(
+    shard_dir: Path,
+    model: ModelConfig,
+    encoder_id: str,
+    out: Path,
+    settings,
+    shard_range: tuple[int, int | None] | None = None,
+) -> dict:
+    """The cache's ``manifest.json``, once every shard (of ``shard_range``) is committed; stale shards of earlier
+    runs are removed. A range's manifest says so (``"range"``): that folder is a part to gather, not a cache."""
     manifest = read_manifest(shard_dir)
     key = cache_key(model, encoder_id, manifest, settings.dtype)
-    shards = []
-    for shard in manifest["shards"]:
+    indexes = []
+    for shard in selected_shards(manifest, shard_range):
         index_path = out / f"{shard['name'].removesuffix('.tar')}.json"
         if not index_path.is_file():
             raise RuntimeError(f"{out}: shard {shard['name']} has no features yet (did every process finish?)")
-        index = json.loads(index_path.read_text())
-        shards.append({k: index[k] for k in ("name", "keys", "samples", "features", "bytes")})
-    names = {s["name"] for s in shards}
+        indexes.append(json.loads(index_path.read_text()))
+    remove_stale(out, {ix["name"] for ix in indexes})
+    result = cache_manifest(encoder_id, key, shard_dir, manifest, indexes)
+    if shard_range is not None:
+        result["range"] = {"shards": [shard_range[0], shard_range[0] + len(indexes)], "of": len(manifest["shards"])}
+    save_manifest(out, result)
+    return result
+
+
+def remove_stale(out: Path, names: set[str]) -> None:
+    """Delete the cache shards (tars and indexes) of ``out`` that are not among ``names`` (tar names)."""
     for stale in out.glob("shard-*"):
         if stale.name not in names and stale.name.removesuffix(".json") + ".tar" not in names:
             stale.unlink()
+
+
+def cache_manifest(encoder_id: str, key: dict, shard_dir: Path, shard_manifest: dict, indexes: list[dict]) -> dict:
+    """A cache's manifest from its key, the shard folder it mirrors and its shards' indexes (in order): a function of
+    those alone (no timing, no host), so that every way of making a cache writes the same bytes."""
+    shards = [{k: ix[k] for k in ("name", "keys", "samples", "features", "bytes")} for ix in indexes]
     features = sum(s["features"] for s in shards)
-    with_features = [s for s in shards if s["features"]]
-    shape = json.loads((out / f"{with_features[0]['name'][:-4]}.json").read_text())["shape"] if with_features else None
-    result = {
+    return {
         "encoder": encoder_id,
         "key": key,
         "fingerprint": fingerprint(key),
-        "source": {"dir": str(shard_dir), "fingerprint": manifest["fingerprint"]},
+        "source": {"dir": str(shard_dir), "fingerprint": shard_manifest["fingerprint"]},
         "samples": sum(s["samples"] for s in shards),
         "features": features,
-        "shape": shape,
+        "shape": next((ix["shape"] for ix in indexes if ix["features"]), None),
         "bytes_per_sample": round(sum(s["bytes"] for s in shards) / max(1, features)),
         "shards": shards,
-        "seconds": round(seconds, 1),
     }
+
+
+def save_manifest(out: Path, manifest: dict) -> None:
+    """Write ``out/manifest.json`` atomically: the cache is finished once it is there."""
     tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(out / "manifest.json")
-    return result
 
 
 class FeaturesJob:
     """A picklable extraction call for submitit: each task extracts its share of the shards; the submitting process
     writes the manifest once every task is done (:meth:`finish`). A requeued task resumes at its committed shards."""
 
-    def __init__(self, run: dict, encoder: str, shards: str, out: str, settings: ExtractSettings):
+    def __init__(
+        self,
+        run: dict,
+        encoder: str,
+        shards: str,
+        out: str,
+        settings: ExtractSettings,
+        shard_range: tuple[int, int | None] | None = None,
+    ):
         self.run, self.encoder, self.shards, self.out, self.settings = run, encoder, shards, out, settings
+        self.shard_range = shard_range
         self.stage = f"features-{encoder}"  # the job name
 
     def __call__(self) -> None:
@@ -216,7 +278,14 @@ class FeaturesJob:
         local_device(env.local_rank)  # each task its own GPU ("cuda" is then the task's), not all of them GPU 0
         model = resolve_model(run_config_from_dict(self.run).model)
         extract_features(
-            Path(self.shards), model, self.encoder, Path(self.out), self.settings, env.global_rank, env.num_tasks
+            Path(self.shards),
+            model,
+            self.encoder,
+            Path(self.out),
+            self.settings,
+            env.global_rank,
+            env.num_tasks,
+            shard_range=self.shard_range,
         )
 
     def finish(self, results) -> dict:
@@ -224,11 +293,11 @@ class FeaturesJob:
         from merv.weights import resolve_model
 
         model = resolve_model(run_config_from_dict(self.run).model)
-        return write_manifest(Path(self.shards), model, self.encoder, Path(self.out), self.settings, 0.0)
+        return write_manifest(Path(self.shards), model, self.encoder, Path(self.out), self.settings, self.shard_range)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
 
         return submitit.helpers.DelayedSubmission(
-            FeaturesJob(self.run, self.encoder, self.shards, self.out, self.settings)
+            FeaturesJob(self.run, self.encoder, self.shards, self.out, self.settings, self.shard_range)
         )

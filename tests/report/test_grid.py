@@ -86,4 +86,4 @@ def test_snakemake_plans_the_grid_through_the_tables(tmp_path):
     assert jobs["train_stage"] == 2 * n * seeds and jobs["eval_benchmark"] == benches * n * seeds
     assert jobs["collect_eval"] == n * seeds and jobs["collect_seeds"] == n
     caches = sum(2 * len(model_run(CONFIG, m).model.encoders) for m in CONFIG["pipeline"]["models"])
-    assert jobs["extract_features"] == caches, "once per split and encoder, not per seed"
+    assert jobs["gather_features"] == caches, "once per split and encoder, not per seed"

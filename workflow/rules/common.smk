@@ -62,3 +62,11 @@ def train_part_digest(wildcards):
 def feature_weights(wildcards):
     """The weights a feature extraction loads; ancient where merv.workflow says time must not count."""
     return [ancient(p) if old else p for p, old in W.feature_weights(wildcards.model, wildcards.cache)]
+
+
+def feature_parts(wildcards):
+    """The parts of a feature cache: its split's part plan (known once the plan checkpoint ran)."""
+    from merv.data.parts import read_plan
+
+    split = W.feature_cache(wildcards.model, wildcards.cache)["split"]
+    return read_plan(checkpoints.plan_train_parts.get(split=split).output[0])["parts"]

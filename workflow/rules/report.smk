@@ -9,7 +9,7 @@ rule make_tables:
         W.report_outputs(),
     params:
         spec=lambda w: W.report_job(),
-        out=W.report_dir,
+        out=lambda w, output: Path(output[0]).parent,  # results/tables
         compute=W.compute_flags,  # the fusion-weight figure runs a model
     threads: W.threads
     log:
