@@ -31,7 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from merv.data.encoding import (  # noqa: F401 - re-exported: the sharding API in one place
@@ -386,7 +386,7 @@ def write_shards(
         shown = ", ".join(encoded[:10]) + (f" (and {len(encoded) - 10} more)" if len(encoded) > 10 else "")
         log.info("%s: decoded %d new or changed items: %s", out, len(encoded), shown)
 
-    manifest = write_manifest(out, indexes, len(items), asdict(settings), fp)
+    manifest = write_manifest(out, indexes, len(items), settings.record(), fp)
     summary = ShardSummary(
         input=manifest["input"],
         good=manifest["samples"],
@@ -437,11 +437,11 @@ def write_manifest(out: Path, indexes: list[dict], n_input: int, settings: dict,
 
 
 def _preload(settings: ShardSettings) -> None:
-    """Import the decoding libraries before the workers are forked, so that they share them instead of each
-    importing them again (torch alone takes about 2 s and a few hundred MB in every worker)."""
+    """Import the decoding library before the workers are forked, so that they share it instead of each importing
+    it again. Not torch (about 2 s): the workers import it when a frame needs resizing, all at once, where importing
+    it here first would keep them waiting; with ``scale_in_decoder``, or frames stored at their own size, nothing
+    imports it at all (issue 22: the start-up of small scatter parts)."""
     import importlib
-
-    import torch  # noqa: F401 - resizing
 
     importlib.import_module({"decord": "decord", "pyav": "av"}[settings.backend])
 
