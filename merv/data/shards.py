@@ -437,13 +437,16 @@ def write_manifest(out: Path, indexes: list[dict], n_input: int, settings: dict,
 
 
 def _preload(settings: ShardSettings) -> None:
-    """Import the decoding library before the workers are forked, so that they share it instead of each importing
-    it again. Not torch (about 2 s): the workers import it when a frame needs resizing, all at once, where importing
-    it here first would keep them waiting; with ``scale_in_decoder``, or frames stored at their own size, nothing
-    imports it at all (issue 22: the start-up of small scatter parts)."""
+    """Import the decoding libraries before the workers are forked, so that they share them instead of each
+    importing them again: the decoder, and torch (about 1.5 s of CPU) where frames are resized after decoding (each
+    worker importing it on its first frame cost 2 s more CPU and wall in all, benchmarks/ingest.py). With
+    ``scale_in_decoder`` the decoder gives frames at their stored size, and nothing imports torch (images and frame
+    folders, still resized by torch, import it in the worker that meets one)."""
     import importlib
 
     importlib.import_module({"decord": "decord", "pyav": "av"}[settings.backend])
+    if not settings.scale_in_decoder:
+        import torch  # noqa: F401 - resizing
 
 
 def _init_worker() -> None:
