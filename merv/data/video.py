@@ -26,8 +26,8 @@ DEFAULT_BACKEND = ShardsSection.backend
 FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: merv.data.benchmarks)
 SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
 # decord: frames decoded at a time when they are resized after decoding (about this many bytes of native RGB), so
-# that each chunk is resized while it is still in the CPU's cache: decoding a 720p clip's sampled frames in one batch
-# and resizing them after took 15-25% longer (benchmarks/ingest.py, issue 22)
+# that each chunk is resized while it is still in the CPU's cache: decoding a large clip's sampled frames in one
+# batch and resizing them after took 11-17% more CPU (a 1080p and a 720p clip, issue 22)
 CHUNK_BYTES = 8 << 20
 # the scaler FFmpeg's scale filter uses by default, which decord's decoding graph applies: PyAV scales with the same
 # when frames are scaled inside the decoder (``scale_in_decoder``)
