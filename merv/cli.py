@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from merv.settings import (
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
     SECTIONS,
     ComputeSection,
     EvalSection,
@@ -195,6 +197,7 @@ def cmd_shard(args):
         target_bytes=args.shard_size,
         frame_format=args.frame_format,
         backend=args.backend,
+        scale_in_decoder=args.scale_in_decoder,
     )
     summary = write_shards(
         items, Path(args.out), settings, workers=args.workers, strict=args.strict, progress=not args.no_progress
@@ -487,8 +490,6 @@ def cmd_serve(args):
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` of the inference commands (see merv.runtime)."""
-    from merv.runtime import DEVICE_CHOICES, DTYPE_CHOICES
-
     parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA when present)")
     parser.add_argument(
         "--dtype", default="auto", choices=DTYPE_CHOICES, help="auto (default): bf16 on CUDA, fp32 on CPU"
@@ -599,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting(s, "--shard-size", ShardsSection, "target_size", type=size_argument)
     add_setting(s, "--frame-format", ShardsSection, "frame_format")
     add_setting(s, "--backend", ShardsSection, "backend")
+    add_setting(s, "--scale-in-decoder", ShardsSection, "scale_in_decoder")
     add_setting(s, "--workers", ShardsSection, "workers")
     add_setting(s, "--strict", ShardsSection, "strict")
     s.add_argument("--no-progress", action="store_true")
@@ -855,6 +857,43 @@ def main(argv: list[str] | None = None) -> int:
         args.no_progress = True
     if args.command != "fetch-weights":  # only fetch-weights downloads: every other command stays offline
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command not in WITHOUT_HF:
+        quiet_hf(args)
+    # the HTTP clients' request lines and headers stay out of the logs (they may carry a judge's API key)
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if hasattr(args, "threads"):  # a command that computes: pinned before torch runs anything
+            from merv.runtime import reproducible
+
+            log.debug("compute settings: %s", reproducible(args.threads, args.isa))
+        args.func(args)
+    except Exception as e:
+        if args.verbose or not isinstance(e, reported_errors()):
+            raise
+        print(f"merv {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    log.info("merv %s: %s", args.command, resource_line())
+    return 0
+
+
+# Commands that never load a Hugging Face library: their start-up skips setting those up (importing transformers
+# takes about a second), which counts in the many small jobs a scattered split is sharded in (issue 22).
+WITHOUT_HF = {"synth", "shard", "index-media", "plan-parts", "gather-shards", "inspect"}
+# The errors a command reports in one line, without a traceback, by the module that defines each.
+REPORTED = {"merv.data.video": "VideoError", "merv.data.items": "DataFormatError",
+            "merv.eval.judge": "JudgeUnavailable", "merv.train.launch": "JobFailed"}  # fmt: skip
+
+
+def reported_errors() -> tuple[type[BaseException], ...]:
+    """:data:`REPORTED`'s classes among the modules loaded (an error of a module the command never imported cannot
+    have been raised; importing them all would add to every command's start-up), and bad values and paths."""
+    loaded = [getattr(sys.modules[module], name) for module, name in REPORTED.items() if module in sys.modules]
+    return (FileNotFoundError, ValueError, *loaded)
+
+
+def quiet_hf(args) -> None:
+    """Hugging Face libraries log errors only, and show no progress bars except fetch-weights' downloads."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
@@ -865,27 +904,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         hf_logging.disable_progress_bar()
         disable_progress_bars()
-    # the HTTP clients' request lines and headers stay out of the logs (they may carry a judge's API key)
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from merv.data.shards import DataFormatError
-    from merv.data.video import VideoError
-    from merv.eval.judge import JudgeUnavailable
-    from merv.train.launch import JobFailed
-
-    try:
-        if hasattr(args, "threads"):  # a command that computes: pinned before torch runs anything
-            from merv.runtime import reproducible
-
-            log.debug("compute settings: %s", reproducible(args.threads, args.isa))
-        args.func(args)
-    except (VideoError, DataFormatError, FileNotFoundError, ValueError, JudgeUnavailable, JobFailed) as e:
-        if args.verbose:
-            raise
-        print(f"merv {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    log.info("merv %s: %s", args.command, resource_line())
-    return 0
 
 
 def resource_line() -> str:

@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from merv.settings import DEVICE_CHOICES, DTYPE_CHOICES
+
 log = logging.getLogger(__name__)
 
 # Environment that pins a CPU code path, per ``compute.isa``. Read once when the libraries start (MKL at its first
@@ -85,8 +87,6 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

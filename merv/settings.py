@@ -22,6 +22,8 @@ Backend = Literal["decord", "pyav"]  # merv.data.video.BACKENDS
 McqMode = Literal["generate", "likelihood", "both"]
 FeatureDtype = Literal["bf16", "fp16", "fp32"]
 CpuIsa = Literal["native", "avx2"]  # merv.runtime.ISA_ENV
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"  # merv.runtime.resolve_device (here: the CLI's help needs no torch)
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]  # merv.runtime.resolve_dtype
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -112,9 +114,15 @@ class ShardsSection:
 
     target_size: str = setting("64MB", "target size of one tar, e.g. 64MB, 1GiB (MB = 10^6 bytes)")
     frame_format: Literal["jpg", "npy"] = setting("jpg", "how frames are stored: JPEG (quality 95) or lossless npy")
-    # decord: faster than PyAV on sampled frames (benchmarks/ingest.py measures both)
+    # decord: faster than PyAV on sampled frames (benchmarks/ingest_long.py measures both)
     backend: Backend = setting("decord", "video decoder")
     workers: int = setting(2, "decoding processes of one sharding job")
+    # off: the exact resize, whose pixels the decoder's scaler moves by more than resampling noise (docs/data.md)
+    scale_in_decoder: bool = setting(
+        False,
+        "scale frames to the stored size inside the video decoder (FFmpeg's bicubic scaler: faster on large "
+        "videos, other pixels) instead of resizing the decoded frames (bilinear, antialiased)",
+    )
     strict: bool = setting(
         True, "fail on the first bad item, naming it (--no-strict: skip it and list it in <out>/quarantine.jsonl)"
     )

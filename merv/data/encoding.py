@@ -30,6 +30,7 @@ class ShardSettings:
     backend: str = DEFAULT_BACKEND
     resize: Literal["short_side"] = "short_side"  # stored frame geometry; earlier shards were squashed squares
     digests: int = 1  # samples record a digest of their frames per frame count (feature caches are keyed by them)
+    scale_in_decoder: bool = ShardsSection.scale_in_decoder  # the decoder scales the frames (video.read_frames)
 
     def __post_init__(self):
         if not self.frame_counts or min(self.frame_counts) < 1:
@@ -44,8 +45,17 @@ class ShardSettings:
             raise ValueError(f"frame_format must be 'jpg' or 'npy', got {self.frame_format!r}")
         object.__setattr__(self, "frame_counts", tuple(sorted(set(self.frame_counts))))
 
+    def record(self) -> dict:
+        """The settings as shard indexes and manifests record them, and as their fingerprint hashes them. An option
+        added later is left out while it has the value every earlier shard was written with (``scale_in_decoder``
+        off): shards written before it keep their fingerprint, and are not rewritten for nothing."""
+        record = asdict(self)
+        if not self.scale_in_decoder:
+            del record["scale_in_decoder"]
+        return record
+
     def fingerprint(self) -> str:
-        return fingerprint(asdict(self))
+        return fingerprint(self.record())
 
 
 def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] | None, str | None]:
@@ -63,6 +73,7 @@ def encode_item(item: Item, settings: ShardSettings) -> tuple[dict[str, bytes] |
             end_frame=item.end_frame,
             backend=settings.backend,
             folder_fps=item.folder_fps,
+            scale_in_decoder=settings.scale_in_decoder,
         )
     except VideoError as e:
         return None, e.reason

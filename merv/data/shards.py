@@ -31,7 +31,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from merv.data.encoding import (  # noqa: F401 - re-exported: the sharding API in one place
@@ -386,7 +386,7 @@ def write_shards(
         shown = ", ".join(encoded[:10]) + (f" (and {len(encoded) - 10} more)" if len(encoded) > 10 else "")
         log.info("%s: decoded %d new or changed items: %s", out, len(encoded), shown)
 
-    manifest = write_manifest(out, indexes, len(items), asdict(settings), fp)
+    manifest = write_manifest(out, indexes, len(items), settings.record(), fp)
     summary = ShardSummary(
         input=manifest["input"],
         good=manifest["samples"],
@@ -438,12 +438,15 @@ def write_manifest(out: Path, indexes: list[dict], n_input: int, settings: dict,
 
 def _preload(settings: ShardSettings) -> None:
     """Import the decoding libraries before the workers are forked, so that they share them instead of each
-    importing them again (torch alone takes about 2 s and a few hundred MB in every worker)."""
+    importing them again: the decoder, and torch (about 1.5 s of CPU) where frames are resized after decoding (each
+    worker importing it on its first frame cost 2 s more CPU and wall in all, benchmarks/ingest.py). With
+    ``scale_in_decoder`` the decoder gives frames at their stored size, and nothing imports torch (images and frame
+    folders, still resized by torch, import it in the worker that meets one)."""
     import importlib
 
-    import torch  # noqa: F401 - resizing
-
     importlib.import_module({"decord": "decord", "pyav": "av"}[settings.backend])
+    if not settings.scale_in_decoder:
+        import torch  # noqa: F401 - resizing
 
 
 def _init_worker() -> None:

@@ -25,6 +25,13 @@ BACKENDS = get_args(Backend)
 DEFAULT_BACKEND = ShardsSection.backend
 FOLDER_FPS = 1.0  # frame folders carry no timing: 1 frame a second unless told (VLEP's are 3 fps: merv.data.benchmarks)
 SEEK_GAP = 64  # PyAV: seek instead of decoding through gaps longer than this many frames
+# decord: frames decoded at a time when they are resized after decoding (about this many bytes of native RGB), so
+# that each chunk is resized while it is still in the CPU's cache: decoding a large clip's sampled frames in one
+# batch and resizing them after took 11-17% more CPU (a 1080p and a 720p clip, issue 22)
+CHUNK_BYTES = 8 << 20
+# the scaler FFmpeg's scale filter uses by default, which decord's decoding graph applies: PyAV scales with the same
+# when frames are scaled inside the decoder (``scale_in_decoder``)
+DECODER_SCALER = "BICUBIC"
 
 
 class VideoError(Exception):
@@ -91,11 +98,17 @@ def resize_to(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if tuple(shape) == frames.shape[1:3]:
         return frames
     import torch
+
+    return _resize_tensor(torch.from_numpy(np.ascontiguousarray(frames)), shape)
+
+
+def _resize_tensor(frames, shape: tuple[int, int]) -> np.ndarray:
+    """The resize itself, on a contiguous ``[F, H, W, 3]`` uint8 tensor (from numpy, or a decoder's own buffer)."""
     import torch.nn.functional as F
 
     # uint8 in, channels-last: torch's vectorised uint8 path, ~20x faster than resizing floats (issue 13)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(frames.permute(0, 3, 1, 2), size=tuple(shape), mode="bilinear", antialias=True,
+                      align_corners=False)  # fmt: skip
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -117,6 +130,11 @@ class Media(ABC):
     @abstractmethod
     def frames(self, indices: list[int]) -> np.ndarray:
         """RGB uint8 ``[len(indices), H, W, 3]`` for sorted frame indices (repeats allowed)."""
+
+    def sized_frames(self, indices: list[int], size: int) -> np.ndarray:
+        """:meth:`frames` with the short side at ``size`` (:func:`resize_frames`; a video opened with ``scale_to``
+        gives them at that size straight from its decoder)."""
+        return resize_frames(self.frames(indices), size)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -192,11 +210,26 @@ def _matrix_2x2(f, payload: int, offsets: tuple[int, int]) -> np.ndarray:
     return np.array([[m[0], m[1]], [m[3], m[4]]], dtype=np.float64)
 
 
-def _mp4_rotation(path: Path) -> int | None:
-    """Display rotation (degrees counter-clockwise, as FFmpeg reports it) of an MP4/MOV file's video track, read
-    from its header boxes without decoding anything: the track matrix (tkhd) times the movie matrix (mvhd), as
-    FFmpeg's mov demuxer combines them. None when the file is not ISO-BMFF, has no or several video tracks, or its
-    boxes do not parse; the caller then asks FFmpeg."""
+def _sample_entry_size(f, stbl: tuple[int, int]) -> tuple[int, int] | None:
+    """``(height, width)`` of the first visual sample entry of a track's ``stsd`` (the coded frame size)."""
+    stsd = _child(f, *stbl, b"stsd")
+    if stsd is None:
+        return None
+    entry = next(_iso_boxes(f, stsd[0] + 8, stsd[1]), None)  # after version, flags and the entry count
+    if entry is None or entry[2] - entry[1] < 28:
+        return None
+    f.seek(entry[1] + 24)  # reserved and data reference (8), pre-defined and reserved (16), then width, height
+    width, height = struct.unpack(">HH", f.read(4))
+    return (height, width) if width and height else None
+
+
+def _mp4_video_track(path: Path) -> tuple[int, tuple[int, int] | None] | None:
+    """Display rotation (degrees counter-clockwise, as FFmpeg reports it) and frame size ``(height, width)`` of an
+    MP4/MOV file's video track, read from its header boxes without decoding anything. The rotation is the track
+    matrix (tkhd) times the movie matrix (mvhd), as FFmpeg's mov demuxer combines them; the size is the sample
+    entry's (stsd), given only where the track header's size says the same (square pixels: what a decoder outputs).
+    None when the file is not ISO-BMFF, has no or several video tracks, or its boxes do not parse; the caller then
+    asks FFmpeg."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -216,23 +249,49 @@ def _mp4_rotation(path: Path) -> int | None:
                     if tkhd and hdlr:
                         f.seek(hdlr[0] + 8)
                         if f.read(4) == b"vide":
-                            videos.append(_matrix_2x2(f, tkhd[0], (40, 52)) / 65536)
+                            minf = _child(f, *mdia, b"minf")
+                            stbl = _child(f, *minf, b"stbl") if minf else None
+                            coded = _sample_entry_size(f, stbl) if stbl else None
+                            videos.append((_matrix_2x2(f, tkhd[0], (40, 52)) / 65536, coded, _track_size(f, tkhd[0])))
     except (OSError, ValueError, struct.error, IndexError):
         return None
     if len(videos) != 1:
         return None
-    m = videos[0] @ movie
+    matrix, coded, shown = videos[0]
+    m = matrix @ movie
     scale_x, scale_y = np.hypot(m[0, 0], m[1, 0]), np.hypot(m[0, 1], m[1, 1])
     if not scale_x or not scale_y:
         return None
-    return -round(math.degrees(math.atan2(m[0, 1] / scale_y, m[0, 0] / scale_x)))
+    rotation = -round(math.degrees(math.atan2(m[0, 1] / scale_y, m[0, 0] / scale_x)))
+    return rotation, coded if coded == shown else None
+
+
+def _track_size(f, payload: int) -> tuple[int, int]:
+    """``(height, width)`` of a track header (tkhd), rounded from 16.16 fixed point."""
+    f.seek(payload)
+    version = f.read(1)[0]
+    f.seek(payload + (88 if version == 1 else 76))
+    width, height = struct.unpack(">II", f.read(8))
+    return round(height / 65536), round(width / 65536)
+
+
+def _mp4_rotation(path: Path) -> int | None:
+    """Display rotation of an MP4/MOV file's video track from its header (:func:`_mp4_video_track`), else None."""
+    track = _mp4_video_track(path)
+    return None if track is None else track[0]
+
+
+def _video_track(path: Path) -> tuple[int, tuple[int, int] | None]:
+    """Display rotation and, where the header gives it, frame size of a video: from the MP4/MOV header when it is
+    one (no decoding, no second open), else the rotation of the first decoded frame's display matrix through PyAV
+    (0 when absent or unreadable) and no size."""
+    track = _mp4_video_track(path)
+    return track if track is not None else (_decoded_rotation(path), None)
 
 
 def _display_rotation(path: Path) -> int:
-    """Display rotation of a video: from the MP4/MOV header when it is one (no decoding, no second open), else
-    from the first decoded frame's display matrix through PyAV (0 when absent or unreadable)."""
-    rotation = _mp4_rotation(path)
-    return rotation if rotation is not None else _decoded_rotation(path)
+    """Display rotation of a video (:func:`_video_track`)."""
+    return _video_track(path)[0]
 
 
 def _decoded_rotation(path: Path) -> int:
@@ -246,13 +305,32 @@ def _decoded_rotation(path: Path) -> int:
     return 0
 
 
+def _coded_size(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` of the frames a decoder gives, as FFmpeg's stream header says (no decoding)."""
+    try:
+        with _open_container(path) as container:
+            codec = container.streams.video[0].codec_context
+            return (codec.height, codec.width) if codec.width and codec.height else None
+    except Exception:
+        return None
+
+
 class DecordVideo(Media):
-    def __init__(self, path: Path):
+    """A video decoded by decord; with ``scale_to``, its frames come out of decord's decoding graph with the short
+    side at that size (FFmpeg's scaler, :data:`DECODER_SCALER`), ``native`` being their size before scaling
+    (``(height, width)``; asked of FFmpeg when not given)."""
+
+    def __init__(self, path: Path, scale_to: int | None = None, native: tuple[int, int] | None = None):
         super().__init__(path)
         import decord
 
+        self.shape = None  # (height, width) the decoder scales to
+        if scale_to is not None:
+            native = native or _coded_size(path)
+            self.shape = short_side_size(*native, scale_to) if native else None
+        scaled = {"height": self.shape[0], "width": self.shape[1]} if self.shape else {}
         try:
-            self.reader = decord.VideoReader(str(path), num_threads=1)
+            self.reader = decord.VideoReader(str(path), num_threads=1, **scaled)
             n = len(self.reader)
         except Exception as e:
             # decord's messages are C++ traces; PyAV tells what is wrong (no video stream, not a media file)
@@ -262,17 +340,43 @@ class DecordVideo(Media):
             raise VideoError(path, "video has no frames")
         self.timestamps = np.asarray(self.reader.get_frame_timestamp(list(range(n))))[:, 0]
 
-    def frames(self, indices: list[int]) -> np.ndarray:
+    def _batch(self, indices: list[int]):
         try:
-            frames = self.reader.get_batch(list(indices)).asnumpy()
+            return self.reader.get_batch(list(indices))
         except Exception as e:
             raise VideoError(self.path, f"decoding failed ({_first_line(e)})") from None
-        return _rgb(frames)
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        return _rgb(self._batch(indices).asnumpy())
+
+    def sized_frames(self, indices: list[int], size: int) -> np.ndarray:
+        """Decoded and resized chunk by chunk (:data:`CHUNK_BYTES`), each chunk resized straight from decord's
+        buffer: the same bytes as resizing the whole stack, without copying or keeping the native-size frames."""
+        if self.shape is not None:
+            return self.frames(indices)  # already scaled by the decoder
+        out, pos, step = [], 0, 1
+        while pos < len(indices):
+            batch = self._batch(indices[pos : pos + step])
+            pos += step
+            n, height, width, channels = batch.shape
+            shape = short_side_size(height, width, size)
+            if channels != 3 or shape == (height, width):
+                out.append(resize_frames(_rgb(batch.asnumpy()), size))
+            else:
+                from torch.utils.dlpack import from_dlpack
+
+                out.append(_resize_tensor(from_dlpack(batch.to_dlpack()), shape))
+            step = max(1, CHUNK_BYTES // (height * width * channels))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 class PyAVVideo(Media):
-    def __init__(self, path: Path):
+    """A video decoded by PyAV; with ``scale_to``, each frame is converted to RGB with its short side (after display
+    rotation) at that size in one pass of FFmpeg's scaler (:data:`DECODER_SCALER`)."""
+
+    def __init__(self, path: Path, scale_to: int | None = None):
         super().__init__(path)
+        self.scale_to = scale_to
         with _open_container(path) as container:
             stream = container.streams.video[0]
             try:
@@ -303,8 +407,8 @@ class PyAVVideo(Media):
                     for frame in decoder:
                         current = self._index(frame, current)
                         if current in wanted:
-                            got[current] = frame.to_ndarray(format="rgb24")
                             self.rotation = int(getattr(frame, "rotation", 0) or 0)
+                            got[current] = self._to_rgb(frame)
                         if current >= target:
                             break
         except VideoError:
@@ -315,6 +419,17 @@ class PyAVVideo(Media):
         if missing:
             raise VideoError(self.path, f"decoding failed (frames {missing[:3]} of {self.num_frames} not decodable)")
         return _rotate(np.stack([got[i] for i in indices]), self.rotation)
+
+    def _to_rgb(self, frame) -> np.ndarray:
+        if self.scale_to is None:
+            return frame.to_ndarray(format="rgb24")
+        # before the display rotation: a quarter turn swaps both the frame's sides and the scaled ones
+        height, width = short_side_size(frame.height, frame.width, self.scale_to)
+        return frame.to_ndarray(width=width, height=height, format="rgb24", interpolation=DECODER_SCALER)
+
+    def sized_frames(self, indices: list[int], size: int) -> np.ndarray:
+        frames = self.frames(indices)
+        return frames if self.scale_to == size else resize_frames(frames, size)
 
     def _index(self, frame, previous: int) -> int:
         if frame.pts is None:
@@ -364,8 +479,11 @@ class FrameFolder(Media):
         return np.stack([images[i] for i in indices])
 
 
-def open_media(path: str | Path, backend: str = DEFAULT_BACKEND, folder_fps: float = FOLDER_FPS) -> Media:
-    """Open a video file, a folder of frames (``folder_fps`` frames a second), or an image."""
+def open_media(
+    path: str | Path, backend: str = DEFAULT_BACKEND, folder_fps: float = FOLDER_FPS, scale_to: int | None = None
+) -> Media:
+    """Open a video file, a folder of frames (``folder_fps`` frames a second), or an image. ``scale_to``: a video's
+    decoder scales its frames to that short side (images and frame folders are not scaled here)."""
     path = Path(path)
     if not path.exists():
         raise VideoError(path, "file not found")
@@ -380,10 +498,11 @@ def open_media(path: str | Path, backend: str = DEFAULT_BACKEND, folder_fps: flo
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return StillImage(path)
     if backend == "decord":
+        rotation, size = _video_track(path)
         # decord ignores display rotation and fails on some rotated files: those go to PyAV
-        return DecordVideo(path) if _display_rotation(path) == 0 else PyAVVideo(path)
+        return DecordVideo(path, scale_to, size) if rotation == 0 else PyAVVideo(path, scale_to)
     if backend == "pyav":
-        return PyAVVideo(path)
+        return PyAVVideo(path, scale_to)
     raise ValueError(f"unknown decoding backend {backend!r}; available: {list(BACKENDS)}")
 
 
@@ -396,24 +515,28 @@ def read_frames(
     end_frame: int | None = None,
     backend: str = DEFAULT_BACKEND,
     folder_fps: float = FOLDER_FPS,
+    scale_in_decoder: bool = False,
 ) -> tuple[np.ndarray, dict[int, list[int]]]:
     """Decode the union of uniform samples for every count in ``frame_counts`` inside the clip window, resized so
     that the short side is ``size`` (aspect ratio kept).
 
     Returns ``(frames [F, H, W, 3] uint8 with min(H, W) == size, {count: positions into frames})`` so that each
     encoder can pick exactly its own frames from one decoded stack. A folder of frames is taken to hold
-    ``folder_fps`` frames a second.
+    ``folder_fps`` frames a second. ``scale_in_decoder``: a video's decoder scales its frames (FFmpeg's bicubic
+    scaler, from the decoded YUV) instead of :func:`resize_frames` resizing its RGB frames: faster on large videos,
+    other pixels (docs/data.md).
     """
-    with open_media(path, backend, folder_fps) as media:
+    scale_to = size if scale_in_decoder else None
+    with open_media(path, backend, folder_fps, scale_to) as media:
         lo, hi = clip_window(media.timestamps, time, end_frame)
         per_count = {c: sample_frame_indices(media.num_frames, c, lo, hi) for c in sorted(set(frame_counts))}
         union = sorted({i for idx in per_count.values() for i in idx})
         try:
-            frames = media.frames(union)
+            frames = media.sized_frames(union, size)
         except VideoError:
             if not isinstance(media, DecordVideo):
                 raise
             # decord rejects some streams that FFmpeg decodes (odd layouts): give PyAV the last word
-            frames = PyAVVideo(Path(path)).frames(union)
+            frames = PyAVVideo(Path(path), scale_to).sized_frames(union, size)
     position = {frame: pos for pos, frame in enumerate(union)}
-    return resize_frames(frames, size), {c: [position[i] for i in idx] for c, idx in per_count.items()}
+    return frames, {c: [position[i] for i in idx] for c, idx in per_count.items()}

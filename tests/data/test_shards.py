@@ -429,3 +429,30 @@ def test_a_touched_or_copied_video_is_not_decoded_again(synth_dir, tmp_path):
     again = write_shards(collect_items(tmp_path / "a" / "align.json"), tmp_path / "out", settings)
     assert again.encoded_keys == [] and again.resumed_items == 12
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")} == tars
+
+
+def test_scale_in_decoder_is_keyed_and_reruns_both_ways(synth_dir, tmp_path):
+    """The option is in the shards' fingerprint once on (flipping it redoes every item, with other frames), and out of
+    it while off, so that shards written before the option existed keep their fingerprint and are not redone."""
+    from merv.cli import main
+
+    items = collect_items(synth_dir / "train" / "align.json")[:3]
+    exact = ShardSettings(frame_counts=(4, 8), size=48)
+    assert set(exact.record()) == {"frame_counts", "size", "target_bytes", "frame_format", "jpeg_quality", "backend",
+                                   "resize", "digests"}, "the fields of every earlier shard folder"  # fmt: skip
+    scaled = dataclasses.replace(exact, scale_in_decoder=True)
+    assert scaled.record()["scale_in_decoder"] is True and scaled.fingerprint() != exact.fingerprint()
+
+    out = tmp_path / "out"
+    first = write_shards(items, out, exact)
+    before = read_manifest(out)
+    assert len(first.encoded_keys) == 3 and "scale_in_decoder" not in before["settings"]
+    argv = ["shard", str(synth_dir / "train" / "align.json"), "--out", str(out), "--frames", "4", "8", "--size", "48"]
+    assert main([*argv, "--scale-in-decoder", "-q"]) == 0  # the command: 12 items, all decoded again
+    flipped = read_manifest(out)
+    assert flipped["settings"]["scale_in_decoder"] is True and flipped["fingerprint"] == scaled.fingerprint()
+    assert flipped["shards"][0]["sha256"] != before["shards"][0]["sha256"]
+    again = write_shards(items, out, exact)
+    assert again.resumed_items == 0 and len(again.encoded_keys) == 3
+    assert read_manifest(out) == before, "back to the exact resize: the same bytes as the first run"
+    assert write_shards(items, out, exact).resumed_items == 3, "unchanged settings: nothing redone"

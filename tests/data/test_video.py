@@ -3,10 +3,10 @@ import pytest
 
 from merv.data.video import (
     BACKENDS,
+    VideoError,
     _decoded_rotation,
     _display_rotation,
     _mp4_rotation,
-    VideoError,
     clip_window,
     open_media,
     read_frames,
@@ -152,3 +152,42 @@ def test_bad_inputs_raise_video_error_naming_the_file(media, tmp_path, backend):
         with pytest.raises(VideoError) as info:
             read_frames(path, [4], 32, backend=backend)
         assert str(path) in str(info.value) and "\n" not in str(info.value), kind
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_decoding_resizes_to_the_same_bytes(media, backend, monkeypatch):
+    """Frames decoded and resized a chunk at a time (each chunk straight from decord's buffer) are byte for byte
+    those of resizing the whole decoded stack."""
+    for name, size, count in (("wide", 224, 5), ("plain", 32, 8), ("plain", 80, 7)):  # down- and upscaled
+        with open_media(media[name], backend) as m:
+            frame_bytes = m.frames([0]).nbytes
+        monkeypatch.setattr("merv.data.video.CHUNK_BYTES", 2 * frame_bytes)  # chunks of 1, 2, 2, ... frames
+        with open_media(media[name], backend) as m:
+            union = sample_frame_indices(m.num_frames, count)
+            whole = resize_frames(m.frames(union), size)
+        frames, positions = read_frames(media[name], [count], size, backend=backend)
+        assert frames.dtype == np.uint8 and np.array_equal(frames[positions[count]], whole), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_in_decoder_gives_the_stored_size_and_other_pixels(media, backend):
+    for name, size in (("wide", 224), ("rotated", 32), ("odd", 32), ("plain", 64)):
+        exact, _ = read_frames(media[name], [4], size, backend=backend)
+        scaled, _ = read_frames(media[name], [4], size, backend=backend, scale_in_decoder=True)
+        assert scaled.shape == exact.shape, name  # rotation applied after scaling: the same turned size
+        diff = np.abs(scaled.astype(int) - exact)
+        assert diff.mean() < 3 and diff.max() > 0, (name, diff.mean())  # the same picture through another scaler
+
+
+@pytest.mark.parametrize(
+    ("container", "height", "width", "pix_fmt"),
+    [("mp4", 360, 640, "yuv420p"), ("mov", 45, 67, "yuv444p"), ("mp4", 30, 42, "gray")],
+)
+def test_mp4_header_gives_the_decoded_frame_size(tmp_path, container, height, width, pix_fmt):
+    """The frame size read from the header (what decord scales from) is the size FFmpeg decodes, or None."""
+    from merv.data.video import _coded_size, _mp4_video_track
+
+    for degrees in (0, 90):
+        path = tmp_path / f"v{degrees}.{container}"
+        write_video(path, gradient_frames(2, height, width), rotation=degrees, pix_fmt=pix_fmt)
+        assert _mp4_video_track(path) == (degrees, (height, width)) and _coded_size(path) == (height, width)
