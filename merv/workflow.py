@@ -171,7 +171,10 @@ class Workflow:
             "frames": " ".join(str(c) for c in sorted(chosen["frames"])),
             "size": chosen["size"],
             "options": f"--shard-size {shards['target_size']} --frame-format {shards['frame_format']}"
-            f" --backend {shards['backend']}" + (" --strict" if shards["strict"] else " --no-strict"),
+            f" --backend {shards['backend']}"
+            + (" --strict" if shards["strict"] else " --no-strict")
+            # only when on: the options (a param) of shards made before the option existed stay as they were
+            + (" --scale-in-decoder" if shards.get("scale_in_decoder") else ""),
         }
 
     def train_split(self, split: str) -> dict:
@@ -254,7 +257,12 @@ class Workflow:
     def cache_name(self, model: str, split: str, encoder_id: str) -> str:
         run = self.runs[model]
         encoder = next(e for e in run.model.encoders if e.id == encoder_id)
-        shards = {k: v for k, v in self.config["shards"].items() if k in ("frame_format", "backend")}
+        # what makes the frames (scale_in_decoder only when on: caches named before the option keep their names)
+        shards = {
+            k: v
+            for k, v in self.config["shards"].items()
+            if k in ("frame_format", "backend") or (k == "scale_in_decoder" and v)
+        }
         entry = self.config["data"]["train"][split]
         shard_set_name = self.shard_sets[model]
         key = {

@@ -131,6 +131,10 @@ def test_a_cache_name_changes_with_its_encoder_only(workflow):
     assert vit_frames.cache_name("merv_tiny", "align", "vit") != workflow.cache_name("merv_tiny", "align", "vit")
     fmt = Workflow(edited(lambda c: c["shards"].update(frame_format="png")))
     assert fmt.cache_name("merv_tiny", "align", "vivit") != name
+    scaled = Workflow(edited(lambda c: c["shards"].update(scale_in_decoder=True)))
+    assert scaled.cache_name("merv_tiny", "align", "vivit") != name, "other frames, another cache"
+    off = Workflow(edited(lambda c: c["shards"].update(scale_in_decoder=False)))
+    assert off.cache_name("merv_tiny", "align", "vivit") == name
     assert workflow.feature_cache("merv_tiny", name) == {"split": "align", "encoder": "vivit"}
     with pytest.raises(ValueError, match="caches no features as 'nope'"):
         workflow.feature_cache("merv_tiny", "nope")
@@ -167,6 +171,8 @@ def test_options_follow_the_config(workflow):
     }
     lax = Workflow(edited(lambda c: c["shards"].update(strict=False, target_size="1GB")))
     assert lax.shard_settings("small")["options"] == "--shard-size 1GB --frame-format jpg --backend decord --no-strict"
+    scaled = Workflow(edited(lambda c: c["shards"].update(scale_in_decoder=True)))
+    assert scaled.shard_settings("small")["options"].endswith("--strict --scale-in-decoder")
 
 
 def test_all_shards_are_the_selected_models_shard_folders(workflow):
