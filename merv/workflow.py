@@ -64,9 +64,13 @@ def load_pipeline_config(paths: list[str | Path]) -> dict:
     """The pipeline config as Snakemake sees it: the files merged in order (later ones patch earlier ones, as
     ``snakemake --configfile`` does), validated against the schema with its defaults filled in."""
     import yaml
-    from snakemake.utils import validate
 
     from merv.config import deep_merge
+
+    try:  # Snakemake's own validation: the defaults it fills in are the ones the rules see
+        from snakemake.utils import validate
+    except ImportError:
+        raise ImportError("the pipeline config needs Snakemake: pip install '.[pipeline]'") from None
 
     config: dict = {}
     for path in paths:
