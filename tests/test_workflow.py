@@ -229,6 +229,7 @@ def test_dvc_yaml_check_names_a_stale_file(tmp_path):
 # The rules, through a real Snakemake dry run
 
 
+@pytest.mark.slow  # a real Snakemake dry run of the whole default DAG
 def test_no_job_command_line_carries_a_json_blob(tmp_path):
     write_config(tmp_path, CONFIG)
     res = snakemake(tmp_path, "-n", "-p", "--forceall", "all", "results/merv_full/eval.json", "results/probe/probe.md")

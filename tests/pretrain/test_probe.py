@@ -79,6 +79,7 @@ def pretrained(tmp_path_factory):
     return root, specs
 
 
+@pytest.mark.slow  # trains two encoders, then probes 240 clips
 def test_probe_table_rows_and_files(pretrained, tmp_path):
     root, specs = pretrained
     settings = ProbeSettings(train_clips=160, test_clips=80)
@@ -100,6 +101,7 @@ def test_probe_table_rows_and_files(pretrained, tmp_path):
     assert json.loads((tmp_path / "out" / "probe.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow  # trains two encoders, then probes 240 clips
 def test_probe_cli_names_an_unknown_encoder(pretrained, tmp_path):
     root, specs = pretrained
     section = json.dumps({"appearance": {"preset": "merv-tiny", "encoder": "vit", "task": "appearance"}})

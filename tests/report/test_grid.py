@@ -66,6 +66,7 @@ def test_config_models_resolve_with_pretrained_encoders():
     assert set(CONFIG["report"]["main"]) == {"merv_tiny", "tiny_appearance", "tiny_motion"}
 
 
+@pytest.mark.slow  # a real Snakemake dry run of the grid
 def test_snakemake_plans_the_grid_through_the_tables(tmp_path):
     """`snakemake -n` from an empty folder plans the default target: every grid model trained and evaluated, the
     two encoders pretrained once (not per model), one table job."""
