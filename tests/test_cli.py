@@ -68,6 +68,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr and "presets: ['dinov2-single'" in res.stderr
 
 
+@pytest.mark.slow  # loads and runs a model per video
 def test_generate_cli(tiny_model, tiny_run, synth_dir, tmp_path):
     from merv.checkpoint import save_checkpoint
 
@@ -98,6 +99,7 @@ def test_generate_cli(tiny_model, tiny_run, synth_dir, tmp_path):
     assert res.returncode == 1 and "missing.mp4: file not found" in res.stderr
 
 
+@pytest.mark.slow  # loads and runs a model per video
 def test_generate_on_awkward_videos(tiny_model, tiny_run, tmp_path):
     """Rotated, odd-sized, 4:4:4, variable frame rate, very short or long: merv generate answers on each."""
     from merv.checkpoint import save_checkpoint

@@ -111,6 +111,7 @@ def test_a_damaged_cache_file_is_refused(tiny_run, shards, caches, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # extracts twice and kills a run
 def test_killed_extraction_resumes_to_the_same_bytes(tiny_run, shards, tmp_path):
     cmd = [sys.executable, "-m", "merv.cli", "features", str(shards["finetune"]), "--config",
            json.dumps(tiny_run.to_dict()), "--encoder", "vivit", "--dtype", "bf16", "--batch-size", "1"]  # fmt: skip

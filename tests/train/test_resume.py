@@ -45,6 +45,7 @@ def train_cmd(config: str, data, out):
     return cmd + ["--out", str(out), "--no-progress"]
 
 
+@pytest.mark.slow  # trains twice and kills a run: ~40 s
 def test_sigkill_then_resume_equals_uninterrupted(tiny_run, shards, tmp_path):
 
     overrides = tiny_overrides(Path(tiny_run.model.llm.weights).parent)
