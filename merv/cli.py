@@ -32,19 +32,6 @@ from merv.version import __version__
 log = logging.getLogger("merv")
 
 
-def json_spec(spec: str, option: str) -> dict:
-    """A JSON object given inline (``{...}``) or as the path of a JSON file (what a pipeline job is handed)."""
-    if spec.lstrip().startswith("{"):
-        return json.loads(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(f"{option} {spec!r} is neither inline JSON nor a JSON file")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{option} {spec}: not JSON ({e})") from None
-
-
 def load_config_spec(spec: str):
     """A run config from a preset name, a YAML/JSON file, or inline JSON (``{...}``)."""
     from merv.config import available_presets, resolve_run_config, run_config_from_dict
@@ -93,10 +80,11 @@ def cmd_build_tiny(args):
 
 
 def cmd_pretrain(args):
+    from merv.config import read_json_spec
     from merv.pretrain.config import pretrain_config_from_dict
     from merv.pretrain.train import pretrain_encoder
 
-    cfg = pretrain_config_from_dict(json_spec(args.config, "--config"), where="--config")
+    cfg = pretrain_config_from_dict(*read_json_spec(args.config, "--config"))
     report = pretrain_encoder(cfg, Path(args.out))
     log.info("held-out pretext accuracy %s (chance %s)", report["held_out_accuracy"], report["chance"])
 
@@ -104,10 +92,11 @@ def cmd_pretrain(args):
 def cmd_probe(args):
     import tempfile
 
+    from merv.config import read_json_spec
     from merv.pretrain.config import ProbeSettings, pretrain_config_from_dict
     from merv.pretrain.probe import probe_encoders, write_probe
 
-    section = json_spec(args.pretrain, "--pretrain")
+    section, _ = read_json_spec(args.pretrain, "--pretrain")
     specs = {name: pretrain_config_from_dict(spec, f"pretrain.{name}") for name, spec in section.items()}
     unknown = sorted(set(args.encoder) - set(specs))
     if unknown:

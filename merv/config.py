@@ -378,6 +378,21 @@ def parse_config(cls, data: Any, where: str):
     return data
 
 
+def read_json_spec(spec: str, where: str) -> tuple[Any, str]:
+    """``(data, where)`` of a JSON value given inline (``spec`` starts with ``{``) or as the path of a JSON file
+    (``where`` becomes the path): what a pipeline job is handed instead of a JSON blob on its command line."""
+    text = spec
+    if not spec.lstrip().startswith("{"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: {spec} is neither inline JSON nor a file")
+        text, where = path.read_text(), str(path)
+    try:
+        return json.loads(text), where
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+
+
 def deep_merge(base: dict, patch: dict) -> dict:
     """Recursively merge ``patch`` into a copy of ``base``: merv's one merge, of a preset with its ``base`` and its
     overrides, and of config files given in turn (as ``snakemake --configfile`` merges them: mappings recursively,

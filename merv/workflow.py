@@ -468,10 +468,6 @@ class Workflow:
         }
         return self.job_file("report", spec)
 
-    @property
-    def report_dir(self) -> str:
-        return REPORT_DIR
-
     # ---------------------------------------------------------------------------------------------------------
     # DVC: dvc.yaml is generated from the config (`merv dvc-yaml`; tests check the committed file is current)
 

@@ -18,11 +18,9 @@ encoders a model has) takes the model's first run's.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from merv.config import parse_config
+from merv.config import parse_config, read_json_spec
 
 
 @dataclass(frozen=True)
@@ -113,14 +111,4 @@ def report_config_from_dict(data: dict, where: str = "report") -> ReportConfig:
 
 def read_report_spec(spec: str, where: str = "--spec") -> ReportConfig:
     """``spec``: inline JSON (it starts with ``{``) or the path of a JSON file holding it."""
-    text = spec
-    if not spec.lstrip().startswith("{"):
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"{where}: {spec} is neither inline JSON nor a file")
-        text, where = path.read_text(), str(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-    return report_config_from_dict(data, where)
+    return report_config_from_dict(*read_json_spec(spec, where))
