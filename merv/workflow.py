@@ -472,10 +472,15 @@ class Workflow:
     # DVC: dvc.yaml is generated from the config (`merv dvc-yaml`; tests check the committed file is current)
 
     def dvc_yaml(self) -> str:
-        """``dvc.yaml`` for this config: a stage per data step, a train and an eval stage per model of
-        ``pipeline.models`` (each seed's folders among its outputs) and the tables of ``report``. Every stage runs
-        Snakemake, the one place that knows how to build things; DVC caches and pushes the outputs and tracks the
-        params and metrics."""
+        """``dvc.yaml`` for this config: the data stages (``synth``, ``shards``), one ``models`` stage that trains and
+        evaluates every model of ``pipeline.models`` under each of its seeds (the pretrained encoders they load
+        included) and the tables of ``report``. Every stage runs Snakemake, the one place that knows how to build
+        things; DVC caches and pushes the outputs and tracks the params and metrics.
+
+        The models share one stage because DVC runs its stages one at a time: a stage per model would leave cores
+        idle whenever a model has fewer jobs ready than there are cores (3 seeds on 2 cores, an encoder pretraining
+        alone), while one Snakemake run keeps every core busy across models. DVC still names the params that
+        changed (``dvc status``), and Snakemake reruns only the outdated jobs of the stage."""
         import yaml
 
         stages = {
@@ -483,12 +488,6 @@ class Workflow:
                 "cmd": "snakemake -- data/synth/summary.json",
                 "params": [{"config/config.yaml": ["synth"]}],
                 "outs": [{"data/synth": {"persist": True}}],
-            },
-            "pretrain": {
-                "cmd": "snakemake --until pretrain_encoder",
-                "deps": ["merv/presets"],
-                "params": [{"config/config.yaml": ["pretrain", "compute"]}],
-                "outs": [{PRETRAINED_DIR: {"persist": True}}],
             },
             "shards": {
                 # a target rule, not --until: Snakemake leaves out the part jobs a plan checkpoint creates
@@ -498,25 +497,8 @@ class Workflow:
                 "outs": [{"data/media": {"persist": True}}, {"data/shards": {"persist": True}}],
             },
         }
-        for m in self.selected:
-            seeds = self.seeds(m)
-            params = [f"models.{m}", "compute"] + (["report.seeds"] if m in self.reported else [])
-            stages[f"train-{m}"] = {
-                # all the model's eval.json needs but evaluation (--until would stop between two stages)
-                "cmd": f"snakemake --omit-from eval_benchmark -- results/{m}/eval.json",
-                "deps": ["data/shards", PRETRAINED_DIR, "merv/presets"],
-                "params": [{"config/config.yaml": params}],
-                "outs": [{p: {"persist": True}} for p in (f"data/weights/{m}", f"data/features/{m}")]
-                + [{f"{self.run_dir(m, s)}/train": {"persist": True}} for s in seeds],
-            }
-            stages[f"eval-{m}"] = {
-                "cmd": f"snakemake -- results/{m}/eval.json",
-                "deps": ["data/shards", f"data/weights/{m}", PRETRAINED_DIR]
-                + [f"{self.run_dir(m, s)}/train" for s in seeds],
-                "params": [{"config/config.yaml": ["eval", "compute"]}],
-                "outs": [{f"{self.run_dir(m, s)}/eval": {"persist": True}} for s in seeds],
-                "metrics": [f"results/{m}/eval.json"] + [f"{self.run_dir(m, s)}/eval.json" for s in seeds],
-            }
+        if self.selected:
+            stages["models"] = self._dvc_models()
         if self.reported:
             stages["tables"] = self._dvc_tables()
         header = (
@@ -528,6 +510,26 @@ class Workflow:
             "# DVC does not rerun a stage when only Python code changed: `dvc repro -f STAGE` does.\n"
         )
         return header + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+
+    def _dvc_models(self) -> dict:
+        """The models stage: every pretrained encoder of ``pretrain`` and every selected model's weights, feature
+        caches, training stages and evaluations, under each of its seeds, in one Snakemake run."""
+        pretrained = [f"{PRETRAINED_DIR}/{name}" for name in sorted(self.config.get("pretrain") or {})]
+        runs = [(m, s) for m in self.selected for s in self.seeds(m)]
+        params = ["pretrain"] * bool(pretrained) + [f"models.{m}" for m in self.selected] + ["compute", "eval"]
+        if any(m in self.reported for m in self.selected):
+            params.append("report.seeds")
+        outs = [PRETRAINED_DIR] * bool(pretrained)
+        outs += [p for m in self.selected for p in (f"data/weights/{m}", f"data/features/{m}")]
+        outs += [f"{self.run_dir(m, s)}/{d}" for m, s in runs for d in ("train", "eval")]
+        return {
+            "cmd": "snakemake -- " + " ".join(pretrained + [f"results/{m}/eval.json" for m in self.selected]),
+            "deps": ["data/shards", "merv/presets"],
+            "params": [{"config/config.yaml": params}],
+            "outs": [{p: {"persist": True}} for p in outs],
+            "metrics": [f"results/{m}/eval.json" for m in self.selected]
+            + [f"{self.run_dir(m, s)}/eval.json" for m, s in runs],
+        }
 
     def _dvc_tables(self) -> dict:
         """The tables stage: each reported model's eval.json, every seed's checkpoints and eval rows, its weights

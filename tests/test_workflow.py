@@ -203,18 +203,29 @@ def test_the_committed_dvc_yaml_is_what_the_config_makes():
     assert (REPO / "dvc.yaml").read_text() == Workflow(CONFIG).dvc_yaml()
 
 
-def test_dvc_yaml_has_a_stage_per_selected_model_with_every_seed(workflow):
+def test_dvc_yaml_trains_every_selected_model_and_seed_in_one_stage(workflow):
     stages = yaml.safe_load(workflow.dvc_yaml())["stages"]
     models = CONFIG["pipeline"]["models"]
-    assert list(stages) == ["synth", "pretrain", "shards"] + [f"{k}-{m}" for m in models for k in ("train", "eval")] + [
-        "tables"
+    assert list(stages) == ["synth", "shards", "models", "tables"]
+    stage = stages["models"]
+    targets = stage["cmd"].split(" -- ")[1].split()
+    assert targets == [f"data/weights/pretrained/{p}" for p in sorted(CONFIG["pretrain"])] + [
+        f"results/{m}/eval.json" for m in models
     ]
-    outs = [next(iter(o)) for o in stages["train-merv_tiny"]["outs"]]
-    assert outs[2:] == [f"results/merv_tiny/seed-{s}/train" for s in (0, 1, 2)]
+    outs = [next(iter(o)) for o in stage["outs"]]
+    for m in models:
+        assert {f"data/weights/{m}", f"data/features/{m}"} <= set(outs)
+        assert {f"results/{m}/seed-{s}/{d}" for s in (0, 1, 2) for d in ("train", "eval")} <= set(outs)
+    params = stage["params"][0]["config/config.yaml"]
+    assert {f"models.{m}" for m in models} | {"pretrain", "compute", "eval", "report.seeds"} == set(params)
+    assert "results/tiny_motion/seed-2/eval.json" in stage["metrics"]
     assert "results/tiny_motion/seed-2/eval" in stages["tables"]["deps"]
     fewer = Workflow(edited(lambda c: c["report"].update(seeds=[0])))
-    outs = [next(iter(o)) for o in yaml.safe_load(fewer.dvc_yaml())["stages"]["train-merv_tiny"]["outs"]]
-    assert outs[2:] == ["results/merv_tiny/seed-0/train"]
+    outs = [next(iter(o)) for o in yaml.safe_load(fewer.dvc_yaml())["stages"]["models"]["outs"]]
+    assert [o for o in outs if o.startswith("results/merv_tiny/")] == [
+        "results/merv_tiny/seed-0/train",
+        "results/merv_tiny/seed-0/eval",
+    ]
 
 
 def test_dvc_yaml_check_names_a_stale_file(tmp_path):

@@ -27,6 +27,7 @@ rule extract_feature_part:
         dtype=lambda w: W.runs[w.model].train.feature_dtype,
         compute=W.compute_flags,
     threads: W.threads
+    priority: 20  # scheduling only: a cache gates every training stage of the models that read it
     benchmark:
         "results/{model}/benchmarks/extract_features_{cache}_{part}.tsv"
     log:

@@ -9,6 +9,8 @@ rule pretrain_encoder:
     wildcard_constraints:
         name="[A-Za-z0-9_]+",
     threads: W.threads
+    # scheduling only (no rerun): the longest chain starts first, every model that loads an encoder waits for it
+    priority: 30
     params:
         config=lambda w: W.pretrain_job(w.name),
         architecture=lambda w: W.pretrain_architecture(w.name),  # not passed: a preset edit reruns this

@@ -14,6 +14,7 @@ rule train_stage:
             labels={"model": "{model}", "seed": "{seed}", "stage": "{stage}"},
         ),
     threads: W.threads
+    priority: 10  # scheduling only: long jobs before the short evaluations, which then fill the last cores
     resources:
         # how a stage is launched does not change what it computes: resources, so they trigger no rerun
         launch=lambda w: W.launch_flags(w.model, w.seed),
