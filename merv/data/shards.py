@@ -328,7 +328,7 @@ def write_shards(
     pool = None
     if workers > 1:
         _preload(settings)
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker)
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
     shard = None
     bar = None
     try:
@@ -449,13 +449,23 @@ def _preload(settings: ShardSettings) -> None:
         import torch  # noqa: F401 - resizing
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     """One compute thread per worker process: the workers are the parallelism. Also a must: libgomp is not
     fork-safe, and a worker forked from a process that already ran a parallel torch op hangs in its own first
-    parallel op (the float resize of earlier versions did, after an in-process run had resized in the parent)."""
+    parallel op (the float resize of earlier versions did, after an in-process run had resized in the parent).
+
+    A worker dies with ``parent``: a killed ``merv shard`` (SIGKILL, a node's OOM killer) cannot shut its pool
+    down, and its workers would otherwise wait on their queue forever. On Linux the kernel sends the signal."""
     os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent went before the request took effect
+        os._exit(1)
 
 
 def _encoded(

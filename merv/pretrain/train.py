@@ -213,7 +213,9 @@ def train_encoder(cfg: PretrainConfig, out: Path) -> tuple[VisualEncoder, dict]:
         "losses": [round(x, 5) for x in losses],
         "reload_max_abs_diff": max_diff,
         "runtime": runtime_record(),
-        "seconds": round(seconds, 1),
+        # no wall time here: the folder's bytes are a function of the config (its digest keys the feature caches;
+        # a rerun that trains the same weights must not invalidate them). The log and Snakemake's benchmark file
+        # (results/benchmarks/pretrain_encoder_<name>.tsv) have the time.
     }
     (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     (out / CURVE).write_bytes(curve_png(report, f"{cfg.encoder} ({cfg.task})"))

@@ -2,11 +2,14 @@
 features, and the report says what was trained."""
 
 import json
+import types
 
 import numpy as np
 import pytest
 import torch
 
+import merv.pretrain.train
+from merv.features.cache import weights_digest
 from merv.models.encoders import build_encoder
 from merv.models.tiny import init_encoder
 from merv.pretrain.config import PretrainConfig
@@ -41,6 +44,25 @@ def test_pretraining_learns_saves_and_reloads(tmp_path, task, encoder):
         fresh = init_encoder(enc_cfg)  # the initialisation it started from: training changed the weights
         before = dict(fresh.named_parameters())
         assert any(not torch.equal(p, before[n]) for n, p in reloaded.model.named_parameters())
+
+
+def test_the_saved_folder_is_a_function_of_the_config(tmp_path, monkeypatch):
+    """Every file, the report and its figure included: the folder's digest keys the feature caches made with it, so
+    retraining the same weights must leave it as it was."""
+    cfg = PretrainConfig(preset="merv-tiny", encoder="vivit", task="motion", steps=4, batch_size=2, eval_samples=2)
+
+    def files() -> dict:
+        return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    train_encoder(cfg, tmp_path)
+    first, digest = files(), weights_digest(tmp_path)
+    assert {REPORT, CURVE, "model.safetensors"} <= set(first)
+    clock = iter(range(0, 10**6, 37))  # a slower run: a wall-time field would differ
+    monkeypatch.setattr(merv.pretrain.train, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    train_encoder(cfg, tmp_path)
+    second = files()
+    assert set(second) == set(first) and [f for f in first if first[f] != second[f]] == []
+    assert weights_digest(tmp_path) == digest
 
 
 def test_a_reload_that_differs_is_an_error(tmp_path):
