@@ -115,7 +115,7 @@ def main() -> int:
                 print(f"done {variant} ({os.getloadavg()[0]:.1f} load)", flush=True)
 
     pooled = ("shape", "hue") if args.entry == "appearance" or entry["task"] == "appearance" else ("direction",)
-    print(f"\n| variant | {' | '.join(pooled)} | training s | process s |\n|---|" + "---:|" * (len(pooled) + 2))
+    print(f"\n| variant | {' | '.join(pooled)} | variant s | process s |\n|---|" + "---:|" * (len(pooled) + 2))
     for variant in args.variant:
         res, wall = results[variant]
         if res is None:

@@ -112,8 +112,9 @@ def reproduce(dest: Path) -> tuple[float, subprocess.CompletedProcess]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", help="clone into this folder (kept) instead of a temporary one")
-    parser.add_argument("--runs", type=int, default=1, choices=(1, 2), help="2: a second clone, tables compared")
-    parser.add_argument("--against", help="an earlier run's clone (--keep): compare results/tables/*.csv with it")
+    second = parser.add_mutually_exclusive_group()
+    second.add_argument("--runs", type=int, default=1, choices=(1, 2), help="2: a second clone, tables compared")
+    second.add_argument("--against", help="an earlier run's clone (--keep): compare results/tables/*.csv with it")
     args = parser.parse_args()
     dest = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="merv-thesis-")) / "merv"
     wall, res = reproduce(dest)

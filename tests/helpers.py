@@ -1,4 +1,5 @@
-"""What many tests share: the repository's root and running the real Snakemake on a work folder."""
+"""What many tests share: the repository's root, running the real Snakemake on a work folder, and reading the
+process tree from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,34 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state, parent pid, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s children, their children and so on (each process's parent as /proc lists it)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(_stat_fields(stat.parent.name)[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue  # the process ended while we read
+    todo, found = list(children.get(pid, [])), []
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie waits for init, which may never reap it)."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def tool_env(env: dict | None = None) -> dict:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from merv.data.shards import (
     write_shards,
 )
 from merv.data.video import VideoError, read_frames
+from tests.helpers import alive, descendants
 from tests.media import gradient_frames, make_bad_inputs, write_video
 
 NPY = dict(frame_counts=(4, 8), size=64, frame_format="npy")
@@ -283,18 +283,6 @@ def _shard_cmd(src, out):
     return cmd + ["--size", "64", "--shard-size", "100KB", "--frame-format", "npy", "--no-progress"]
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie (an orphan's zombie waits for init, which here may never reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_killed_run_resumes_to_identical_shards(synth_dir, tmp_path):
     src = _many_items(synth_dir, tmp_path, 60)  # text-only and image samples among the videos
     assert subprocess.run(_shard_cmd(src, tmp_path / "full"), capture_output=True).returncode == 0
@@ -302,15 +290,15 @@ def test_killed_run_resumes_to_identical_shards(synth_dir, tmp_path):
     deadline = time.time() + 120
     while not (tmp_path / "cut" / "shard-000005.json").exists() and time.time() < deadline:
         time.sleep(0.02)
-    workers = _children(proc.pid)
+    workers = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "manifest.json").exists(), "the run was killed before it finished"
     assert workers, "the run had its pool of workers"
     deadline = time.time() + 30
-    while any(_alive(w) for w in workers) and time.time() < deadline:
+    while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(w) for w in workers), "the killed run's workers die with it"
+    assert not any(alive(w) for w in workers), "the killed run's workers die with it"
     res = subprocess.run(_shard_cmd(src, tmp_path / "cut"), capture_output=True, text=True)
     assert res.returncode == 0 and "already sharded" in res.stderr
     resumed = int(res.stderr.split("; ")[1].split()[0])

@@ -17,22 +17,12 @@ from merv.config import resolve_run_config, with_loader_workers
 from merv.settings import ComputeSection
 from merv.train.state import latest_state, work_dir
 from tests.conftest import tiny_overrides
+from tests.helpers import descendants
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant (found through /proc), as a lost node would end them."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, victims = [pid], []
-    while todo:
-        victims.append(todo.pop())
-        todo += children.get(victims[-1], [])
-    for victim in victims:
+    for victim in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
 
